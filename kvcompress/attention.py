@@ -1,0 +1,262 @@
+"""The one attention core every kvcompress strategy runs through.
+
+`kvcompress_attention` is registered with transformers' `AttentionInterface` as "kvcompress" (and
+`kvcompress_mask` with `AttentionMaskInterface`), by `enable(model)`, never at import. For each layer it
+
+1. takes the cache layer that `update` just served (a kvcompress cache), or treats the keys as contiguous
+   (any other cache, or none);
+2. lets that layer re-rotate queries/keys when it keeps positions "within the cache";
+3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
+4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference);
+5. tells the cache layer the forward is done, so it evicts (after attention, never before).
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from .masks import MaskSpec, allowed_from_positions, kvcompress_mask
+
+if TYPE_CHECKING:
+    from .cache import CompressedLayer
+
+IMPLEMENTATION = "kvcompress"
+BACKENDS = ("auto", "sdpa", "reference")
+
+_state = threading.local()  # .layer: the CompressedLayer whose update() awaits its attention; .captures: list
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel: "auto" (SDPA on every device), "sdpa", or "reference" (fp64 einsum, slow, exact)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def enable(model: PreTrainedModel) -> None:
+    """Register the kvcompress core with transformers and switch `model` to it (idempotent).
+
+    The core gives the same results as transformers' SDPA path for any cache (DynamicCache included), so a model
+    switched to it stays usable without kvcompress caches.
+    """
+    AttentionInterface.register(IMPLEMENTATION, kvcompress_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, kvcompress_mask)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        model.set_attn_implementation(IMPLEMENTATION)
+    if model.config._attn_implementation != IMPLEMENTATION:
+        raise TypeError(
+            f"{type(model).__name__} cannot switch its attention implementation (it does not use transformers' "
+            "AttentionInterface), so kvcompress caches cannot drive it"
+        )
+
+
+def serve_layer(layer: CompressedLayer) -> None:
+    """Called by `CompressedLayer.update`: the next attention call for this layer index belongs to `layer`."""
+    _state.layer = layer
+
+
+def _take_layer(layer_idx: int | None) -> CompressedLayer | None:
+    layer = getattr(_state, "layer", None)
+    if layer is None:
+        return None
+    _state.layer = None
+    if layer.layer_idx != layer_idx:
+        raise RuntimeError(
+            f"kvcompress cache layer {layer.layer_idx} was updated, but attention ran for layer {layer_idx}; "
+            "models that share or reorder KV between layers are not supported"
+        )
+    return layer
+
+
+@contextmanager
+def capture() -> Iterator[list[dict]]:
+    """Record, for every attention call, what the kernel saw: layer index, kv positions (B, K), the boolean
+    visibility (B, 1, Q, K) and q_offset. For tests and debugging; slow (copies the masks)."""
+    records: list[dict] = []
+    previous = getattr(_state, "captures", None)
+    _state.captures = records
+    try:
+        yield records
+    finally:
+        _state.captures = previous
+
+
+def kvcompress_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: MaskSpec | torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function.
+
+    Args:
+        query: (B, Hq, Q, d), already rotated by the model at its position ids.
+        key, value: (B, Hkv, K, d), what the cache's `update` returned (kept keys, then all new keys).
+        attention_mask: a `MaskSpec` from `kvcompress_mask`; or a 4-D bool/additive float mask (B or 1, 1 or H,
+            Q, K) given by the caller (training masks, reference forwards), used as is; or None (causal).
+        dropout: attention dropout probability (training only).
+        scaling: softmax scale, default d ** -0.5.
+
+    Returns:
+        (output (B, Q, Hq, d), None).
+    """
+    q_len = query.shape[-2]
+    layer = _take_layer(getattr(module, "layer_idx", None))
+    kv_positions = None
+    spec = attention_mask if isinstance(attention_mask, MaskSpec) else None
+    if layer is not None:
+        new_padding = None
+        if spec is not None and spec.padding is not None:
+            new_padding = spec.padding[:, spec.q_offset : spec.q_offset + q_len]
+        query, key, kv_positions = layer.prepare_attention(query, key, kwargs.get("position_ids"), new_padding)
+    if spec is not None:
+        if kv_positions is None:  # contiguous keys: another cache, or none
+            start = spec.kv_offset
+            kv_positions = torch.arange(start, start + key.shape[-2], device=key.device).expand(key.shape[0], -1)
+        mask = _mask_for(spec, kv_positions, layer, q_len, key.shape[-2])
+    elif attention_mask is None:
+        mask = True if q_len > 1 else None  # True: causal, bottom-right aligned
+    else:
+        mask = attention_mask
+
+    captures = getattr(_state, "captures", None)
+    if captures is not None:
+        captures.append(_capture_record(module, spec, kv_positions, mask, q_len, key.shape[-2], key.shape[0]))
+
+    output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
+    if layer is not None:
+        layer.finish_forward()
+    return output, None
+
+
+def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
+    """Visibility for this layer: None (all visible), True (causal) or a (B, 1, Q, K) bool tensor."""
+    contiguous = layer is None or layer.dense
+    if contiguous and spec.is_plain_causal:
+        if q_len == 1:
+            return None
+        if q_len == kv_len:
+            return True
+    return allowed_from_positions(spec, kv_positions, q_len)
+
+
+def _capture_record(module, spec, kv_positions, mask, q_len, kv_len, batch) -> dict:
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        allowed = mask.expand(batch, 1, q_len, kv_len)
+    else:
+        allowed = _causal_bool(q_len, kv_len, kv_positions.device if kv_positions is not None else "cpu")
+        allowed = allowed.expand(batch, 1, q_len, kv_len)
+    return {
+        "layer_idx": getattr(module, "layer_idx", None),
+        "kv_positions": None if kv_positions is None else kv_positions.clone(),
+        "allowed": allowed.clone(),
+        "q_offset": None if spec is None else spec.q_offset,
+    }
+
+
+def _causal_bool(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """(1, 1, Q, K) bool, bottom-right aligned: query i sees keys j <= i + (K - Q)."""
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len).view(1, 1, q_len, kv_len)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | bool | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads; the dispatcher of the core.
+
+    Args:
+        query: (B, Hq, Q, d). key, value: (B, Hkv, K, d) with Hq a multiple of Hkv (query head h uses kv head
+            h // (Hq / Hkv)).
+        mask: None (every key visible to every query); True (causal, bottom-right aligned: query i sees keys
+            j <= i + K - Q); a bool tensor broadcastable to (B, Hq, Q, K), True = visible; or an additive float
+            tensor. A query row that sees no key returns zeros (never NaN).
+        backend: "sdpa", "reference" or "auto" (default: `set_backend`'s choice). "auto" uses SDPA, which on CUDA
+            picks flash attention when there is no mask and memory-efficient attention with one.
+
+    Returns:
+        (B, Q, Hq, d) in the query's dtype.
+    """
+    backend = backend or _backend
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    if mask is True and q_len != kv_len:
+        mask = _causal_bool(q_len, kv_len, query.device)
+    empty_rows = None
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        seen_any = mask.any(dim=-1, keepdim=True)
+        if not bool(seen_any.all()):
+            empty_rows = ~seen_any
+            mask = mask | empty_rows
+    if backend == "reference":
+        output = _reference(query, key, value, mask, scaling)
+    else:
+        output = _sdpa(query, key, value, mask, scaling, dropout)
+    if empty_rows is not None:
+        output = output.masked_fill(empty_rows.transpose(1, 2), 0.0)  # (B, Q, H or 1, 1)
+    return output
+
+
+def _sdpa(query, key, value, mask, scaling, dropout) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    gqa_kwargs = {}
+    if groups > 1:
+        if query.device.type == "cpu" or mask is None or mask is True:
+            gqa_kwargs["enable_gqa"] = True
+        else:  # CUDA efficient attention with a mask does not take enable_gqa
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+    is_causal = mask is True
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=None if (mask is None or mask is True) else mask,
+        dropout_p=dropout,
+        is_causal=is_causal,
+        scale=scaling,
+        **gqa_kwargs,
+    )
+    return output.transpose(1, 2)
+
+
+def _reference(query, key, value, mask, scaling) -> torch.Tensor:
+    """Plain float64 softmax attention: the definition every fast path is checked against."""
+    dtype = query.dtype
+    groups = query.shape[1] // key.shape[1]
+    q = rearrange(query.double(), "b (h g) q d -> b h g q d", g=groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = einsum(q, key.double(), "b h g q d, b h k d -> b h g q k") * scale
+    scores = rearrange(scores, "b h g q k -> b (h g) q k")
+    if mask is True:
+        mask = _causal_bool(query.shape[-2], key.shape[-2], query.device)
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.double()
+    probs = rearrange(scores.softmax(dim=-1), "b (h g) q k -> b h g q k", g=groups)
+    output = einsum(probs, value.double(), "b h g q k, b h k d -> b q h g d")
+    return rearrange(output, "b q h g d -> b q (h g) d").to(dtype)

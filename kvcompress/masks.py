@@ -1,0 +1,88 @@
+"""Attention masks built from what a cache kept.
+
+transformers builds ONE mask per forward from the first full-attention layer and a kv offset. That cannot describe
+a cache whose layers keep different tokens, or whose rows keep different tokens (sinks with left padding). So the
+mask function registered for the kvcompress core does not build a tensor: it returns a `MaskSpec` (the model's
+pattern function, the 2-D padding mask and the query offset), and the attention core evaluates it per layer on
+the absolute positions that layer's cache returned.
+
+Positions are stream indices: token t of a row is the t-th token fed to the model for that batch (pads included),
+which is also its column in the 2-D `attention_mask` that `generate` passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.masking_utils import causal_mask_function
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What the kvcompress mask function hands to the attention core instead of a 4-D tensor.
+
+    Attributes:
+        mask_function: transformers' index-based pattern `f(batch_idx, head_idx, q_idx, kv_idx) -> bool`, evaluated
+            here on broadcast index tensors (causal, sliding window, ...).
+        padding: (B, N) bool, True for real tokens, over stream positions 0..N-1 (N >= q_offset + q_len); None when
+            the batch has no padding.
+        q_offset: stream position of the first query token of this forward.
+        kv_offset: stream position of the first key when the keys are contiguous (a cache that is not a
+            kvcompress cache, or no cache); unused for kvcompress caches, which report positions per slot.
+    """
+
+    mask_function: Callable
+    padding: torch.Tensor | None
+    q_offset: int
+    kv_offset: int
+
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.mask_function is causal_mask_function and self.padding is None
+
+
+def kvcompress_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> MaskSpec:
+    """Mask function registered with transformers' `AttentionMaskInterface` (signature of `sdpa_mask`)."""
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.to(torch.bool)
+        if bool(padding.all()):
+            padding = None
+    q_offset = int(q_offset)
+    return MaskSpec(mask_function=mask_function, padding=padding, q_offset=q_offset, kv_offset=int(kv_offset))
+
+
+def allowed_from_positions(spec: MaskSpec, kv_positions: torch.Tensor, q_length: int) -> torch.Tensor:
+    """Boolean visibility of each kept key to each query.
+
+    Args:
+        spec: the forward's `MaskSpec`.
+        kv_positions: (B, K) long, stream position of each key slot, -1 for an empty slot.
+        q_length: number of query tokens; their positions are `spec.q_offset + arange(q_length)`.
+
+    Returns:
+        (B, 1, Q, K) bool, True where query i may attend key slot j: the slot is filled, the pattern function
+        allows (q_pos, kv_pos) and the key is not a pad.
+    """
+    device = kv_positions.device
+    batch = kv_positions.shape[0]
+    q_pos = torch.arange(spec.q_offset, spec.q_offset + q_length, device=device).view(1, q_length, 1)
+    kv = kv_positions.unsqueeze(1)  # (B, 1, K)
+    batch_idx = torch.arange(batch, device=device).view(batch, 1, 1)
+    allowed = spec.mask_function(batch_idx, 0, q_pos, kv.clamp(min=0))
+    allowed = allowed & (kv >= 0)
+    if spec.padding is not None:
+        padding = spec.padding.to(device)
+        allowed = allowed & padding.gather(1, kv_positions.clamp(min=0)).unsqueeze(1)
+    return allowed.unsqueeze(1).expand(batch, 1, q_length, kv_positions.shape[-1])

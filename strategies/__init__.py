@@ -1,0 +1,6 @@
+"""One file per strategy; each registers its cache class by name (see `kvcompress.registry`)."""
+
+from .full import FullCache
+from .sink_window import SinkWindowCache
+
+__all__ = ["FullCache", "SinkWindowCache"]
