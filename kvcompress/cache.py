@@ -229,6 +229,14 @@ class CompressedCache(Cache):
             weakref.finalize(self, self._hook.remove)
         attention.enable(model)
 
+    @classmethod
+    def for_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
+        """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).
+
+        Strategies whose size is not a budget (full, anchors, label words) ignore `budget`.
+        """
+        return cls(model)
+
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         """Which slots of `layer` to keep after the current forward.
 

@@ -31,6 +31,14 @@ class SinkWindowCache(CompressedCache):
         super().__init__(model, positions=positions)
         self.n_sink, self.window = n_sink, window
 
+    @classmethod
+    def for_budget(cls, model, tokenizer, budget: int | None) -> SinkWindowCache:
+        """4 sinks + a window of `budget - 4` (at least 1) tokens; default window 1024."""
+        if budget is None:
+            return cls(model)
+        n_sink = min(4, budget - 1)
+        return cls(model, n_sink=max(n_sink, 0), window=max(budget - n_sink, 1))
+
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         valid = layer.valid
         rank = valid.cumsum(dim=-1) - 1  # index among the row's real tokens, in stream order
