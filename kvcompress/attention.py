@@ -220,25 +220,34 @@ def attend(
 
 
 def _sdpa(query, key, value, mask, scaling, dropout) -> torch.Tensor:
-    groups = query.shape[1] // key.shape[1]
+    """Grouped heads: `enable_gqa` without a mask; with a mask, one query token runs as `groups` queries per kv
+    head (no key copies), longer queries repeat the kv heads (the choices transformers' SDPA path makes)."""
+    batch, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    explicit = isinstance(mask, torch.Tensor)
     gqa_kwargs = {}
+    packed = False
     if groups > 1:
-        if query.device.type == "cpu" or mask is None or mask is True:
+        if not explicit:
             gqa_kwargs["enable_gqa"] = True
-        else:  # CUDA efficient attention with a mask does not take enable_gqa
+        elif q_len == 1 and mask.shape[1] == 1:
+            query = query.view(batch, key.shape[1], groups, dim)
+            packed = True
+        else:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
-    is_causal = mask is True
     output = F.scaled_dot_product_attention(
         query,
         key,
         value,
-        attn_mask=None if (mask is None or mask is True) else mask,
+        attn_mask=mask if explicit else None,
         dropout_p=dropout,
-        is_causal=is_causal,
+        is_causal=mask is True,
         scale=scaling,
         **gqa_kwargs,
     )
+    if packed:
+        output = output.reshape(batch, heads, 1, dim)
     return output.transpose(1, 2)
 
 
