@@ -65,8 +65,25 @@ def enable(model: PreTrainedModel) -> None:
 
 
 def serve_layer(layer: CompressedLayer) -> None:
-    """Called by `CompressedLayer.update`: the next attention call for this layer index belongs to `layer`."""
+    """Called by `CompressedLayer.update`: the next attention call for this layer index belongs to `layer`.
+
+    Raises RuntimeError if the previously served layer never reached the core (the model runs another attention
+    implementation), before any wrong output is produced.
+    """
+    pending = getattr(_state, "layer", None)
+    if pending is not None and pending.awaiting_attention:
+        _state.layer = None
+        raise not_served_error(pending.layer_idx)
     _state.layer = layer
+
+
+def not_served_error(layer_idx: int) -> RuntimeError:
+    return RuntimeError(
+        f"layer {layer_idx} of a kvcompress cache was updated but not followed by the kvcompress attention core. "
+        f"Either the model does not use attn_implementation={IMPLEMENTATION!r} (kvcompress caches set it when "
+        "built: do not change it afterwards), or an earlier forward failed midway and left the cache inconsistent "
+        "(call cache.reset())"
+    )
 
 
 def _take_layer(layer_idx: int | None) -> CompressedLayer | None:

@@ -70,12 +70,7 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append new keys/values (B, Hkv, q, d); return all kept-before plus new ones (B, Hkv, S+q, d)."""
         if self.awaiting_attention:
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the previous update was not followed by the kvcompress attention core. "
-                f"Either the model does not use attn_implementation={attention.IMPLEMENTATION!r} (kvcompress caches "
-                "set it when built: do not change it afterwards), or an earlier forward failed midway and left this "
-                "cache inconsistent (call cache.reset())"
-            )
+            raise attention.not_served_error(self.layer_idx)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, q_len = key_states.shape[0], key_states.shape[-2]
