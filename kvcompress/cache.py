@@ -17,6 +17,7 @@ kept tokens has empty slots at the end.
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -218,10 +219,8 @@ class CompressedCache(Cache):
         super().__init__(layers=[CompressedLayer(self, i) for i in range(config.num_hidden_layers)])
         self.token_ids: torch.Tensor | None = None  # (B, seen) when needs_token_ids
         self._forward_ids: torch.Tensor | None = None
-        self._hook = None
-        if self.needs_token_ids:
-            self._hook = _install_ids_hook(model, self)
-            weakref.finalize(self, self._hook.remove)
+        self._model_ref = weakref.ref(model)
+        self._hook = _install_ids_hook(model, self) if self.needs_token_ids else None
         attention.enable(model)
 
     @classmethod
@@ -243,6 +242,42 @@ class CompressedCache(Cache):
             (B, S) bool, True = keep. Empty slots are dropped whatever is returned.
         """
         raise NotImplementedError
+
+    def clone(self) -> CompressedCache:
+        """An independent copy (tensors copied, its own token-id hook), e.g. to answer many queries from one
+        compressed prefix without recomputing it. `copy.deepcopy(cache)` does the same."""
+        new = copy.copy(self)
+        shared = {"layers", "_hook", "_model_ref", "rope"}
+        for name, value in vars(self).items():
+            if name not in shared:
+                setattr(new, name, copy.deepcopy(value))
+        new.layers = []
+        for layer in self.layers:
+            twin = copy.copy(layer)
+            twin._cache = weakref.proxy(new)
+            for name in ("keys", "values", "positions"):
+                tensor = getattr(layer, name)
+                setattr(twin, name, None if tensor is None else tensor.clone())
+            new.layers.append(twin)
+        model = self._model_ref()
+        if self.needs_token_ids:
+            if model is None:
+                raise RuntimeError("the model of this cache is gone; cannot clone a cache that records token ids")
+            new._hook = _install_ids_hook(model, new)
+        return new
+
+    def __deepcopy__(self, memo) -> CompressedCache:
+        return self.clone()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[indices]
 
     # token ids ------------------------------------------------------------------------------------------------
     def _record_token_ids(self, batch: int, q_len: int) -> None:
@@ -297,7 +332,8 @@ def check_causal_lm(model) -> None:
 
 
 def _install_ids_hook(model: PreTrainedModel, cache: CompressedCache):
-    """Forward pre-hook on the input embeddings that hands each forward's input ids to `cache`."""
+    """Forward pre-hook on the input embeddings that hands each forward's input ids to `cache`; removed when
+    the cache is garbage-collected."""
     cache_ref = weakref.ref(cache)
 
     def record(module, args):
@@ -305,4 +341,6 @@ def _install_ids_hook(model: PreTrainedModel, cache: CompressedCache):
         if target is not None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             target._forward_ids = args[0]
 
-    return model.get_input_embeddings().register_forward_pre_hook(record)
+    handle = model.get_input_embeddings().register_forward_pre_hook(record)
+    weakref.finalize(cache, handle.remove)
+    return handle

@@ -1,0 +1,92 @@
+"""CompressedCache plumbing: token ids from the model, clone, batch expansion, hook lifetime."""
+
+import copy
+import gc
+
+import torch
+
+from kvcompress import CompressedCache, FullCache, SinkWindowCache
+from kvcompress.testing import left_padded, max_step_error
+
+
+class _KeepEvenIds(CompressedCache):
+    """Test strategy choosing tokens by id: keeps tokens with an even id (and the newest token)."""
+
+    needs_token_ids = True
+
+    def __init__(self, model):
+        super().__init__(model)
+
+    def select(self, layer):
+        ids = self.ids_at(layer.positions)
+        newest = layer.positions == layer.seen - 1
+        return layer.valid & ((ids % 2 == 0) | newest)
+
+
+def test_token_ids_reach_the_cache_and_drive_eviction(tiny_model):
+    ids, mask = left_padded([[4, 5, 6, 7, 8, 9], [11, 12, 13]])
+    cache = _KeepEvenIds(tiny_model)
+    error, visible, sequences = max_step_error(tiny_model, cache, ids, mask, max_new_tokens=6)
+    assert error < 1e-5
+    assert torch.equal(cache.token_ids, sequences[:, :-1])
+    for b in range(2):
+        kept = cache.kept_positions(0)[b]
+        kept_ids = sequences[b, kept]
+        assert all(i % 2 == 0 for i in kept_ids[:-1].tolist())
+        assert kept[-1] == sequences.shape[1] - 2
+
+
+def test_clone_gives_an_independent_cache(tiny_model):
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    prefix = SinkWindowCache(tiny_model, n_sink=2, window=4)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=prefix)
+    kept_before = prefix.kept_positions(1)
+    clone = copy.deepcopy(prefix)
+    follow = torch.tensor([[20, 21], [30, 31]])
+    mask = torch.ones(2, 11, dtype=torch.long)
+    with torch.no_grad():
+        from_clone = tiny_model(follow, attention_mask=mask, past_key_values=clone).logits
+        from_fresh_copy = tiny_model(follow, attention_mask=mask, past_key_values=prefix.clone()).logits
+    torch.testing.assert_close(from_clone, from_fresh_copy)
+    assert prefix.kept_positions(1) == kept_before and prefix.get_seq_length() == 9
+    assert clone.get_seq_length() == 11
+
+
+def test_clone_of_an_id_recording_cache_records_its_own_ids(tiny_model):
+    cache = _KeepEvenIds(tiny_model)
+    with torch.no_grad():
+        tiny_model(torch.tensor([[4, 5, 6]]), past_key_values=cache)
+        twin = cache.clone()
+        tiny_model(torch.tensor([[8]]), attention_mask=torch.ones(1, 4, dtype=torch.long), past_key_values=twin)
+    assert twin.token_ids.tolist() == [[4, 5, 6, 8]]
+    assert cache.token_ids.tolist() == [[4, 5, 6]]
+
+
+def test_num_return_sequences_expands_the_batch(tiny_model):
+    ids = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    cache = _KeepEvenIds(tiny_model)
+    out = tiny_model.generate(ids, past_key_values=cache, do_sample=True, num_return_sequences=3,
+                              max_new_tokens=4, pad_token_id=0)
+    assert out.shape == (6, 9)
+    assert cache.kept_counts().shape == (3, 6)
+
+
+def test_id_hook_is_removed_when_the_cache_is_collected(tiny_model):
+    cache = _KeepEvenIds(tiny_model)
+    embeddings = tiny_model.get_input_embeddings()
+    assert len(embeddings._forward_pre_hooks) == 1
+    del cache
+    gc.collect()
+    assert len(embeddings._forward_pre_hooks) == 0
+
+
+def test_kept_counts_and_bytes_shrink_with_eviction(tiny_model):
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    full, window = FullCache(tiny_model), SinkWindowCache(tiny_model, n_sink=4, window=6)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=full)
+        tiny_model(ids, past_key_values=window)
+    assert full.kept_counts().unique().tolist() == [40]
+    assert window.kept_counts().unique().tolist() == [10]
+    assert window.kv_bytes() * 4 == full.kv_bytes()
