@@ -127,3 +127,20 @@ def test_contiguous_fallback_serves_plain_dynamic_cache(tiny_model):
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown attention backend"):
         kvcompress.set_backend("triton")
+
+
+def _tiled_gqa_attend(query, key, value, mask, backend=None):
+    """Planted bug: query head h uses kv head h % Hkv (tiling) instead of h // groups."""
+    groups = query.shape[1] // key.shape[1]
+    return attend(query, key.repeat(1, groups, 1, 1), value.repeat(1, groups, 1, 1), mask, backend="sdpa")
+
+
+def test_fp64_comparison_catches_a_planted_head_mapping_bug():
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 6, 3, 8, generator=g)
+    key, value = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    mask = torch.rand(2, 1, 3, 7, generator=g) < 0.7
+    reference = attend(query, key, value, mask, backend="reference")
+    torch.testing.assert_close(attend(query, key, value, mask, backend="sdpa"), reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(_tiled_gqa_attend(query, key, value, mask), reference, atol=1e-5, rtol=1e-5)
