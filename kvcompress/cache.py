@@ -187,9 +187,13 @@ class CompressedLayer(CacheLayerMixin):
         positions = self.positions.gather(-1, order)
         filled = torch.arange(width, device=keep.device) < counts.unsqueeze(-1)
         self.positions = positions.masked_fill(~filled, -1)
-        index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, index)
-        self.values = self.values.gather(2, index)
+        if bool((order == order[:1]).all()):  # every row keeps the same slots: one index_select, no gather
+            self.keys = self.keys.index_select(2, order[0])
+            self.values = self.values.index_select(2, order[0])
+        else:
+            index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+            self.keys = self.keys.gather(2, index)
+            self.values = self.values.gather(2, index)
         self.dense = False
 
 
