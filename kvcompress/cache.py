@@ -227,6 +227,11 @@ class CompressedCache(Cache):
         self._hook = _install_ids_hook(model, self) if self.needs_token_ids else None
         attention.enable(model)
 
+    @property
+    def is_croppable(self) -> bool:
+        """Evicted tokens cannot be restored, so `crop` (assisted decoding, DoLa) is refused."""
+        return False
+
     @classmethod
     def for_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
         """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).

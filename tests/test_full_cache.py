@@ -2,10 +2,16 @@
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 from kvcompress import FullCache
 from kvcompress.testing import left_padded, max_step_error
+
+# transformers < 5.23 runs single-token GQA decoding in SDPA with repeated kv heads instead of packed query heads;
+# the kvcompress core follows 5.23, so older releases differ by fp32 rounding (~3e-5 on SmolLM2 logits of ~30).
+SDPA_ATOL = 1e-5 if Version(transformers.__version__) >= Version("5.23") else 1e-4
 
 PROMPTS = [[5, 9, 17, 33, 41, 8, 12, 99, 4], [7, 3, 90, 11], [64, 65, 66, 67, 68, 69]]
 
@@ -24,7 +30,7 @@ def _generate(model, cache, ids, mask, **kwargs):
     )
 
 
-def _assert_same_generation(model, ids, mask, **kwargs):
+def _assert_same_generation(model, ids, mask, atol=1e-5, **kwargs):
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     torch.manual_seed(123)
@@ -36,7 +42,7 @@ def _assert_same_generation(model, ids, mask, **kwargs):
     assert torch.equal(got.sequences, expected.sequences)
     assert len(got.logits) == len(expected.logits)
     for step_got, step_expected in zip(got.logits, expected.logits):
-        torch.testing.assert_close(step_got, step_expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(step_got, step_expected, atol=atol, rtol=0)
     return cache, got
 
 
@@ -115,4 +121,4 @@ def test_smollm2_greedy_matches_dynamic_cache(smollm2):
         "def fibonacci(n):",
     ]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    _assert_same_generation(model, batch.input_ids, batch.attention_mask, max_new_tokens=10)
+    _assert_same_generation(model, batch.input_ids, batch.attention_mask, atol=SDPA_ATOL, max_new_tokens=10)
