@@ -36,16 +36,18 @@ class RotaryPositions:
         self.rotary = found[0]
 
     def cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` (B, S) as (B, 1, S, d) in x's dtype."""
+        """cos, sin for `positions` (B, S) as (B, 1, S, d), in x's dtype (what the model itself applies)."""
         cos, sin = self.rotary(x, positions.clamp(min=0))
         return cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE of x (B, H, S, d) at positions (B, S)."""
-        cos, sin = self.cos_sin(x, positions)
-        return x * cos + rotate_half(x) * sin
+        """RoPE of x (B, H, S, d) at positions (B, S); computed in fp32, returned in x's dtype."""
+        cos, sin = (t.float() for t in self.cos_sin(x, positions))
+        x32 = x.float()
+        return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Inverse of `rotate`: x (B, H, S, d) was rotated at positions (B, S)."""
-        cos, sin = self.cos_sin(x, positions)
-        return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+        cos, sin = (t.float() for t in self.cos_sin(x, positions))
+        x32 = x.float()
+        return ((x32 * cos - rotate_half(x32) * sin) / (cos * cos + sin * sin)).to(x.dtype)
