@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
+from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -128,7 +131,8 @@ def kvcompress_attention(
         query: (B, Hq, Q, d), already rotated by the model at its position ids.
         key, value: (B, Hkv, K, d), what the cache's `update` returned (kept keys, then all new keys).
         attention_mask: a `MaskSpec` from `kvcompress_mask`; or a 4-D bool/additive float mask (B or 1, 1 or H,
-            Q, K) given by the caller (training masks, reference forwards), used as is; or None (causal).
+            Q, K) or a FlexAttention `BlockMask` given by the caller (training masks, reference forwards), used as
+            is; or None (causal).
         dropout: attention dropout probability (training only).
         scaling: softmax scale, default d ** -0.5.
 
@@ -176,8 +180,12 @@ def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
 
 
 def _capture_record(module, spec, kv_positions, mask, q_len, kv_len, batch) -> dict:
+    if isinstance(mask, BlockMask):
+        mask = create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
         allowed = mask.expand(batch, 1, q_len, kv_len)
+    elif isinstance(mask, torch.Tensor):  # additive
+        allowed = (mask > torch.finfo(mask.dtype).min).expand(batch, 1, q_len, kv_len)
     else:
         allowed = _causal_bool(q_len, kv_len, kv_positions.device if kv_positions is not None else "cpu")
         allowed = allowed.expand(batch, 1, q_len, kv_len)
@@ -209,16 +217,22 @@ def attend(
         query: (B, Hq, Q, d). key, value: (B, Hkv, K, d) with Hq a multiple of Hkv (query head h uses kv head
             h // (Hq / Hkv)).
         mask: None (every key visible to every query); True (causal, bottom-right aligned: query i sees keys
-            j <= i + K - Q); a bool tensor broadcastable to (B, Hq, Q, K), True = visible; or an additive float
-            tensor. A query row that sees no key returns zeros (never NaN).
+            j <= i + K - Q); a bool tensor broadcastable to (B, Hq, Q, K), True = visible; an additive float
+            tensor; or a FlexAttention `BlockMask` (block-sparse, for long structured masks such as AnSAN
+            training masks). A query row that sees no key returns zeros (never NaN).
         backend: "sdpa", "reference" or "auto" (default: `set_backend`'s choice). "auto" uses SDPA, which on CUDA
-            picks flash attention when there is no mask and memory-efficient attention with one.
+            picks flash attention when there is no mask and memory-efficient attention with one; a BlockMask runs
+            FlexAttention (compiled on CUDA, eager on CPU). "reference" materialises any mask and runs fp64.
 
     Returns:
         (B, Q, Hq, d) in the query's dtype.
     """
     backend = backend or _backend
     q_len, kv_len = query.shape[-2], key.shape[-2]
+    if isinstance(mask, BlockMask):
+        if backend != "reference":
+            return _flex(query, key, value, mask, scaling)
+        mask = create_mask(mask.mask_mod, query.shape[0], 1, q_len, kv_len, device=query.device)
     if mask is True and q_len != kv_len:
         mask = _causal_bool(q_len, kv_len, query.device)
     empty_rows = None
@@ -265,6 +279,20 @@ def _sdpa(query, key, value, mask, scaling, dropout) -> torch.Tensor:
     )
     if packed:
         output = output.reshape(batch, heads, 1, dim)
+    return output.transpose(1, 2)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(query, key, value, block_mask: BlockMask, scaling) -> torch.Tensor:
+    groups = query.shape[1] // key.shape[1]
+    kernel = _compiled_flex() if query.is_cuda else flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        output = kernel(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
     return output.transpose(1, 2)
 
 

@@ -144,3 +144,22 @@ def test_fp64_comparison_catches_a_planted_head_mapping_bug():
     torch.testing.assert_close(attend(query, key, value, mask, backend="sdpa"), reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(_tiled_gqa_attend(query, key, value, mask), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_path_equals_fp64_reference():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def every_third_or_causal_window(b, h, q, kv):
+        return (kv <= q) & ((kv % 3 == 0) | (q - kv < 4))
+
+    g = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 4, 40, 8, generator=g)
+    key, value = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 8, generator=g)
+    block_mask = create_block_mask(every_third_or_causal_window, 2, None, 40, 40, device="cpu")
+    flex = attend(query, key, value, block_mask, backend="sdpa")
+    reference = attend(query, key, value, block_mask, backend="reference")
+    torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
+    dense = torch.ones(40, 40, dtype=torch.bool).tril() & (
+        (torch.arange(40)[None, :] % 3 == 0) | (torch.arange(40)[:, None] - torch.arange(40)[None, :] < 4)
+    )
+    torch.testing.assert_close(attend(query, key, value, dense.view(1, 1, 40, 40), backend="reference"), reference)
