@@ -1,6 +1,7 @@
 """One file per strategy; each registers its cache class by name (see `kvcompress.registry`)."""
 
+from .anchor import AnchorCache
 from .full import FullCache
 from .sink_window import SinkWindowCache
 
-__all__ = ["FullCache", "SinkWindowCache"]
+__all__ = ["AnchorCache", "FullCache", "SinkWindowCache"]

@@ -1,0 +1,87 @@
+"""AnchorCache: AnLLM anchor-based KV compression (Pang et al. 2024), EP and AC modes."""
+
+from __future__ import annotations
+
+import torch
+
+from ..anchor_tokens import AC_TOKEN, anchor_token_id, sentence_end_ids
+from ..cache import CompressedCache, CompressedLayer
+from ..registry import register
+
+MODES = ("ep", "ac")
+
+
+@register("anchor")
+class AnchorCache(CompressedCache):
+    """Keeps, per row, every anchor token plus the tokens after the row's last anchor (plus `keep_first`).
+
+    Semantics: after every forward (prefix, prefill chunk or decode step) each row keeps the real tokens that are
+    anchors, the real tokens after its last anchor, and its first `keep_first` real tokens; pads are dropped. A
+    forward without an anchor drops nothing (everything since the last anchor is kept), so this is the paper's
+    rule "compress after the prefix and whenever an anchor is fed". A generated anchor is fed in the NEXT forward,
+    so it is compressed after that one. Tokens of one forward all see each other (plain causal attention inside
+    a forward; the AnSAN mask is for training, `kvcompress.ansan`). The choice is by position, so every layer
+    keeps the same tokens. Keys keep their original RoPE positions by default, as in the official code.
+
+    Args:
+        model: the causal LM this cache serves (its input embeddings get a pre-hook recording token ids).
+        tokenizer: needed for the default anchors (EP: `anchor_tokens.sentence_end_ids`; AC: the `<AC>` id).
+        anchor_ids: explicit anchor token ids (override the tokenizer's defaults); non-empty, all < vocab size.
+        mode: "ep" (anchors are sentence ends; deviation: the official EP models use only ".") or "ac" (the
+            dedicated token added by `anchor_tokens.add_anchor_token`).
+        keep_first: number of first real tokens always kept (attention-sink style); 0 as in the paper.
+        positions: "original" (default) or "cache" (see `CompressedCache`).
+    """
+
+    needs_token_ids = True
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        anchor_ids=None,
+        mode: str = "ep",
+        keep_first: int = 0,
+        ac_token: str = AC_TOKEN,
+        positions: str = "original",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+            raise ValueError(f"keep_first must be an integer >= 0, got {keep_first!r}")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if anchor_ids is None:
+            if tokenizer is None:
+                raise ValueError("AnchorCache needs anchor_ids or a tokenizer to derive them from")
+            anchor_ids = sentence_end_ids(tokenizer) if mode == "ep" else [anchor_token_id(tokenizer, ac_token)]
+        anchor_ids = sorted({int(i) for i in (anchor_ids.tolist() if torch.is_tensor(anchor_ids) else anchor_ids)})
+        if not anchor_ids:
+            raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
+        outside = [i for i in anchor_ids if not 0 <= i < vocab]
+        if outside:
+            raise ValueError(f"anchor ids {outside[:5]} are outside the model's vocabulary [0, {vocab})")
+        super().__init__(model, positions=positions)
+        self.mode, self.keep_first = mode, keep_first
+        self.anchor_ids = torch.tensor(anchor_ids, dtype=torch.long)
+        self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
+
+    def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: the tokens at stream `positions` (B, S) (-1 = empty) are anchors."""
+        ids = self.ids_at(positions)
+        return torch.isin(ids, self.anchor_ids.to(ids.device)) & (positions >= 0)
+
+    def select(self, layer: CompressedLayer) -> torch.Tensor:
+        memo = self._memo
+        if memo is not None and memo[0] == layer.seen and torch.equal(memo[1], layer.positions):
+            return memo[2]
+        valid = layer.valid
+        anchor = self.is_anchor(layer.positions) & valid
+        last_anchor = torch.where(anchor, layer.positions, -1).amax(dim=-1, keepdim=True)  # (B, 1), -1: none
+        rank = valid.cumsum(dim=-1) - 1
+        keep = valid & (anchor | (layer.positions > last_anchor) | (rank < self.keep_first))
+        self._memo = (layer.seen, layer.positions.clone(), keep)
+        return keep
+
+    def reset(self) -> None:
+        super().reset()
+        self._memo = None
