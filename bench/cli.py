@@ -1,0 +1,172 @@
+"""`kvcompress-bench` / `python -m kvcompress.bench`: compare every registered strategy on real tasks.
+
+    python -m kvcompress.bench                                  # quick preset, bundled SmolLM2-135M, CPU
+    python -m kvcompress.bench --tasks speed@4096,speed@8192 --strategies full,sink_window --budgets 0.1
+    python -m kvcompress.bench --out runs/a --resume            # skip the cells already in runs/a/results.json
+
+Prints a markdown table, writes results.json and PNG plots under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import pathlib
+import sys
+
+PRESETS = {
+    # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
+    "quick": {
+        "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2"],
+        "limits": {"obqa": 40, "piqa": 40, "boolq": 20, "ppl": 2, "needle": None, "sst2": 24, "trec": 24,
+                   "agnews": 24},
+        "lengths": {"ppl": [1024], "needle": [1024, 2048], "speed": [1024, 2048]},
+        "budgets": ["0.1", "0.25"],
+        "repeats": 3,
+        "options": {"needle_depths": [0.2, 0.5, 0.8], "decode_tokens": 16},
+    },
+    "full": {
+        "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2", "trec", "agnews"],
+        "limits": {"obqa": None, "piqa": 500, "boolq": 500, "ppl": 8, "needle": None, "sst2": 500, "trec": 500,
+                   "agnews": 500},
+        "lengths": {"ppl": [4096], "needle": [1024, 2048, 4096, 8000], "speed": [1024, 4096, 8000]},
+        "budgets": ["0.1", "0.25", "0.5"],
+        "repeats": 5,
+        "options": {"needle_depths": [0.1, 0.3, 0.5, 0.7, 0.9], "decode_tokens": 32},
+    },
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvcompress-bench",
+        description="Benchmark every kvcompress strategy on real tasks: accuracy/perplexity, KV bytes, kept "
+        "fraction, prefill time, decode tokens/s, peak memory. Prints a markdown table; writes results.json and "
+        "plots.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="task sizes, lengths, budgets and repeats (default quick: under 15 min on 2 CPU cores)")
+    p.add_argument("--model", default=None,
+                   help="bundled alias (smollm2-135m, the default), local model dir, .gguf file, or hub name")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all)")
+    p.add_argument("--budgets", default=None,
+                   help="comma list: kept fractions in (0, 1] (0.1) and/or token counts (256); preset default")
+    p.add_argument("--tasks", default=None,
+                   help="comma list; ppl, needle and speed take @LENGTH (speed@4096), else the preset lengths")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (overrides the preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats, medians reported (preset default)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode round of the speed task")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench-<UTC time>)")
+    p.add_argument("--resume", action="store_true", help="keep finished cells of --out/results.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--list", action="store_true", help="list strategies and tasks, then exit")
+    return p
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import kvcompress.strategies  # noqa: F401  (registers the built-in strategies)
+    from kvcompress import registry
+
+    from . import runner, tasks
+
+    preset = PRESETS[args.preset]
+    if args.list:
+        print("strategies:", ", ".join(registry.available()))
+        print("tasks:", ", ".join(tasks.available_tasks()))
+        return 0
+
+    # ---- validate everything before loading the model
+    strategies = _split(args.strategies) if args.strategies else registry.available()
+    if not strategies:
+        parser.error("--strategies is empty")
+    for name in strategies:
+        if name not in registry.available():
+            parser.error(f"unknown strategy {name!r}; registered: {', '.join(registry.available())}")
+    try:
+        budgets = [runner.parse_budget(b) for b in _split(args.budgets if args.budgets else ",".join(preset["budgets"]))]
+    except ValueError as error:
+        parser.error(f"--budgets: {error}")
+    if not budgets:
+        parser.error("--budgets is empty")
+    task_specs = _split(args.tasks) if args.tasks else [t for t in preset["tasks"] if t in tasks.available_tasks()]
+    selected = []
+    try:
+        for spec in task_specs:
+            selected += tasks.parse_task(spec, preset["lengths"])
+    except ValueError as error:
+        parser.error(f"--tasks: {error}")
+    if not selected:
+        parser.error("--tasks is empty")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    repeats = args.repeats if args.repeats is not None else preset["repeats"]
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+    device = args.device
+    if not (device == "cpu" or device.startswith("cuda")):
+        parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch build")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out (the folder of the run to resume)")
+    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / (
+        "bench-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+
+    from kvcompress.models import DEFAULT_MODEL, load_model
+
+    model_name = args.model or DEFAULT_MODEL
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model, tokenizer = load_model(model_name, device=device, dtype=getattr(torch, args.dtype))
+    except (ValueError, OSError, TypeError) as error:
+        parser.error(f"--model: {error}")
+
+    limits = dict(preset["limits"])
+    if args.limit is not None:
+        limits = {name: args.limit for name in tasks.TASKS}
+    options = dict(preset["options"])
+    if args.decode_tokens is not None:
+        options["decode_tokens"] = args.decode_tokens
+    config = runner.RunConfig(
+        model_name=model_name, device=device, dtype=args.dtype, tasks=selected, strategies=strategies,
+        budgets=budgets, out=out, limits=limits, seed=args.seed, repeats=repeats, resume=args.resume,
+        options=options, progress=not args.no_progress, preset=args.preset,
+    )
+    results = runner.run(config, model, tokenizer)
+    print(runner.markdown_table(results))
+    print()
+    env = results["environment"]
+    print(f"model {env['model']} ({env['dtype']}) on {env['device']} ({env['device_name']}), torch "
+          f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads; timings are "
+          f"medians over {repeats} repeats")
+    print(f"results: {out / runner.RESULTS}")
+    if not args.no_plots:
+        from .plots import plot_all
+
+        for path in plot_all(results, out):
+            print(f"plot: {path}")
+    failed = [c for c in results["cells"].values() if c.get("status") != "ok"]
+    if failed:
+        print(f"{len(failed)} cell(s) failed; see 'error' in results.json", file=sys.stderr)
+    return 0

@@ -1,0 +1,242 @@
+"""Measurements shared by the bench tasks: log-likelihood scoring through a cache, KV statistics, timing, memory.
+
+Everything here works with any `CompressedCache` (the bench builds caches through `cls.for_budget`), so a new
+strategy is measured exactly like the others.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+# ------------------------------------------------------------------------------------------------------------
+# KV statistics
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token costs in a full KV cache of `model`: keys + values over all layers, in the model dtype."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 1
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def kv_stats(cache, model, seen_tokens: int) -> dict:
+    """What `cache` holds after `seen_tokens` real tokens (batch of one row).
+
+    Returns:
+        kv_bytes: exact bytes of key/value storage (`cache.kv_bytes()`).
+        kv_tokens_kept: kept tokens per layer, averaged over layers.
+        kept_fraction: kv_tokens_kept / seen_tokens.
+        kv_bytes_fraction: kv_bytes / bytes a full cache would hold for `seen_tokens` (equals kept_fraction when
+            the cache stores nothing but the kept tokens).
+    """
+    kept = cache.kept_counts().float()[:, 0].mean().item()
+    full = kv_bytes_per_token(model) * seen_tokens
+    nbytes = int(cache.kv_bytes())
+    return {
+        "kv_bytes": nbytes,
+        "kv_tokens_kept": kept,
+        "kept_fraction": kept / seen_tokens if seen_tokens else float("nan"),
+        "kv_bytes_fraction": nbytes / full if full else float("nan"),
+    }
+
+
+def mean_stats(stats: Sequence[dict]) -> dict:
+    """Average `kv_stats` dicts over samples (kv_bytes stays an integer: the rounded mean)."""
+    if not stats:
+        return {}
+    out = {key: statistics.fmean(s[key] for s in stats) for key in stats[0]}
+    out["kv_bytes"] = int(round(out["kv_bytes"]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Forward passes through a cache
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued kernels (CUDA) so wall-clock timings are real."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill(model, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Feed `ids` (1, n) into `cache` in one forward. Returns (logits of the last position (1, V), seconds)."""
+    sync(model.device)
+    start = time.perf_counter()
+    logits = model(ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    sync(model.device)
+    return logits[:, -1].float(), time.perf_counter() - start
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model, cache, queries: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+) -> list[float]:
+    """Sum of log-probabilities of each continuation given the cached prefix and its query.
+
+    Row i is `queries[i] + continuations[i]`; the rows run as ONE right-padded batch on a clone of `cache`
+    (repeated per row), so every row sees the same compressed prefix and `cache` itself is not changed. Each
+    query needs at least one token (its last logit predicts the continuation's first token).
+
+    Returns:
+        one float per row: sum_t log p(continuation_t | prefix, query, continuation_<t).
+    """
+    rows = [list(q) + list(c) for q, c in zip(queries, continuations)]
+    width = max(len(r) for r in rows)
+    batch = len(rows)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    real = torch.zeros(batch, width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        real[i, : len(row)] = 1
+    work = cache.clone()
+    work.batch_repeat_interleave(batch)
+    past = work.get_seq_length()
+    mask = torch.cat([torch.ones(batch, past, dtype=torch.long), real], dim=-1)
+    logits = model(
+        ids.to(model.device), attention_mask=mask.to(model.device), past_key_values=work, use_cache=True
+    ).logits.float()
+    scores = []
+    for i, (query, cont) in enumerate(zip(queries, continuations)):
+        start = len(query)
+        predicting = logits[i, start - 1 : start - 1 + len(cont)].log_softmax(-1)
+        target = torch.tensor(list(cont), device=predicting.device)
+        scores.append(predicting.gather(-1, target[:, None]).sum().item())
+    return scores
+
+
+@torch.no_grad()
+def greedy_decode(model, cache, first_logits: torch.Tensor, steps: int) -> tuple[list[int], float]:
+    """Greedy tokens after a prefill whose last logits are `first_logits` (1, V).
+
+    The first token comes from `first_logits`; each of the `steps` forwards feeds one token. Returns (the
+    `steps` + 1 generated ids, seconds spent in the `steps` single-token forwards).
+    """
+    token = first_logits.argmax(-1, keepdim=True).to(model.device)  # (1, 1)
+    out = [int(token)]
+    sync(model.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        out.append(int(token))
+    sync(model.device)
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def streaming_nll(model, cache, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
+    """Negative log-likelihood of `ids` (1, n) fed in chunks of `chunk` tokens through `cache`.
+
+    Each chunk attends to what the cache kept of the earlier chunks plus itself (the cache evicts after every
+    forward), so a compressing cache is in effect from the second chunk on. Returns (summed NLL of tokens
+    1..n-1, number of predicted tokens).
+    """
+    total, count, previous = 0.0, 0, None
+    for start in range(0, ids.shape[1], chunk):
+        part = ids[:, start : start + chunk].to(model.device)
+        logits = model(part, past_key_values=cache, use_cache=True).logits[0].float()
+        logprobs = logits.log_softmax(-1)
+        if previous is not None:
+            total -= previous[int(part[0, 0])].item()
+            count += 1
+        if part.shape[1] > 1:
+            targets = part[0, 1:]
+            total -= logprobs[:-1].gather(-1, targets[:, None]).sum().item()
+            count += part.shape[1] - 1
+        previous = logprobs[-1]
+    return total, count
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def median(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else None
+
+
+class PeakMemory:
+    """Peak memory of a block of work.
+
+    CPU: a thread samples the process RSS every `interval` seconds; `peak_mb` is the highest sample minus the RSS
+    at entry (the process high-water mark `ru_maxrss` cannot be reset, so it cannot give a per-cell peak; it is
+    reported separately as `process_maxrss_mb`). CUDA: `torch.cuda.max_memory_allocated` after a reset, minus
+    the allocation at entry.
+    """
+
+    def __init__(self, device: torch.device | str, interval: float = 0.005):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak_mb: float | None = None
+        self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_delta"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss()
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, _rss())
+        self.peak_mb = (self._peak - self._base) / 2**20
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux fallback: /proc/self/statm (pages)
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def process_maxrss_mb() -> float:
+    """The process RSS high-water mark (MiB), from getrusage: never decreases, so it is per-run, not per-cell."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """`with stopwatch() as t: ...` then `t[0]` is the elapsed seconds."""
+    box: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box.append(time.perf_counter() - start)

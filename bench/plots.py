@@ -1,0 +1,81 @@
+"""PNG plots of a results dict: score vs KV kept fraction per task, decode tokens/s vs context length."""
+
+from __future__ import annotations
+
+import pathlib
+
+
+def _ok(results: dict) -> list[dict]:
+    return [c for c in results["cells"].values() if c.get("status") == "ok"]
+
+
+def _series_label(cell: dict) -> str:
+    return cell["strategy"] if cell["budget"] == "-" else f"{cell['strategy']} {cell['budget']}"
+
+
+def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
+    """Write the plots that the results allow; returns their paths (none when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    cells = _ok(results)
+
+    scored = [c for c in cells if c.get("kept_fraction") is not None
+              and (c.get("accuracy") is not None or c.get("perplexity") is not None)]
+    tasks = list(dict.fromkeys(c["task"] for c in scored))
+    if tasks:
+        cols = min(3, len(tasks))
+        rows = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+        strategies = list(dict.fromkeys(c["strategy"] for c in scored))
+        colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+        for ax, task in zip(axes.flat, tasks):
+            for strategy in strategies:
+                points = sorted((c["kept_fraction"], c.get("accuracy") if c.get("perplexity") is None
+                                 else c["perplexity"]) for c in scored
+                                if c["task"] == task and c["strategy"] == strategy)
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, marker="o", color=colors[strategy], label=strategy)
+            metric = "perplexity" if any(c["task"] == task and c.get("perplexity") is not None for c in scored) \
+                else "accuracy"
+            ax.set_title(task)
+            ax.set_xlabel("KV kept fraction")
+            ax.set_ylabel(metric)
+            if metric == "perplexity":
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=8)
+        fig.suptitle(f"score vs KV kept ({results['environment'].get('model')})")
+        fig.tight_layout()
+        path = out / "accuracy_vs_kv_kept.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    speed = [c for c in cells if c.get("task_name") == "speed" and c.get("decode_tokens_per_s") is not None]
+    if speed:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for label in dict.fromkeys(_series_label(c) for c in speed):
+            points = sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in speed if _series_label(c) == label)
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("decode tokens/s (median)")
+        ax.set_title(f"decode speed ({results['environment'].get('device')})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / "decode_speed_vs_context.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,361 @@
+"""The bench grid: every (task, strategy, budget) cell, results.json, resume, environment, markdown table.
+
+Strategies come from `kvcompress.registry` and are built with `cls.for_budget(model, tokenizer, tokens)`, so any
+registered strategy joins the bench without changes here. A strategy whose class does not override `for_budget`
+(or sets `uses_budget = False`) keeps what it keeps whatever the budget: it runs once per task, budget "-".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from . import metrics
+from .tasks import Icl, Task
+
+RESULTS = "results.json"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A KV budget: a kept fraction of the task's context (0 < f <= 1) or a fixed number of tokens (>= 1)."""
+
+    label: str
+    fraction: float | None = None
+    tokens: int | None = None
+
+    def resolve(self, context_tokens: int) -> int | None:
+        """Tokens to keep for a context of `context_tokens` (None: the strategy's own size)."""
+        if self.tokens is not None:
+            return self.tokens
+        if self.fraction is not None:
+            return max(1, math.ceil(self.fraction * context_tokens))
+        return None
+
+
+NO_BUDGET = Budget("-")
+
+
+def parse_budget(text: str) -> Budget:
+    """"0.1" (a fraction: has a "." or an exponent, in (0, 1]) or "256" (tokens, integer >= 1).
+
+    Raises ValueError with the reason otherwise.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty budget")
+    if re_int(text):
+        tokens = int(text)
+        if tokens < 1:
+            raise ValueError(f"budget {text!r}: a token count must be >= 1 (or give a kept fraction in (0, 1])")
+        return Budget(text, tokens=tokens)
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise ValueError(
+            f"budget {text!r} is neither a kept fraction in (0, 1] (like 0.1) nor a token count (like 256)"
+        ) from None
+    if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
+        raise ValueError(f"budget {text!r}: a kept fraction must be in (0, 1]; for a token count give an integer")
+    return Budget(text, fraction=fraction)
+
+
+def re_int(text: str) -> bool:
+    return text.lstrip("+-").isdigit()
+
+
+def uses_budget(cls) -> bool:
+    """Whether a strategy's cache size follows the budget (see module docstring)."""
+    from kvcompress.cache import CompressedCache
+
+    flag = getattr(cls, "uses_budget", None)
+    if flag is not None:
+        return bool(flag)
+    own = getattr(cls.for_budget, "__func__", cls.for_budget)
+    return own is not CompressedCache.for_budget.__func__
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The grid
+
+
+@dataclass
+class Cell:
+    task_label: str
+    task: Task
+    length: int | None
+    strategy: str
+    budget: Budget
+
+    @property
+    def key(self) -> str:
+        return f"{self.task_label}|{self.strategy}|{self.budget.label}"
+
+
+def grid(tasks: list[tuple[str, Task, int | None]], strategies: list[str], budgets: list[Budget]) -> list[Cell]:
+    from kvcompress import registry
+
+    cells = []
+    for label, task, length in tasks:
+        for name in strategies:
+            for budget in budgets if uses_budget(registry.get(name)) else [NO_BUDGET]:
+                cells.append(Cell(label, task, length, name, budget))
+    return cells
+
+
+@dataclass
+class RunConfig:
+    model_name: str
+    device: str
+    dtype: str
+    tasks: list[tuple[str, Task, int | None]]
+    strategies: list[str]
+    budgets: list[Budget]
+    out: pathlib.Path
+    limits: dict[str, int | None] = field(default_factory=dict)  # task name -> examples (None: all)
+    seed: int = 0
+    repeats: int = 3
+    resume: bool = False
+    options: dict = field(default_factory=dict)
+    progress: bool = True
+    preset: str = "quick"
+
+
+def run(config: RunConfig, model, tokenizer) -> dict:
+    """Run every cell not already finished (with `resume`), saving results.json after each cell.
+
+    Returns the results dict (also at `config.out / results.json`).
+    """
+    from tqdm.auto import tqdm
+
+    import kvcompress.strategies  # noqa: F401  (registers the built-in strategies)
+    from kvcompress import registry
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    path = config.out / RESULTS
+    previous = {}
+    if config.resume and path.is_file():
+        previous = json.loads(path.read_text()).get("cells", {})
+    results = {
+        "environment": environment(config),
+        "config": describe(config),
+        "cells": {k: v for k, v in previous.items() if v.get("status") == "ok"},
+    }
+    cells = grid(config.tasks, config.strategies, config.budgets)
+    results["config"]["cells"] = [c.key for c in cells]
+    todo = [c for c in cells if c.key not in results["cells"]]
+    prepared: dict[str, object] = {}
+    if todo:
+        _warm_up(model, tokenizer)
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), disable=not config.progress, unit="cell",
+               dynamic_ncols=True)
+    try:
+        for cell in todo:
+            bar.set_description(cell.key)
+            if cell.task_label not in prepared:
+                prepared[cell.task_label] = cell.task.prepare(
+                    tokenizer, limit=config.limits.get(cell.task.name), seed=config.seed, length=cell.length,
+                    options=config.options,
+                )
+            results["cells"][cell.key] = run_cell(cell, registry.get(cell.strategy), model, tokenizer,
+                                                  prepared[cell.task_label], config)
+            results["environment"]["finished_at"] = _now()
+            write_json(path, results)
+            bar.update(1)
+    finally:
+        bar.close()
+    results["cells"] = {c.key: results["cells"][c.key] for c in cells if c.key in results["cells"]}
+    write_json(path, results)
+    return results
+
+
+def _warm_up(model, tokenizer) -> None:
+    """One short forward first, so the first cell's timing and memory do not include one-off allocations."""
+    ids = tokenizer("Warm-up: the quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        model(ids.to(model.device), use_cache=False)
+
+
+def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> dict:
+    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised."""
+
+    def make_cache(context_tokens: int):
+        return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens))
+
+    base = {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
+            "strategy": cell.strategy, "cache_class": cls.__name__, "budget": cell.budget.label,
+            "budget_fraction": cell.budget.fraction, "budget_tokens_fixed": cell.budget.tokens,
+            "metric": cell.task.metric, "started_at": _now()}
+    torch.manual_seed(config.seed)
+    try:
+        with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
+            if isinstance(cell.task, Icl):
+                result = run_icl_cell(cell, cls, model, tokenizer, prepared, make_cache)
+            else:
+                result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats)
+    except Exception as error:  # noqa: BLE001 - one failing strategy/task pair must not stop the grid
+        return {**base, "status": "error", "error": f"{type(error).__name__}: {error}"}
+    context = result.get("context_tokens")
+    result.setdefault("decode_tokens_per_s", None)
+    result.setdefault("prefill_seconds", None)
+    return {
+        **base,
+        **result,
+        "budget_tokens": cell.budget.resolve(context) if context else None,
+        "peak_memory_mb": memory.peak_mb,
+        "peak_memory_kind": memory.kind,
+        "process_maxrss_mb": metrics.process_maxrss_mb(),
+        "seconds": wall[0],
+        "repeats": config.repeats,
+        "status": "ok",
+    }
+
+
+def run_icl_cell(cell: Cell, cls, model, tokenizer, task, make_cache) -> dict:
+    """ICL classification through `kvcompress.bench.icl.evaluate_icl` (one method: this cell's strategy)."""
+    icl = cell.task.module()
+    try:
+        out = icl.evaluate_icl(model, tokenizer, task, methods=[cell.strategy], progress=False)
+    except TypeError:
+        out = icl.evaluate_icl(model, tokenizer, task, methods={cell.strategy: make_cache}, progress=False)
+    result = dict(out[cell.strategy])
+    result.setdefault("kept_fraction", result.get("kv_kept_fraction"))
+    result.setdefault("kv_tokens_kept", result.get("kv_tokens_kept"))
+    if "answer_seconds" in result:
+        result.setdefault("prefill_seconds", result["answer_seconds"])
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Environment and files
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> dict:
+    import kvcompress
+
+    root = pathlib.Path(kvcompress.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
+def environment(config: RunConfig) -> dict:
+    import transformers
+
+    import kvcompress
+
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvcompress": getattr(kvcompress, "__version__", None),
+        "git": git_commit(),
+        "device": config.device,
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "model": config.model_name,
+        "dtype": config.dtype,
+        "argv": sys.argv,
+        "started_at": _now(),
+        "finished_at": None,
+    }
+
+
+def describe(config: RunConfig) -> dict:
+    return {
+        "preset": config.preset,
+        "tasks": [label for label, _, _ in config.tasks],
+        "strategies": config.strategies,
+        "budgets": [b.label for b in config.budgets],
+        "limits": config.limits,
+        "seed": config.seed,
+        "repeats": config.repeats,
+        "options": config.options,
+        "score": "accuracy: argmax of the summed log-likelihood of each answer (lm-eval acc); accuracy_norm: "
+        "divided by the answer's UTF-8 byte length (acc_norm)",
+    }
+
+
+def _clean(value):
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: pathlib.Path, data: dict) -> None:
+    """Strict JSON (NaN/inf as null), written atomically."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(results: dict) -> str:
+    """One row per cell: score, KV kept, KV bytes, timings, memory."""
+    lines = [
+        "| task | strategy | budget | score | kept frac | KV MiB | KV bytes frac | prefill s | decode tok/s | peak MiB |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cell in results["cells"].values():
+        if cell.get("status") != "ok":
+            lines.append(f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | error: "
+                         f"{cell.get('error', '')[:60].replace('|', '/')} | | | | | | |")
+            continue
+        if cell.get("perplexity") is not None:
+            score = f"ppl {cell['perplexity']:.2f}"
+        elif cell.get("accuracy") is not None:
+            score = f"acc {cell['accuracy']:.3f}"
+            if cell.get("accuracy_norm") is not None:
+                score += f" (norm {cell['accuracy_norm']:.3f})"
+            score += f" n={cell.get('n_examples')}"
+        else:
+            score = "-"
+        kv = cell.get("kv_bytes")
+        lines.append(
+            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | "
+            f"{_fmt(cell.get('kept_fraction'), '.3f')} | {_fmt(None if kv is None else kv / 2**20, '.2f')} | "
+            f"{_fmt(cell.get('kv_bytes_fraction'), '.3f')} | {_fmt(cell.get('prefill_seconds'), '.2f')} | "
+            f"{_fmt(cell.get('decode_tokens_per_s'), '.1f')} | {_fmt(cell.get('peak_memory_mb'), '.0f')} |"
+        )
+    return "\n".join(lines)

