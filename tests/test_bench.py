@@ -1,0 +1,202 @@
+"""The bench: CLI on a tiny random model (real task data), bad-input errors, scoring through a cache."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcompress import FullCache, SinkWindowCache
+from kvcompress.bench import cli, metrics, runner
+from kvcompress.testing import tiny_llama
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny random Llama with a byte-level BPE tokenizer trained here (offline, no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["Question: What is the answer? Answer: the answer is yes.", "The special magic number is 12345.",
+              "Predators eat bunnies. A marsh has fog. Oak tree seeds are planted."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    path = tmp_path_factory.mktemp("tiny")
+    fast.save_pretrained(path)
+    tiny_llama(vocab_size=VOCAB, max_position_embeddings=4096, pad_token_id=0, eos_token_id=1,
+               bos_token_id=1).save_pretrained(path)
+    return path
+
+
+def _run_cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr()
+
+
+CELL_FIELDS = {
+    "task", "strategy", "budget", "metric", "status", "accuracy", "accuracy_norm", "n_examples", "context_tokens",
+    "kv_bytes", "kv_tokens_kept", "kept_fraction", "kv_bytes_fraction", "prefill_seconds", "decode_tokens_per_s",
+    "peak_memory_mb", "peak_memory_kind", "process_maxrss_mb", "budget_tokens", "seconds", "repeats",
+}
+ENV_FIELDS = {"python", "torch", "transformers", "git", "device", "model", "dtype", "argv", "started_at",
+              "finished_at", "torch_threads"}
+
+
+def test_cli_tiny_model_two_strategies_one_task(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = _run_cli(
+        ["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks", "obqa", "--budgets", "0.5,8",
+         "--limit", "3", "--repeats", "2", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0
+    def no_constants(name):
+        raise AssertionError(f"results.json holds {name}, which is not valid JSON")
+
+    results = json.loads((out / "results.json").read_text(), parse_constant=no_constants)
+    assert ENV_FIELDS <= set(results["environment"])
+    assert results["environment"]["model"] == str(tiny_dir)
+    cells = results["cells"]
+    assert list(cells) == ["obqa|full|-", "obqa|sink_window|0.5", "obqa|sink_window|8"]
+    per_token = metrics.kv_bytes_per_token(tiny_llama(vocab_size=VOCAB))  # 2 * 3 layers * 2 heads * 16 * 4
+    assert per_token == 768
+    for cell in cells.values():
+        assert cell["status"] == "ok", cell.get("error")
+        assert CELL_FIELDS <= set(cell), CELL_FIELDS - set(cell)
+        assert 0.0 <= cell["accuracy"] <= 1.0 and cell["n_examples"] == 3
+        assert cell["prefill_seconds"] > 0 and cell["seconds"] > 0
+        assert isinstance(cell["kv_bytes"], int)
+        context = cell["context_tokens"]
+        assert context > 50
+        # bytes held = kept tokens x bytes per token, exactly (one row, nothing else stored)
+        assert cell["kv_bytes"] == round(cell["kv_tokens_kept"]) * per_token
+    assert cells["obqa|full|-"]["kept_fraction"] == 1.0
+    assert cells["obqa|full|-"]["kv_bytes"] == cells["obqa|full|-"]["context_tokens"] * per_token
+    half = cells["obqa|sink_window|0.5"]
+    assert half["budget_tokens"] == math.ceil(0.5 * half["context_tokens"])
+    assert half["kv_tokens_kept"] == half["budget_tokens"]
+    assert cells["obqa|sink_window|8"]["kv_bytes"] == 8 * per_token
+    assert cells["obqa|sink_window|8"]["kept_fraction"] == pytest.approx(8 / context)
+    # table on stdout, one row per cell
+    table = [line for line in captured.out.splitlines() if line.startswith("| obqa")]
+    assert len(table) == 3 and "sink_window | 8 |" in table[2]
+    png = out / "accuracy_vs_kv_kept.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_skips_finished_cells(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--strategies", "sink_window", "--tasks", "speed@40", "--repeats", "2",
+            "--decode-tokens", "3", "--out", str(out), "--no-progress", "--no-plots"]
+    assert _run_cli(base + ["--budgets", "0.5"], capsys)[0] == 0
+    first = json.loads((out / "results.json").read_text())["cells"]
+    cell = first["speed@40|sink_window|0.5"]
+    assert cell["decode_tokens_per_s"] > 0 and cell["kv_tokens_kept"] == 20 and cell["context_tokens"] == 40
+    assert _run_cli(base + ["--budgets", "0.5,10", "--resume"], capsys)[0] == 0
+    second = json.loads((out / "results.json").read_text())["cells"]
+    assert list(second) == ["speed@40|sink_window|0.5", "speed@40|sink_window|10"]
+    assert second["speed@40|sink_window|0.5"] == cell  # not re-run
+    assert second["speed@40|sink_window|10"]["kv_tokens_kept"] == 10
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategies", "full,nope"], "unknown strategy 'nope'"),
+        (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--budgets", "1.5"], "must be in (0, 1]"),
+        (["--budgets", "0.0"], "must be in (0, 1]"),
+        (["--budgets", "-0.1"], "must be in (0, 1]"),
+        (["--budgets", "0"], "must be >= 1"),
+        (["--budgets", "ten"], "neither a kept fraction"),
+        (["--tasks", "speed@x"], "bad context length"),
+    ],
+)
+def test_bad_arguments_exit_with_message(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out", str(tmp_path / "o"), "--no-progress"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_model_name_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(tmp_path / "no-such-model"), "--tasks", "obqa", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "cannot load model" in err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_python_m_entry_point_reports_errors():
+    proc = subprocess.run([sys.executable, "-m", "kvcompress.bench", "--strategies", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown strategy 'nope'" in proc.stderr and proc.stdout == ""
+
+
+def test_parse_budget():
+    assert runner.parse_budget("0.1").fraction == 0.1 and runner.parse_budget("0.1").tokens is None
+    assert runner.parse_budget("256").tokens == 256
+    assert runner.parse_budget("1").tokens == 1 and runner.parse_budget("1.0").fraction == 1.0
+    assert runner.parse_budget("0.1").resolve(1000) == 100 and runner.parse_budget("0.1").resolve(3) == 1
+    assert runner.parse_budget("256").resolve(100) == 256
+
+
+def test_budget_free_strategies_run_once():
+    assert not runner.uses_budget(FullCache)
+    assert runner.uses_budget(SinkWindowCache)
+
+
+def _reference_logprobs(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float().log_softmax(-1)[0]
+
+
+def test_continuation_logprobs_match_a_full_forward():
+    """Batched, right-padded scoring on a cached prefix == summed log-probs of one uncached forward."""
+    model = tiny_llama(vocab_size=VOCAB)
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, VOCAB, (1, 17), generator=gen)
+    queries = [[5, 6, 7], [5, 6, 7], [9]]
+    conts = [[11], [12, 13, 14, 15], [20, 21]]
+    cache = FullCache(model)
+    metrics.prefill(model, cache, prefix)
+    seen_before = cache.get_seq_length()
+    scores = metrics.continuation_logprobs(model, cache, queries, conts)
+    assert cache.get_seq_length() == seen_before  # the cache itself is untouched
+    for query, cont, score in zip(queries, conts, scores):
+        ids = torch.cat([prefix, torch.tensor([query + cont])], dim=-1)
+        logprobs = _reference_logprobs(model, ids)
+        start = prefix.shape[1] + len(query)
+        expected = sum(logprobs[start - 1 + i, t].item() for i, t in enumerate(cont))
+        assert score == pytest.approx(expected, abs=1e-4)
+
+
+def test_streaming_nll_with_full_cache_equals_one_forward():
+    model = tiny_llama(vocab_size=VOCAB)
+    ids = torch.randint(3, VOCAB, (1, 50), generator=torch.Generator().manual_seed(1))
+    total, count = metrics.streaming_nll(model, FullCache(model), ids, chunk=16)
+    logprobs = _reference_logprobs(model, ids)
+    expected = -logprobs[:-1].gather(-1, ids[0, 1:, None]).sum().item()
+    assert count == 49
+    assert total == pytest.approx(expected, rel=1e-5)
+    # a compressing cache changes the result (the check above can fail)
+    lossy, _ = metrics.streaming_nll(model, SinkWindowCache(model, n_sink=1, window=2), ids, chunk=16)
+    assert abs(lossy - expected) > 1e-3
+
+
+def test_kv_stats_equal_kept_tokens():
+    model = tiny_llama(vocab_size=VOCAB)
+    cache = SinkWindowCache(model, n_sink=2, window=8)
+    metrics.prefill(model, cache, torch.randint(3, VOCAB, (1, 40)))
+    stats = metrics.kv_stats(cache, model, 40)
+    assert stats["kv_tokens_kept"] == 10 and stats["kept_fraction"] == 0.25
+    assert stats["kv_bytes"] == 10 * metrics.kv_bytes_per_token(model) and stats["kv_bytes_fraction"] == 0.25
