@@ -2,6 +2,8 @@
 
 from .anchor import AnchorCache
 from .full import FullCache
+from .label_words import LabelWordCache
+from .random_keep import RandomKeepCache
 from .sink_window import SinkWindowCache
 
-__all__ = ["AnchorCache", "FullCache", "SinkWindowCache"]
+__all__ = ["AnchorCache", "FullCache", "LabelWordCache", "RandomKeepCache", "SinkWindowCache"]
