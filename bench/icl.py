@@ -13,7 +13,8 @@ Methods (all answer each test input from one prefix computed once per task and s
 - `full`: full ICL, the demonstrations' whole KV.
 - `label_words` (Hidden_anchor): the demonstrations' KV reduced to the label-word and formatting tokens.
 - `text_anchor`: the demonstrations with their input text removed, format and labels kept as text (recomputed).
-- `hidden_random`: the first token plus as many random non-anchor positions as Hidden_anchor keeps (seeded).
+- `hidden_random`: the first token plus random non-anchor positions, as many in all as Hidden_anchor keeps
+  (seeded; drawn from all positions only if the prefix has too few non-anchor tokens).
 
 Prediction: argmax of the next-token logits over the FIRST token of `" " + label word` (the label words of these
 tasks are single tokens for SmolLM2; distinct first tokens are checked). Label loyalty: % of test inputs where a
@@ -195,6 +196,9 @@ def build_prefixes(model, tokenizer, task: IclTask, methods: Sequence[str] | Map
     match = match_anchor_tokens(tokenizer, text, spans)
     prefix_ids = torch.tensor([match.input_ids], device=model.device)
     length = prefix_ids.shape[-1]
+    # Hidden_random draws non-anchor positions (the paper's rule) when there are enough of them, else any position
+    non_anchor = len(set(range(1, length)) - set(match.positions))
+    random_excludes_anchors = non_anchor >= len(match.positions) - 1
     names = list(methods)
     if "full" not in names:
         names = ["full"] + names  # the reference of label loyalty
@@ -208,7 +212,8 @@ def build_prefixes(model, tokenizer, task: IclTask, methods: Sequence[str] | Map
         elif kind == "label_words":
             prefixes[name] = CompressedPrefix(model, LabelWordCache(model, match.positions, length), prefix_ids)
         elif kind == "hidden_random":
-            cache = RandomKeepCache(model, len(match.positions), length, n_first=1, exclude=match.positions,
+            cache = RandomKeepCache(model, len(match.positions), length, n_first=1,
+                                    exclude=match.positions if random_excludes_anchors else (),
                                     seed=task.seed if random_seed is None else random_seed)
             prefixes[name] = CompressedPrefix(model, cache, prefix_ids)
         elif kind == "text_anchor":
@@ -217,7 +222,8 @@ def build_prefixes(model, tokenizer, task: IclTask, methods: Sequence[str] | Map
         else:
             raise TypeError(f"unknown ICL method {name!r}: use {METHODS}, or pass {{name: make_cache}} where "
                             "make_cache(prefix_tokens) returns a kvcompress cache")
-    info = {"prefix_tokens": length, "anchor_tokens": len(match.positions), "prompt": text}
+    info = {"prefix_tokens": length, "anchor_tokens": len(match.positions), "prompt": text,
+            "random_excludes_anchors": random_excludes_anchors}
     return prefixes, info
 
 
