@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plot_all(results, out):
             print(f"plot: {path}")
-    failed = [c for c in results["cells"].values() if c.get("status") != "ok"]
+    failed = [c for c in results["cells"].values() if c.get("status") == "error"]
     if failed:
         print(f"{len(failed)} cell(s) failed; see 'error' in results.json", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -152,7 +153,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     results = {
         "environment": environment(config),
         "config": describe(config),
-        "cells": {k: v for k, v in previous.items() if v.get("status") == "ok"},
+        "cells": {k: v for k, v in previous.items() if v.get("status") in ("ok", "n/a")},
     }
     cells = grid(config.tasks, config.strategies, config.budgets)
     results["config"]["cells"] = [c.key for c in cells]
@@ -189,23 +190,37 @@ def _warm_up(model, tokenizer) -> None:
         model(ids.to(model.device), use_cache=False)
 
 
+class NotApplicable(Exception):
+    """The strategy cannot be built for this task (its `for_budget` refused with a ValueError)."""
+
+
 def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> dict:
-    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised."""
+    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised.
+
+    Status: "ok"; "n/a" when the strategy's `for_budget` refuses (e.g. label_words outside ICL tasks: it is built
+    from an ICL prompt, not a budget); "error" with the message otherwise.
+    """
 
     def make_cache(context_tokens: int):
-        return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens))
+        try:
+            return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens))
+        except ValueError as error:
+            raise NotApplicable(str(error)) from error
 
     base = {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
             "strategy": cell.strategy, "cache_class": cls.__name__, "budget": cell.budget.label,
             "budget_fraction": cell.budget.fraction, "budget_tokens_fixed": cell.budget.tokens,
             "metric": cell.task.metric, "started_at": _now()}
     torch.manual_seed(config.seed)
+    cpu_start = time.process_time()
     try:
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
             if isinstance(cell.task, Icl):
-                result = run_icl_cell(cell, cls, model, tokenizer, prepared, make_cache)
+                result = run_icl_cell(cell, model, tokenizer, prepared, make_cache)
             else:
                 result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats)
+    except NotApplicable as error:
+        return {**base, "status": "n/a", "error": str(error)}
     except Exception as error:  # noqa: BLE001 - one failing strategy/task pair must not stop the grid
         return {**base, "status": "error", "error": f"{type(error).__name__}: {error}"}
     context = result.get("context_tokens")
@@ -219,24 +234,31 @@ def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> 
         "peak_memory_kind": memory.kind,
         "process_maxrss_mb": metrics.process_maxrss_mb(),
         "seconds": wall[0],
+        "cpu_seconds": time.process_time() - cpu_start,
         "repeats": config.repeats,
         "status": "ok",
     }
 
 
-def run_icl_cell(cell: Cell, cls, model, tokenizer, task, make_cache) -> dict:
-    """ICL classification through `kvcompress.bench.icl.evaluate_icl` (one method: this cell's strategy)."""
+def run_icl_cell(cell: Cell, model, tokenizer, task, make_cache) -> dict:
+    """ICL classification through `kvcompress.bench.icl`: its own construction for the methods it knows (full,
+    label_words, hidden_random), else `make_cache` (the cell's strategy and budget) for the demonstrations."""
     icl = cell.task.module()
-    try:
-        out = icl.evaluate_icl(model, tokenizer, task, methods=[cell.strategy], progress=False)
-    except TypeError:
-        out = icl.evaluate_icl(model, tokenizer, task, methods={cell.strategy: make_cache}, progress=False)
-    result = dict(out[cell.strategy])
-    result.setdefault("kept_fraction", result.get("kv_kept_fraction"))
-    result.setdefault("kv_tokens_kept", result.get("kv_tokens_kept"))
-    if "answer_seconds" in result:
-        result.setdefault("prefill_seconds", result["answer_seconds"])
-    return result
+    name = cell.strategy
+    methods = [name] if name in icl.METHODS else {name: make_cache}
+    prefixes, info = icl.build_prefixes(model, tokenizer, task, methods)  # for the exact KV bytes
+    prefix = prefixes[name]
+    stats = metrics.kv_stats(prefix.cache, model, info["prefix_tokens"])
+    out = icl.evaluate_icl(model, tokenizer, task, methods=methods, progress=False)[name]
+    return {
+        "accuracy": out["accuracy"],
+        "loyalty": out["loyalty"],
+        "n_examples": out["n_examples"],
+        "context_tokens": info["prefix_tokens"],
+        "answer_seconds": out["answer_seconds"],
+        "speedup_vs_full": out.get("speedup"),
+        **stats,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -338,6 +360,8 @@ def markdown_table(results: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in results["cells"].values():
+        if cell.get("status") == "n/a":
+            continue
         if cell.get("status") != "ok":
             lines.append(f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | error: "
                          f"{cell.get('error', '')[:60].replace('|', '/')} | | | | | | |")
@@ -358,4 +382,9 @@ def markdown_table(results: dict) -> str:
             f"{_fmt(cell.get('kv_bytes_fraction'), '.3f')} | {_fmt(cell.get('prefill_seconds'), '.2f')} | "
             f"{_fmt(cell.get('decode_tokens_per_s'), '.1f')} | {_fmt(cell.get('peak_memory_mb'), '.0f')} |"
         )
+    skipped = [c for c in results["cells"].values() if c.get("status") == "n/a"]
+    if skipped:
+        pairs = sorted({f"{c['strategy']} on {c['task_name']}" for c in skipped})
+        lines.append("")
+        lines.append(f"not applicable (the strategy cannot be built for a budget on that task): {', '.join(pairs)}")
     return "\n".join(lines)
