@@ -27,7 +27,8 @@ def tiny_dir(tmp_path_factory):
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 8, special_tokens=["<pad>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["Question: What is the answer? Answer: the answer is yes.", "The special magic number is 12345.",
-              "Predators eat bunnies. A marsh has fog. Oak tree seeds are planted."] * 20
+              "Predators eat bunnies. A marsh has fog. Oak tree seeds are planted.",
+              "Review: a fine film\nSentiment: positive\n", "Review: a dull film\nSentiment: negative\n"] * 20
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     path = tmp_path_factory.mktemp("tiny")
@@ -200,3 +201,26 @@ def test_kv_stats_equal_kept_tokens():
     stats = metrics.kv_stats(cache, model, 40)
     assert stats["kv_tokens_kept"] == 10 and stats["kept_fraction"] == 0.25
     assert stats["kv_bytes"] == 10 * metrics.kv_bytes_per_token(model) and stats["kv_bytes_fraction"] == 0.25
+
+
+def test_icl_task_cells(tiny_dir, tmp_path, capsys):
+    """sst2 through kvcompress.bench.icl: its own construction for label_words, the budget path for sink_window."""
+    icl = pytest.importorskip("kvcompress.bench.icl")
+    try:
+        icl.resolve_data_dir(None)
+    except (FileNotFoundError, ValueError) as error:
+        pytest.skip(f"ICL data not found: {error}")
+    out = tmp_path / "run"
+    code, _ = _run_cli(["--model", str(tiny_dir), "--strategies", "full,label_words,sink_window", "--tasks", "sst2",
+                        "--budgets", "0.5", "--limit", "3", "--out", str(out), "--no-progress", "--no-plots"], capsys)
+    assert code == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {"sst2|full|-", "sst2|label_words|-", "sst2|sink_window|0.5"}
+    for cell in cells.values():
+        assert cell["status"] == "ok", cell.get("error")
+        assert 0 <= cell["accuracy"] <= 1 and 0 <= cell["loyalty"] <= 1 and cell["n_examples"] == 3
+        assert cell["kv_bytes"] == round(cell["kv_tokens_kept"]) * 768
+    assert cells["sst2|full|-"]["kept_fraction"] == 1.0 and cells["sst2|full|-"]["loyalty"] == 1.0
+    half = cells["sst2|sink_window|0.5"]
+    assert half["kv_tokens_kept"] == math.ceil(0.5 * half["context_tokens"])
+    assert cells["sst2|label_words|-"]["kept_fraction"] < 1.0
