@@ -319,7 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write results here (resumes from it if it exists)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--table-only", nargs="+", metavar="JSON",
+                        help="print the table of runs saved in these JSON files (merged), compute nothing")
     args = parser.parse_args(argv)
+    if args.table_only:
+        runs = {}
+        for path in args.table_only:
+            runs.update(json.loads(pathlib.Path(path).read_text())["runs"])
+        print(markdown_table(runs))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from kvcompress.models import load_model

@@ -1,6 +1,7 @@
 """kvcompress.bench.icl: task loaders on the shared data, the evaluation (checked against an explicit-mask forward),
 bad input, and one integration run on SmolLM2."""
 
+import json
 import random
 
 import pytest
@@ -181,3 +182,11 @@ def test_hidden_random_draws_non_anchor_positions():
     short = icl.IclTask("sst2", TEMPLATE, [("fun", 1), ("dull", 0)], TASK.examples)
     prefixes, info = icl.build_prefixes(MODEL, TOKENIZER, short, ["hidden_random"])
     assert not info["random_excludes_anchors"] and prefixes["hidden_random"].kv_tokens == info["anchor_tokens"]
+
+
+def test_cli_table_only_merges_json_files(tmp_path, capsys):
+    r = {"accuracy": 0.5, "loyalty": 1.0, "kv_kept_fraction": 1.0, "kv_tokens_kept": 8, "speedup": 1.0, "n_examples": 2}
+    (tmp_path / "a.json").write_text(json.dumps({"runs": {"trec|0": {"full": r}}}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"trec|1": {"full": {**r, "accuracy": 1.0}}}}))
+    assert icl.main(["--table-only", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "| trec | Full ICL | 2 | 2 | 75.0 ± 35.4 |" in capsys.readouterr().out
