@@ -18,7 +18,7 @@ PRESETS = {
     # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
     "quick": {
         "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2"],
-        "limits": {"obqa": 40, "piqa": 40, "boolq": 20, "ppl": 2, "needle": None, "sst2": 24, "trec": 24,
+        "limits": {"obqa": 32, "piqa": 32, "boolq": 16, "ppl": 2, "needle": None, "sst2": 24, "trec": 24,
                    "agnews": 24},
         "lengths": {"ppl": [1024], "needle": [1024, 2048], "speed": [1024, 2048]},
         "budgets": ["0.1", "0.25"],

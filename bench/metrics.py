@@ -180,6 +180,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.interval = interval
         self.peak_mb: float | None = None
+        self.peak_total_mb: float | None = None  # CPU: highest RSS sampled (whole process); CUDA: max allocated
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_delta"
 
     def __enter__(self) -> PeakMemory:
@@ -202,12 +203,14 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            self.peak_total_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_mb = self.peak_total_mb - self._base / 2**20
             return
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, _rss())
         self.peak_mb = (self._peak - self._base) / 2**20
+        self.peak_total_mb = self._peak / 2**20
 
 
 def _rss() -> int:

@@ -232,6 +232,7 @@ def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> 
         "budget_tokens": cell.budget.resolve(context) if context else None,
         "peak_memory_mb": memory.peak_mb,
         "peak_memory_kind": memory.kind,
+        "peak_memory_total_mb": memory.peak_total_mb,
         "process_maxrss_mb": metrics.process_maxrss_mb(),
         "seconds": wall[0],
         "cpu_seconds": time.process_time() - cpu_start,

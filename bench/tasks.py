@@ -4,7 +4,9 @@ A task is prepared once per run (`prepare`: data read and tokenized) and run onc
 (`run`), with `make_cache(context_tokens)` building a fresh cache whose budget is resolved against the task's
 compressible context. The compressible context is:
 
-- few-shot multiple choice (`obqa`, `piqa`, `boolq`): the k demonstrations. They are prefilled once (the cache
+- few-shot multiple choice (`obqa`, `piqa`, `boolq`; lm-eval-harness's prompts: OpenBookQA `<stem> <choice>`, PIQA
+  `Question: <goal>\nAnswer: <solution>`, BoolQ `<passage>\nQuestion: <question>?\nAnswer: yes|no`): the k
+  demonstrations, each a prompt with its correct answer, separated by a blank line. They are prefilled once (the cache
   compresses after that forward); each test question with each candidate answer is then scored in one forward
   on a copy of that cache, so the test input attends to everything the cache kept plus itself. Score: the summed
   log-likelihood of the answer tokens (lm-eval-harness `acc`, the number AnLLM's harness reports); the
@@ -93,9 +95,10 @@ def _options(text: str) -> list[str]:
 
 
 def _obqa(row: dict) -> Question:
+    """OpenBookQA questions are sentence stems: scored as stem + " " + choice (lm-eval-harness's openbookqa)."""
     choices = _options(row["options"])
     answer = _options(row["answer"])[0]
-    return Question(f"Question: {row['question'].strip()}\nAnswer:", [c.strip() for c in choices],
+    return Question(row["question"].strip(), [c.strip() for c in choices],
                     [c.strip() for c in choices].index(answer.strip()))
 
 

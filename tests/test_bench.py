@@ -46,7 +46,7 @@ def _run_cli(argv, capsys):
 CELL_FIELDS = {
     "task", "strategy", "budget", "metric", "status", "accuracy", "accuracy_norm", "n_examples", "context_tokens",
     "kv_bytes", "kv_tokens_kept", "kept_fraction", "kv_bytes_fraction", "prefill_seconds", "decode_tokens_per_s",
-    "peak_memory_mb", "peak_memory_kind", "process_maxrss_mb", "budget_tokens", "seconds", "repeats",
+    "peak_memory_mb", "peak_memory_kind", "peak_memory_total_mb", "process_maxrss_mb", "cpu_seconds", "budget_tokens", "seconds", "repeats",
 }
 ENV_FIELDS = {"python", "torch", "transformers", "git", "device", "model", "dtype", "argv", "started_at",
               "finished_at", "torch_threads"}
