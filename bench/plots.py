@@ -46,13 +46,12 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
                 else "accuracy"
             ax.set_title(task)
             ax.set_xlabel("KV kept fraction")
-            ax.set_ylabel(metric)
-            if metric == "perplexity":
-                ax.set_yscale("log")
+            ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=8)
+        handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
+        fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=1)
         fig.suptitle(f"score vs KV kept ({results['environment'].get('model')})")
         fig.tight_layout()
         path = out / "accuracy_vs_kv_kept.png"
