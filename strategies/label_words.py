@@ -164,7 +164,7 @@ class LabelWordCache(CompressedCache):
     Args:
         model: the causal LM this cache serves.
         keep_positions: stream positions (columns of the fed input, pads included) to keep: one sequence for every
-            row, or one per batch row. Usually `match_anchor_tokens(...).positions`.
+            row, or one per batch row (lists or a 1-D/2-D long tensor). Usually `match_anchor_tokens(...).positions`.
         prefix_length: number of stream positions of the compressed prefix (>= 1).
         n_first: also keep the first `n_first` positions (attention sinks); default 0.
         positions: "original" (default) or "cache" (see `CompressedCache`).
@@ -175,6 +175,8 @@ class LabelWordCache(CompressedCache):
             raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
         if isinstance(n_first, bool) or not isinstance(n_first, int) or n_first < 0:
             raise ValueError(f"n_first must be an integer >= 0, got {n_first!r}")
+        if isinstance(keep_positions, torch.Tensor):
+            keep_positions = keep_positions.tolist()
         if keep_positions is None or len(keep_positions) == 0:
             raise ValueError("keep_positions is empty: nothing of the demonstrations would be kept")
         rows = [keep_positions] if not isinstance(keep_positions[0], Sequence) else list(keep_positions)

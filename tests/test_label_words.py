@@ -310,4 +310,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rows"):
         cache = LabelWordCache(MODEL, [[0], [1], [2]], prefix_length=4)
         MODEL(torch.ones(2, 4, dtype=torch.long), past_key_values=cache)
+    tensor_rows = LabelWordCache(MODEL, torch.tensor([[0, 2], [1, 3]]), prefix_length=4).keep_table
+    assert tensor_rows.tolist() == [[True, False, True, False], [False, True, False, True]]
     assert registry.get("label_words") is LabelWordCache and registry.get("hidden_random") is RandomKeepCache
