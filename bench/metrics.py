@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from kvcompress.cache import cache_arg
+
 # ------------------------------------------------------------------------------------------------------------
 # KV statistics
 
@@ -73,7 +75,7 @@ def prefill(model, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Feed `ids` (1, n) into `cache` in one forward. Returns (logits of the last position (1, V), seconds)."""
     sync(model.device)
     start = time.perf_counter()
-    logits = model(ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = model(ids.to(model.device), **cache_arg(cache), use_cache=True, logits_to_keep=1).logits
     sync(model.device)
     return logits[:, -1].float(), time.perf_counter() - start
 
@@ -104,7 +106,7 @@ def continuation_logprobs(
     past = work.get_seq_length()
     mask = torch.cat([torch.ones(batch, past, dtype=torch.long), real], dim=-1)
     logits = model(
-        ids.to(model.device), attention_mask=mask.to(model.device), past_key_values=work, use_cache=True
+        ids.to(model.device), attention_mask=mask.to(model.device), **cache_arg(work), use_cache=True
     ).logits.float()
     scores = []
     for i, (query, cont) in enumerate(zip(queries, continuations)):
@@ -127,7 +129,7 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, steps: int) -> tuple
     sync(model.device)
     start = time.perf_counter()
     for _ in range(steps):
-        logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(token, **cache_arg(cache), use_cache=True).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
         out.append(int(token))
     sync(model.device)
@@ -145,7 +147,7 @@ def streaming_nll(model, cache, ids: torch.Tensor, chunk: int) -> tuple[float, i
     total, count, previous = 0.0, 0, None
     for start in range(0, ids.shape[1], chunk):
         part = ids[:, start : start + chunk].to(model.device)
-        logits = model(part, past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(part, **cache_arg(cache), use_cache=True).logits[0].float()
         logprobs = logits.log_softmax(-1)
         if previous is not None:
             total -= previous[int(part[0, 0])].item()

@@ -1,8 +1,8 @@
 """The bench grid: every (task, strategy, budget) cell, results.json, resume, environment, markdown table.
 
 Strategies come from `kvcompress.registry` and are built with `cls.for_budget(model, tokenizer, tokens)`, so any
-registered strategy joins the bench without changes here. A strategy whose class does not override `for_budget`
-(or sets `uses_budget = False`) keeps what it keeps whatever the budget: it runs once per task, budget "-".
+registered strategy joins the bench without changes here. A strategy with `uses_budget = False` keeps what it keeps
+whatever the budget: it runs once per task, budget "-".
 """
 
 from __future__ import annotations
@@ -78,17 +78,6 @@ def re_int(text: str) -> bool:
     return text.lstrip("+-").isdigit()
 
 
-def uses_budget(cls) -> bool:
-    """Whether a strategy's cache size follows the budget (see module docstring)."""
-    from kvcompress.cache import CompressedCache
-
-    flag = getattr(cls, "uses_budget", None)
-    if flag is not None:
-        return bool(flag)
-    own = getattr(cls.for_budget, "__func__", cls.for_budget)
-    return own is not CompressedCache.for_budget.__func__
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The grid
 
@@ -112,7 +101,7 @@ def grid(tasks: list[tuple[str, Task, int | None]], strategies: list[str], budge
     cells = []
     for label, task, length in tasks:
         for name in strategies:
-            for budget in budgets if uses_budget(registry.get(name)) else [NO_BUDGET]:
+            for budget in budgets if registry.get(name).uses_budget else [NO_BUDGET]:
                 cells.append(Cell(label, task, length, name, budget))
     return cells
 

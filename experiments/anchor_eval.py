@@ -26,6 +26,7 @@ import time
 import torch
 
 from kvcompress.anchor_tokens import sentence_end_ids
+from kvcompress.cache import cache_arg
 from kvcompress.models import load_model
 from kvcompress.strategies import AnchorCache, FullCache
 from kvcompress.train import heldout_files
@@ -61,7 +62,7 @@ def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter):
         previous = None  # last logits of the previous chunk (B, V)
         for start in range(0, ids.shape[1], chunk):
             piece = ids[:, start : start + chunk]
-            logits = model(piece, past_key_values=cache, use_cache=True).logits[0]  # (n, V)
+            logits = model(piece, **cache_arg(cache), use_cache=True).logits[0]  # (n, V)
             meter.add(cache)
             preds = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
             targets = piece[0, 1:] if previous is None else piece[0]
@@ -94,20 +95,20 @@ def qa(name, model, tokenizer, kind, anchor_ids, n, meter):
         lines += [f"Question: {q}\n", f"Answer: {options[answer]}\n", "\n"]
     prefix = make_cache(kind, model, anchor_ids)  # the demonstrations, fed once and cloned per question
     for line in lines:
-        model(torch.tensor([tokenizer.encode(line, add_special_tokens=False)]), past_key_values=prefix, use_cache=True)
+        model(torch.tensor([tokenizer.encode(line, add_special_tokens=False)]), **cache_arg(prefix), use_cache=True)
     correct = 0
     for q, options, answer in tests:
         cache = prefix.clone()
         logits = None
         for line in [f"Question: {q}\n", "Answer:"]:
             ids = torch.tensor([tokenizer.encode(line, add_special_tokens=False)])
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1:]
+            logits = model(ids, **cache_arg(cache), use_cache=True).logits[0, -1:]
             meter.add(cache)
         scores = []
         for option in options:
             branch = cache.clone()
             ids = torch.tensor([tokenizer.encode(" " + option, add_special_tokens=False)])
-            out = model(ids, past_key_values=branch, use_cache=True).logits[0]
+            out = model(ids, **cache_arg(branch), use_cache=True).logits[0]
             preds = torch.cat([logits, out[:-1]]).log_softmax(-1)
             scores.append(preds.gather(-1, ids[0, :, None]).mean().item())
         correct += int(max(range(len(options)), key=scores.__getitem__) == answer)

@@ -2,16 +2,20 @@
 
 from . import registry
 from .attention import attend, capture, enable, set_backend
-from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError
-from .strategies import FullCache, SinkWindowCache
+from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
+from .strategies import AnchorCache, FullCache, LabelWordCache, RandomKeepCache, SinkWindowCache
 
 __all__ = [
+    "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
     "FullCache",
+    "LabelWordCache",
+    "RandomKeepCache",
     "SinkWindowCache",
     "UnsupportedFeatureError",
     "attend",
+    "cache_arg",
     "capture",
     "enable",
     "registry",

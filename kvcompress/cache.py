@@ -21,6 +21,8 @@ import copy
 import weakref
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -29,6 +31,14 @@ from . import attention
 from .rope import RotaryPositions
 
 POSITION_MODES = ("original", "cache")
+# transformers 5.24 renamed `past_key_values` to `cache` in forward and generate (the old name still works there,
+# with a deprecation warning from generate). Internal calls use `**cache_arg(cache)` to be silent on both sides.
+CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_arg(cache: Cache) -> dict:
+    """`{"cache": cache}` on transformers >= 5.24, `{"past_key_values": cache}` before."""
+    return {CACHE_ARG: cache}
 
 
 class UnsupportedFeatureError(NotImplementedError):
@@ -212,6 +222,7 @@ class CompressedCache(Cache):
 
     evicts = True  # False: never call `select` (FullCache)
     needs_token_ids = False  # True: record the input ids of every forward (anchors, label words)
+    uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
 
     def __init__(self, model: PreTrainedModel, *, positions: str = "original"):
         check_causal_lm(model)
@@ -236,7 +247,8 @@ class CompressedCache(Cache):
     def for_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
         """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).
 
-        Strategies whose size is not a budget (full, anchors, label words) ignore `budget`.
+        Strategies whose size is not a budget (`uses_budget = False`: full, anchors) ignore `budget`; those that
+        cannot be built from a model alone (label words) raise ValueError.
         """
         return cls(model)
 

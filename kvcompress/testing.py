@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from .attention import capture
+from .cache import cache_arg
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -85,7 +86,7 @@ def generate_with_visibility(
         out = model.generate(
             input_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **cache_arg(cache),
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,

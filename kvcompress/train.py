@@ -136,8 +136,8 @@ def save(model, tokenizer, optimizer, output: pathlib.Path, state: dict) -> None
     (output / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run training; returns the final state (step, tokens, losses)."""
+def run(argv: list[str] | None = None) -> dict:
+    """Run training with command-line `argv`; returns the final state (step, tokens, losses)."""
     from tqdm.auto import tqdm
 
     args = build_parser().parse_args(argv)
@@ -210,5 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
     return state
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`kvcompress-train-anchor` / `python -m kvcompress.train`."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -65,6 +65,11 @@ class AnchorCache(CompressedCache):
         self.anchor_ids = torch.tensor(anchor_ids, dtype=torch.long)
         self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
 
+    @classmethod
+    def for_budget(cls, model, tokenizer, budget: int | None) -> AnchorCache:
+        """EP mode with the tokenizer's sentence-end anchors; its size follows the text, not `budget`."""
+        return cls(model, tokenizer=tokenizer)
+
     def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, S) bool: the tokens at stream `positions` (B, S) (-1 = empty) are anchors."""
         ids = self.ids_at(positions)

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ..cache import CompressedCache, CompressedLayer
+from ..cache import CompressedCache, CompressedLayer, cache_arg
 from ..registry import register
 
 
@@ -191,8 +191,6 @@ class LabelWordCache(CompressedCache):
         self.prefix_length, self.n_first = prefix_length, n_first
         self.keep_table = table  # (R, prefix_length) bool, R = 1 (shared) or the batch size
 
-    uses_budget = False  # the bench does not sweep budgets for it
-
     @classmethod
     def for_budget(cls, model, tokenizer, budget):
         raise ValueError(
@@ -235,7 +233,7 @@ class CompressedPrefix:
             raise ValueError("the cache must be fresh (it has already seen tokens)")
         self.model, self.cache, self.prefix_ids = model, cache, prefix_ids
         with torch.no_grad():
-            model(prefix_ids, past_key_values=cache, use_cache=True)
+            model(prefix_ids, **cache_arg(cache), use_cache=True)
 
     @property
     def kv_tokens(self) -> int:
@@ -246,10 +244,10 @@ class CompressedPrefix:
         """(B, V) logits for the token after `query_ids` (B, q), attending to the compressed prefix."""
         cache = self.cache.clone()
         with torch.no_grad():
-            return self.model(query_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            return self.model(query_ids, **cache_arg(cache), use_cache=True).logits[:, -1]
 
     def generate(self, query_ids: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         """`model.generate` on prefix + query from a copy of the compressed cache; returns the sequences."""
         ids = torch.cat([self.prefix_ids, query_ids], dim=-1)
         generate_kwargs.setdefault("attention_mask", torch.ones_like(ids))
-        return self.model.generate(ids, past_key_values=self.cache.clone(), **generate_kwargs)
+        return self.model.generate(ids, **cache_arg(self.cache.clone()), **generate_kwargs)

@@ -46,8 +46,6 @@ class RandomKeepCache(LabelWordCache):
         super().__init__(model, keep, prefix_length, n_first=0, positions=positions)
         self.seed = seed
 
-    uses_budget = False  # the bench does not sweep budgets for it
-
     @classmethod
     def for_budget(cls, model, tokenizer, budget):
         raise ValueError(

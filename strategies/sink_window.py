@@ -23,6 +23,8 @@ class SinkWindowCache(CompressedCache):
             their rank within the cache, as in the paper: lets generation run past the model's context).
     """
 
+    uses_budget = True
+
     def __init__(self, model, n_sink: int = 4, window: int = 1024, positions: str = "original"):
         if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
             raise ValueError(f"n_sink must be an integer >= 0, got {n_sink!r}")

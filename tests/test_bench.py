@@ -152,8 +152,13 @@ def test_parse_budget():
 
 
 def test_budget_free_strategies_run_once():
-    assert not runner.uses_budget(FullCache)
-    assert runner.uses_budget(SinkWindowCache)
+    from kvcompress.strategies import AnchorCache
+
+    assert not FullCache.uses_budget and not AnchorCache.uses_budget and SinkWindowCache.uses_budget
+    budgets = [runner.parse_budget("0.1"), runner.parse_budget("0.5")]
+    cells = runner.grid([("ppl@64", None, 64)], ["full", "anchor", "sink_window"], budgets)
+    assert [(c.strategy, c.budget.label) for c in cells] == [
+        ("full", "-"), ("anchor", "-"), ("sink_window", "0.1"), ("sink_window", "0.5")]
 
 
 def _reference_logprobs(model, ids):

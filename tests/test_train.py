@@ -47,7 +47,7 @@ def _generate(path, **cache_options):
 def test_training_lowers_loss_resumes_and_checkpoint_generates(tmp_path, capsys):
     model_dir, text = _tiny_checkpoint(tmp_path)
     out = tmp_path / "run"
-    state = train.main(_args(model_dir, text, out, 6))
+    state = train.run(_args(model_dir, text, out, 6))
     losses = state["losses"]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.1, losses
@@ -55,7 +55,7 @@ def test_training_lowers_loss_resumes_and_checkpoint_generates(tmp_path, capsys)
     saved = json.loads((out / train.STATE_FILE).read_text())
     assert saved["step"] == 6 and (out / train.OPTIMIZER_FILE).is_file()
 
-    resumed = train.main(_args(model_dir, text, out, 8, "--resume"))
+    resumed = train.run(_args(model_dir, text, out, 8, "--resume"))
     assert resumed["step"] == 8 and len(resumed["losses"]) == 8 and resumed["losses"][:6] == losses
     assert resumed["losses"][-1] < losses[0]
     assert '"step": 8' in capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_training_lowers_loss_resumes_and_checkpoint_generates(tmp_path, capsys)
 def test_ac_mode_adds_the_anchor_token_and_reloads(tmp_path):
     model_dir, text = _tiny_checkpoint(tmp_path)
     out = tmp_path / "ac"
-    state = train.main(_args(model_dir, text, out, 2, "--mode", "ac"))
+    state = train.run(_args(model_dir, text, out, 2, "--mode", "ac"))
     assert all(torch.isfinite(torch.tensor(state["losses"])))
     model, tokenizer = load_model(str(out))
     token_id = anchor_token_id(tokenizer)
@@ -80,8 +80,8 @@ def test_ac_mode_adds_the_anchor_token_and_reloads(tmp_path):
 def test_bad_options(tmp_path):
     model_dir, text = _tiny_checkpoint(tmp_path)
     with pytest.raises(SystemExit):
-        train.main(_args(model_dir, text, tmp_path / "x", 1, "--mask", "flex"))  # no FlexAttention backward on CPU
+        train.run(_args(model_dir, text, tmp_path / "x", 1, "--mask", "flex"))  # no FlexAttention backward on CPU
     with pytest.raises(FileNotFoundError):
-        train.main(_args(model_dir, tmp_path / "missing.txt", tmp_path / "x", 1))
+        train.run(_args(model_dir, tmp_path / "missing.txt", tmp_path / "x", 1))
     with pytest.raises(ValueError, match="fewer than one block"):
-        train.main(_args(model_dir, text, tmp_path / "x", 1, "--seq-len", "4096"))
+        train.run(_args(model_dir, text, tmp_path / "x", 1, "--seq-len", "4096"))
