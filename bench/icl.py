@@ -40,14 +40,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from kvcompress.icl_prompts import IclTemplate, match_anchor_tokens, token_offsets
 from kvcompress.strategies.full import FullCache
-from kvcompress.strategies.label_words import (
-    CompressedPrefix,
-    IclTemplate,
-    LabelWordCache,
-    match_anchor_tokens,
-    token_offsets,
-)
+from kvcompress.strategies.label_words import CompressedPrefix, LabelWordCache
 from kvcompress.strategies.random_keep import RandomKeepCache
 
 TEMPLATES: dict[str, IclTemplate] = {

@@ -13,6 +13,11 @@ def _series_label(cell: dict) -> str:
     return cell["strategy"] if cell["budget"] == "-" else f"{cell['strategy']} {cell['budget']}"
 
 
+def _colors(cells: list[dict]) -> dict[str, str]:
+    """One colour per strategy, the same in every plot of a run (strategies in sorted order)."""
+    return {s: f"C{i % 10}" for i, s in enumerate(sorted({c["strategy"] for c in cells}))}
+
+
 def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     """Write the plots that the results allow; returns their paths (none when matplotlib is missing)."""
     try:
@@ -24,6 +29,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         return []
     written = []
     cells = _ok(results)
+    colors = _colors(cells)
 
     scored = [c for c in cells if c.get("kept_fraction") is not None
               and (c.get("accuracy") is not None or c.get("perplexity") is not None)]
@@ -32,8 +38,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         cols = min(3, len(tasks))
         rows = -(-len(tasks) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-        strategies = list(dict.fromkeys(c["strategy"] for c in scored))
-        colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+        strategies = sorted({c["strategy"] for c in scored})
         for ax, task in zip(axes.flat, tasks):
             for strategy in strategies:
                 points = sorted((c["kept_fraction"], c.get("accuracy") if c.get("perplexity") is None
@@ -62,10 +67,13 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     speed = [c for c in cells if c.get("task_name") == "speed" and c.get("decode_tokens_per_s") is not None]
     if speed:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for label in dict.fromkeys(_series_label(c) for c in speed):
-            points = sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in speed if _series_label(c) == label)
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=label)
+        styles = ["-", "--", ":", "-."]
+        for i, label in enumerate(sorted({_series_label(c) for c in speed})):
+            series = [c for c in speed if _series_label(c) == label]
+            xs, ys = zip(*sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in series))
+            budgets = sorted({c["budget"] for c in speed if c["strategy"] == series[0]["strategy"]})
+            ax.plot(xs, ys, marker="o", label=label, color=colors[series[0]["strategy"]],
+                    linestyle=styles[budgets.index(series[0]["budget"]) % len(styles)])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tokens/s (median)")

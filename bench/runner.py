@@ -346,7 +346,7 @@ def _fmt(value, spec: str) -> str:
 def markdown_table(results: dict) -> str:
     """One row per cell: score, KV kept, KV bytes, timings, memory."""
     lines = [
-        "| task | strategy | budget | score | kept frac | KV MiB | KV bytes frac | prefill s | decode tok/s | peak MiB |",
+        "| task | strategy | budget | score | kept frac | KV MiB | KV bytes frac | prefill s | decode tok/s | peak +MiB |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in results["cells"].values():

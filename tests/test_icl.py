@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kvcompress.bench import icl
-from kvcompress.strategies.label_words import IclTemplate, match_anchor_tokens, token_offsets
+from kvcompress.icl_prompts import IclTemplate, match_anchor_tokens, token_offsets
 from kvcompress.strategies.sink_window import SinkWindowCache
 from kvcompress.testing import masked_reference_logits, tiny_llama
 

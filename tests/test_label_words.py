@@ -12,13 +12,8 @@ from transformers import PreTrainedTokenizerFast
 
 from kvcompress import registry
 from kvcompress.attention import capture
-from kvcompress.strategies.label_words import (
-    CompressedPrefix,
-    IclTemplate,
-    LabelWordCache,
-    match_anchor_tokens,
-    overlapping_tokens,
-)
+from kvcompress.icl_prompts import IclTemplate, match_anchor_tokens, overlapping_tokens
+from kvcompress.strategies.label_words import CompressedPrefix, LabelWordCache
 from kvcompress.strategies.random_keep import RandomKeepCache
 from kvcompress.testing import masked_reference_logits, tiny_llama, visibility_from_records
 
