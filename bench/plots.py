@@ -68,7 +68,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     if speed:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         styles = ["-", "--", ":", "-."]
-        for i, label in enumerate(sorted({_series_label(c) for c in speed})):
+        for label in sorted({_series_label(c) for c in speed}):
             series = [c for c in speed if _series_label(c) == label]
             xs, ys = zip(*sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in series))
             budgets = sorted({c["budget"] for c in speed if c["strategy"] == series[0]["strategy"]})

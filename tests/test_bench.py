@@ -143,6 +143,19 @@ def test_python_m_entry_point_reports_errors():
     assert "unknown strategy 'nope'" in proc.stderr and proc.stdout == ""
 
 
+def test_console_scripts_are_installed():
+    """pyproject's [project.scripts]: both commands resolve to the CLI mains (they return exit codes)."""
+    from importlib.metadata import entry_points
+
+    from kvcompress import train
+    from kvcompress.bench import cli
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("kvcompress")}
+    assert scripts["kvcompress-bench"].load() is cli.main
+    assert scripts["kvcompress-train-anchor"].load() is train.main
+    assert cli.main(["--list"]) == 0
+
+
 def test_parse_budget():
     assert runner.parse_budget("0.1").fraction == 0.1 and runner.parse_budget("0.1").tokens is None
     assert runner.parse_budget("256").tokens == 256
