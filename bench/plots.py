@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 
 
@@ -67,13 +68,12 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     speed = [c for c in cells if c.get("task_name") == "speed" and c.get("decode_tokens_per_s") is not None]
     if speed:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        styles = ["-", "--", ":", "-."]
-        for label in sorted({_series_label(c) for c in speed}):
-            series = [c for c in speed if _series_label(c) == label]
-            xs, ys = zip(*sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in series))
-            budgets = sorted({c["budget"] for c in speed if c["strategy"] == series[0]["strategy"]})
-            ax.plot(xs, ys, marker="o", label=label, color=colors[series[0]["strategy"]],
-                    linestyle=styles[budgets.index(series[0]["budget"]) % len(styles)])
+        for strategy in sorted({c["strategy"] for c in speed}):  # colour = strategy, line style = budget
+            budgets = sorted({c["budget"] for c in speed if c["strategy"] == strategy})
+            for style, budget in zip(itertools.cycle(["-", "--", ":", "-."]), budgets):
+                series = [c for c in speed if c["strategy"] == strategy and c["budget"] == budget]
+                xs, ys = zip(*sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in series))
+                ax.plot(xs, ys, marker="o", label=_series_label(series[0]), color=colors[strategy], linestyle=style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tokens/s (median)")
