@@ -16,7 +16,9 @@ compressible context. The compressible context is:
 - `needle@L`: an L-token haystack of essays with one sentence "The special magic number is N." inserted at
   several depths; the haystack is prefilled (then compressed), the question is fed, and the greedy answer is
   correct when it contains N.
-- `speed@L`: prefill L tokens of essays, then greedy decode; decode tokens/s as a median over rounds.
+- `speed@L`: prefill L tokens of essays, then greedy decode; decode tokens/s as a median over rounds, and the step
+  time against its memory-bandwidth floor (`bench/floor.py`; `python -m kvcompress.bench.speed` runs caches
+  side by side).
 - `sst2`, `trec`, `agnews`: in-context classification, delegated to `kvcompress.bench.icl` when it is present.
 
 Deviation from AnLLM's inference: a test question (with its answer) is fed as one forward, so a strategy that
@@ -35,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from . import metrics
+from . import floor, metrics
 
 MakeCache = Callable[[int], object]  # context tokens -> a fresh cache with the cell's budget
 
@@ -320,6 +322,7 @@ class Speed(Task):
             "context_tokens": ids.shape[1],
             "prefill_seconds": prefill_seconds,
             **stats,
+            **floor.floor_stats(model, cache, 1 / metrics.median(rates), str(model.device)),
         }
 
 

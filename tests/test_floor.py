@@ -1,0 +1,76 @@
+"""The decode-speed floor (bench/floor.py) and the side-by-side speed grid (bench/speed.py), on tiny models."""
+
+import torch
+from transformers import DynamicCache
+
+from kvcompress import FullCache, SinkWindowCache
+from kvcompress.bench import floor, speed
+from kvcompress.cache import cache_arg
+from kvcompress.testing import tiny_llama
+
+
+def _prefill(model, cache, n=20):
+    ids = torch.arange(3, 3 + n).unsqueeze(0)
+    with torch.no_grad():
+        model(ids, **cache_arg(cache), use_cache=True)
+    return cache
+
+
+def test_weight_bytes_counts_tied_embedding_once_and_untied_input_embedding_as_one_row():
+    untied = tiny_llama(tie_word_embeddings=False)
+    params = sum(p.nbytes for p in untied.parameters())
+    row = untied.get_input_embeddings().weight[0].nbytes
+    embedding = untied.get_input_embeddings().weight.nbytes
+    assert floor.weight_bytes(untied) == params - embedding + row
+
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    distinct = {p.data_ptr(): p.nbytes for p in tied.parameters()}
+    assert floor.weight_bytes(tied) == sum(distinct.values())
+
+
+def test_cache_kv_bytes_of_dynamic_and_full_cache_agree_with_the_config(tiny_model):
+    config = tiny_model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    dynamic = _prefill(tiny_model, DynamicCache(config=config))
+    full = _prefill(tiny_model, FullCache(tiny_model))
+    window = _prefill(tiny_model, SinkWindowCache(tiny_model, n_sink=2, window=3))
+    assert floor.cache_kv_bytes(dynamic) == floor.cache_kv_bytes(full) == 20 * per_token
+    assert floor.cache_kv_bytes(window) == 5 * per_token
+
+
+def test_floor_stats_is_bytes_over_bandwidth(tiny_model, monkeypatch):
+    monkeypatch.setattr(floor, "process_bandwidth", lambda device: 1e9)  # 1 GB/s, to check the arithmetic
+    cache = _prefill(tiny_model, FullCache(tiny_model))
+    stats = floor.floor_stats(tiny_model, cache, step_seconds=0.002)
+    expected_bytes = floor.weight_bytes(tiny_model) + cache.kv_bytes()
+    assert stats["step_bytes"] == expected_bytes
+    assert abs(stats["floor_ms"] - expected_bytes / 1e9 * 1e3) < 1e-9
+    assert abs(stats["floor_ratio"] - 0.002 / (expected_bytes / 1e9)) < 1e-9
+
+
+def test_read_bandwidth_returns_positive_samples():
+    result = floor.read_bandwidth("cpu", megabytes=8, repeats=3)
+    assert len(result["samples"]) == 3 and all(s > 0 for s in result["samples"])
+    assert min(result["samples"]) <= result["bytes_per_s"] <= max(result["samples"])
+
+
+def test_speed_grid_rows_on_a_tiny_model(tiny_model):
+    ids = torch.arange(3, 43).unsqueeze(0)
+    names = ["dynamic", "full", "sink_window"]
+    rows = speed.run_length(tiny_model, None, ids, names, fraction=0.25, rounds=2, steps=2)
+    speed.add_ratios(rows)
+    by_name = {r["cache"]: r for r in rows}
+    assert [r["cache"] for r in rows] == names
+    # every fed token is stored: prefill (40) + warm-up step (1) + 2 rounds x 2 steps
+    assert by_name["dynamic"]["kept_tokens"] == by_name["full"]["kept_tokens"] == 40 + 1 + 4
+    assert by_name["sink_window"]["kept_tokens"] == 10  # ceil(0.25 * 40)
+    assert by_name["dynamic"]["kv_bytes"] == by_name["full"]["kv_bytes"] > by_name["sink_window"]["kv_bytes"]
+    for row in rows:
+        assert len(row["step_seconds"]) == 2
+        assert row["step_bytes"] == row["weight_bytes"] + row["kv_bytes"]
+        assert row["floor_ratio"] == row["step_ms"] / row["floor_ms"]
+    assert by_name["full"]["speedup_vs_full"] == 1.0
+    assert by_name["sink_window"]["floor_speedup_vs_full"] > 1.0
+    assert tiny_model.config._attn_implementation == "kvcompress"  # dynamic rounds ran on sdpa, then switched back
+    assert "| 40 | sink_window | 10 |" in speed.markdown_table(rows)
