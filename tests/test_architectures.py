@@ -1,0 +1,128 @@
+"""Exactness on architectures other than Llama: Gemma 3 (sliding-window + full layers, query_pre_attn_scalar,
+q/k norms, two RoPE bases) and Qwen2 (q/k/v biases), on prompts longer than Gemma 3's sliding window (8).
+
+Each planted core bug below passes a suite of Llama-only models (their scale is head_dim ** -0.5 and they have no
+sliding layers); these tests must catch both.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import causal_mask_function
+
+from kvcompress import AnchorCache, FullCache, LabelWordCache, SinkWindowCache, attention
+from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama, tiny_qwen2
+
+BUILDERS = {"gemma3": tiny_gemma3, "qwen2": tiny_qwen2, "llama": tiny_llama}
+ROWS = [
+    [5, 9, 17, 33, 41, 8, 12, 99, 4, 7, 3, 21, 50, 13],  # 14 tokens > sliding window 8
+    [7, 3, 90, 11, 9, 40],
+    [64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74],
+]
+EXACT = 1e-5  # fp32, same kernel family: observed errors are ~1e-6
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def arch(request):
+    return request.param, BUILDERS[request.param]()
+
+
+def _greedy_logits(model, cache, ids, mask, steps=6):
+    out = model.generate(
+        ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
+        do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    return torch.stack(out.logits, 1), out.sequences
+
+
+def _full_vs_dynamic(model, ids, mask):
+    """max |logits| difference of greedy generation with FullCache (kvcompress core) vs DynamicCache (SDPA)."""
+    model.set_attn_implementation("sdpa")
+    expected, expected_seq = _greedy_logits(model, DynamicCache(config=model.config), ids, mask)
+    got, got_seq = _greedy_logits(model, FullCache(model), ids, mask)
+    return (got - expected).abs().max().item(), torch.equal(got_seq, expected_seq)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_cache_equals_dynamic_cache(arch, padded):
+    name, model = arch
+    ids, mask = left_padded(ROWS) if padded else (torch.tensor([ROWS[0]]), torch.ones(1, len(ROWS[0]), dtype=torch.long))
+    error, same_tokens = _full_vs_dynamic(model, ids, mask)
+    assert error < EXACT, name
+    assert same_tokens
+
+
+def _strategies(model):
+    return {
+        "full": FullCache(model),
+        "sink_window": SinkWindowCache.for_budget(model, None, 6),  # 4 sinks + window 2
+        "anchor": AnchorCache(model, anchor_ids=[9, 41, 68], keep_first=1),
+        "label_words": LabelWordCache(model, keep_positions=[0, 4, 7], prefix_length=10),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["full", "sink_window", "anchor", "label_words"])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_every_strategy_is_exact_against_per_layer_masked_forward(arch, strategy, chunk):
+    name, model = arch
+    ids, mask = left_padded(ROWS)
+    kwargs = {} if chunk is None else {"prefill_chunk_size": chunk}
+    error, _, _ = max_step_error(model, _strategies(model)[strategy], ids, mask, max_new_tokens=6, **kwargs)
+    assert error < EXACT, (name, strategy)
+
+
+def test_sliding_layers_see_only_their_window():
+    """The visibility recorded for Gemma 3 differs per layer: sliding layers see the last 8 positions only."""
+    from kvcompress.testing import generate_with_visibility
+
+    model = tiny_gemma3()
+    ids = torch.tensor([ROWS[0]])
+    _, _, visible, _ = generate_with_visibility(model, FullCache(model), ids, max_new_tokens=4)
+    last = visible[:, 0, -1]  # (L, N): what the last query saw in each layer
+    n = last.shape[-1]
+    assert last[0].nonzero().flatten().tolist() == list(range(n - 8, n))
+    assert last[1].all()  # full layer
+    assert torch.equal(last[0], last[2]) and torch.equal(last[1], last[3])
+
+
+# --- planted core bugs: both must be caught ------------------------------------------------------------------------
+def _ignore_sliding_window(monkeypatch):
+    """Planted bug: the core builds every layer's mask from plain causal, ignoring transformers' mask_function."""
+    real = attention._mask_for
+
+    def causal_only(spec, *args):
+        return real(dataclasses.replace(spec, mask_function=causal_mask_function), *args)
+
+    monkeypatch.setattr(attention, "_mask_for", causal_only)
+
+
+def _ignore_scaling(monkeypatch):
+    """Planted bug: the core's kernel call drops the model's `scaling` (uses head_dim ** -0.5)."""
+    real = attention.attend
+
+    def unscaled(query, key, value, mask, scaling=None, **kwargs):
+        return real(query, key, value, mask, scaling=None, **kwargs)
+
+    monkeypatch.setattr(attention, "attend", unscaled)
+
+
+def test_planted_sliding_window_bug_is_caught(monkeypatch):
+    model = tiny_gemma3()
+    ids, mask = left_padded(ROWS)
+    assert _full_vs_dynamic(model, ids, mask)[0] < EXACT  # the real core
+    _ignore_sliding_window(monkeypatch)
+    assert _full_vs_dynamic(model, ids, mask)[0] > 1e-3
+    with pytest.raises(AssertionError, match="not in the model's own attention pattern"):
+        max_step_error(model, FullCache(model), ids, mask, max_new_tokens=4)
+
+
+def test_planted_scaling_bug_is_caught(monkeypatch):
+    model = tiny_gemma3()
+    ids, mask = left_padded(ROWS)
+    assert max_step_error(model, SinkWindowCache(model, n_sink=2, window=4), ids, mask, max_new_tokens=4)[0] < EXACT
+    _ignore_scaling(monkeypatch)
+    assert _full_vs_dynamic(model, ids, mask)[0] > 1e-3
+    error, _, _ = max_step_error(model, SinkWindowCache(model, n_sink=2, window=4), ids, mask, max_new_tokens=4)
+    assert error > 1e-3
