@@ -126,3 +126,25 @@ def test_planted_scaling_bug_is_caught(monkeypatch):
     assert _full_vs_dynamic(model, ids, mask)[0] > 1e-3
     error, _, _ = max_step_error(model, SinkWindowCache(model, n_sink=2, window=4), ids, mask, max_new_tokens=4)
     assert error > 1e-3
+
+
+# --- architectures the core cannot serve: refused up front --------------------------------------------------------
+def test_state_space_model_is_refused_up_front():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, state_size=4))
+    with pytest.raises(TypeError, match="MambaForCausalLM .*AttentionInterface"):
+        FullCache(mamba)
+
+
+def test_hybrid_layer_types_are_refused_up_front():
+    model = tiny_llama()
+    model.config.layer_types = ["full_attention", "linear_attention", "full_attention"]
+    with pytest.raises(TypeError, match="linear_attention"):
+        SinkWindowCache(model, window=4)
+
+
+def test_attention_logit_softcapping_is_refused_up_front():
+    model = tiny_gemma3(attn_logit_softcapping=50.0)
+    with pytest.raises(TypeError, match="attn_logit_softcapping"):
+        FullCache(model)
