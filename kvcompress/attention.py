@@ -178,8 +178,14 @@ def kvcompress_attention(
 
 
 def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
-    """Visibility for this layer: None (all visible), True (causal) or a (B, 1, Q, K) bool tensor."""
-    contiguous = layer is None or layer.dense
+    """Visibility for this layer: None (all visible), True (causal) or a (B, 1, Q, K) bool tensor.
+
+    The shortcuts need the last key to be the last query (bottom-right alignment): not so for a static cache,
+    whose keys run to the end of its buffer."""
+    if layer is None:
+        contiguous = spec.kv_offset + kv_len == spec.q_offset + q_len
+    else:
+        contiguous = layer.dense
     if contiguous and spec.is_plain_causal:
         if q_len == 1:
             return None

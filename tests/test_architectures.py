@@ -148,3 +148,23 @@ def test_attention_logit_softcapping_is_refused_up_front():
     model = tiny_gemma3(attn_logit_softcapping=50.0)
     with pytest.raises(TypeError, match="attn_logit_softcapping"):
         FullCache(model)
+
+
+# --- other transformers caches on a model switched to the core ----------------------------------------------------
+def _generate_logits(model, ids, mask, **kwargs):
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0, **kwargs,
+    )
+    return torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_switched_model_serves_transformers_static_cache(arch, padded):
+    name, model = arch
+    ids, mask = left_padded(ROWS) if padded else (torch.tensor([ROWS[0]]), torch.ones(1, len(ROWS[0]), dtype=torch.long))
+    model.set_attn_implementation("sdpa")
+    expected = _generate_logits(model, ids, mask, cache_implementation="static")
+    attention.enable(model)
+    got = _generate_logits(model, ids, mask, cache_implementation="static")
+    torch.testing.assert_close(got, expected, atol=EXACT, rtol=0, msg=name)
