@@ -27,6 +27,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from .masks import MaskSpec, allowed_from_positions, kvcompress_mask
+from .rope import serving_layer
 
 if TYPE_CHECKING:
     from .cache import CompressedLayer
@@ -153,7 +154,8 @@ def kvcompress_attention(
         new_padding = None
         if spec is not None and spec.padding is not None:
             new_padding = spec.padding[:, spec.q_offset : spec.q_offset + q_len]
-        query, key, kv_positions = layer.prepare_attention(query, key, kwargs.get("position_ids"), new_padding)
+        with serving_layer(layer.layer_idx):  # RoPE tables per layer type (positions="cache")
+            query, key, kv_positions = layer.prepare_attention(query, key, kwargs.get("position_ids"), new_padding)
     if spec is not None:
         if kv_positions is None:  # contiguous keys: another cache, or none
             start = spec.kv_offset

@@ -29,6 +29,13 @@ def arch(request):
     return request.param, BUILDERS[request.param]()
 
 
+def _batch(padded):
+    """(input_ids, attention_mask): the three ROWS left padded, or the first row alone."""
+    if padded:
+        return left_padded(ROWS)
+    return torch.tensor([ROWS[0]]), torch.ones(1, len(ROWS[0]), dtype=torch.long)
+
+
 def _greedy_logits(model, cache, ids, mask, steps=6):
     out = model.generate(
         ids, attention_mask=mask, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps,
@@ -48,7 +55,7 @@ def _full_vs_dynamic(model, ids, mask):
 @pytest.mark.parametrize("padded", [False, True])
 def test_full_cache_equals_dynamic_cache(arch, padded):
     name, model = arch
-    ids, mask = left_padded(ROWS) if padded else (torch.tensor([ROWS[0]]), torch.ones(1, len(ROWS[0]), dtype=torch.long))
+    ids, mask = _batch(padded)
     error, same_tokens = _full_vs_dynamic(model, ids, mask)
     assert error < EXACT, name
     assert same_tokens
@@ -162,9 +169,82 @@ def _generate_logits(model, ids, mask, **kwargs):
 @pytest.mark.parametrize("padded", [False, True])
 def test_switched_model_serves_transformers_static_cache(arch, padded):
     name, model = arch
-    ids, mask = left_padded(ROWS) if padded else (torch.tensor([ROWS[0]]), torch.ones(1, len(ROWS[0]), dtype=torch.long))
+    ids, mask = _batch(padded)
     model.set_attn_implementation("sdpa")
     expected = _generate_logits(model, ids, mask, cache_implementation="static")
     attention.enable(model)
     got = _generate_logits(model, ids, mask, cache_implementation="static")
     torch.testing.assert_close(got, expected, atol=EXACT, rtol=0, msg=name)
+
+
+# --- positions="cache" (StreamingLLM) on Gemma 3: one RoPE base per layer type ------------------------------------
+def _rope_by_definition(x, positions, base):
+    """x (1, H, S, d) rotated at positions (S,) with RoPE base `base` (rotate-half convention), fp32."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = positions.float()[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], -1) * sin
+
+
+def _layer0_cache_positions_error(model):
+    """Max |layer-0 attention output - its definition| at the last step of a StreamingLLM run: pre-RoPE q/k/v
+    of the kept tokens rotated at their rank in the cache with the RoPE base of layer 0's type."""
+    cache = SinkWindowCache(model, n_sink=2, window=4, positions="cache")
+    tokens = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(1))
+    attn = model.model.layers[0].self_attn
+    outputs = []
+    hook = attn.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    try:
+        with torch.no_grad():
+            model(tokens[:, :10], past_key_values=cache)
+            for t in range(10, 14):
+                model(tokens[:, t : t + 1], past_key_values=cache)
+    finally:
+        hook.remove()
+    kept = [0, 1, 9, 10, 11, 12, 13]
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(tokens))
+        shape = (1, 14, -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(hidden).view(shape).transpose(1, 2))[:, :, kept]
+        k = attn.k_norm(attn.k_proj(hidden).view(shape).transpose(1, 2))[:, :, kept]
+        v = attn.v_proj(hidden).view(shape).transpose(1, 2)[:, :, kept]
+        base = model.config.rope_parameters[model.config.layer_types[0]]["rope_theta"]
+        rank = torch.arange(len(kept))
+        q, k = _rope_by_definition(q, rank, base)[:, :, -1:], _rope_by_definition(k, rank, base)
+        groups = attn.num_key_value_groups
+        probs = ((q @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * attn.scaling).softmax(-1)
+        expected = attn.o_proj((probs @ v.repeat_interleave(groups, 1)).transpose(1, 2).reshape(1, 1, -1))
+    return (outputs[-1] - expected).abs().max().item()
+
+
+def _gemma3_first(layer_type):
+    other = "full_attention" if layer_type == "sliding_attention" else "sliding_attention"
+    # window 64: every kept token is inside the sliding window, so only the RoPE base differs between the types
+    # initializer_range 0.2: outputs of order 1, so a wrong table shows as an error far above rounding
+    return tiny_gemma3(
+        seed=5, num_hidden_layers=2, layer_types=[layer_type, other], sliding_window=64, initializer_range=0.2
+    )
+
+
+@pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])
+def test_cache_positions_use_each_layer_types_rope_base(layer_type):
+    assert _layer0_cache_positions_error(_gemma3_first(layer_type)) < EXACT
+
+
+def test_planted_single_rope_table_is_caught(monkeypatch):
+    """Planted bug: one rotary table (the full layers') for every layer; the sliding-first model must fail."""
+    from kvcompress import rope
+
+    monkeypatch.setattr(rope.RotaryPositions, "layer_type", lambda self: "full_attention")
+    assert _layer0_cache_positions_error(_gemma3_first("full_attention")) < EXACT
+    assert _layer0_cache_positions_error(_gemma3_first("sliding_attention")) > 1e-3
+
+
+def test_cache_positions_without_eviction_equal_full_cache_on_gemma3():
+    model = tiny_gemma3()
+    ids, mask = left_padded(ROWS)
+    expected, _ = _greedy_logits(model, FullCache(model), ids, mask)
+    got, _ = _greedy_logits(model, SinkWindowCache(model, n_sink=4, window=64, positions="cache"), ids, mask)
+    torch.testing.assert_close(got, expected, atol=EXACT, rtol=0)
