@@ -71,7 +71,7 @@ def _strategies(model):
 
 
 @pytest.mark.parametrize("strategy", ["full", "sink_window", "anchor", "label_words"])
-@pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.parametrize("chunk", [None, pytest.param(5, marks=pytest.mark.slow)])
 def test_every_strategy_is_exact_against_per_layer_masked_forward(arch, strategy, chunk):
     name, model = arch
     ids, mask = left_padded(ROWS)
