@@ -7,7 +7,8 @@
    (any other cache, or none);
 2. lets that layer re-rotate queries/keys when it keeps positions "within the cache";
 3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
-4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference);
+4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
+   model asks for `output_attentions`;
 5. tells the cache layer the forward is done, so it evicts (after attention, never before).
 """
 
