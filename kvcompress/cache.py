@@ -341,15 +341,44 @@ class CompressedCache(Cache):
         self._forward_ids = None
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def check_causal_lm(model) -> None:
-    """Raise TypeError unless `model` is a decoder-only transformers causal LM."""
+    """Raise TypeError unless the kvcompress core can serve every layer of `model` exactly.
+
+    Refused: anything but a decoder-only transformers causal LM; models whose attention does not go through
+    transformers' AttentionInterface (Mamba and other state-space models, older architectures); hybrid models
+    whose `config.layer_types` include anything but full and sliding-window attention (linear attention, conv,
+    chunked, indexed ...); attention-logit soft-capping (Gemma 2), which the core's kernels do not apply; layers
+    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing).
+    """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if model.config.is_encoder_decoder or type(model).__name__ not in causal_classes:
+    if model.config.is_encoder_decoder or name not in causal_classes:
+        raise TypeError(f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {name}")
+    if not getattr(model, "_supports_attention_backend", False):
         raise TypeError(
-            f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {type(model).__name__}"
+            f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
+            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
+            "caches cannot drive it"
         )
+    config = model.config.get_text_config(decoder=True)
+    other_types = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    if other_types:
+        raise TypeError(
+            f"{name} has layers of type {other_types}; kvcompress caches support only {list(SUPPORTED_LAYER_TYPES)} "
+            "layers (hybrid linear-attention / state-space / chunked models are not supported)"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise TypeError(
+            f"{name} uses attn_logit_softcapping={config.attn_logit_softcapping}; the kvcompress core does not "
+            "apply attention-logit soft-capping, so its results would be wrong"
+        )
+    if getattr(config, "num_kv_shared_layers", 0) or "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        raise TypeError(f"{name} shares KV between layers, which kvcompress caches do not support")
 
 
 def _install_ids_hook(model: PreTrainedModel, cache: CompressedCache):
