@@ -43,7 +43,7 @@ def cache_arg(cache: Cache) -> dict:
 
 
 class UnsupportedFeatureError(NotImplementedError):
-    """A transformers feature that a compressing cache cannot serve exactly (beam search, crop, ...)."""
+    """A transformers feature that a compressing cache cannot serve exactly (crop, ...)."""
 
 
 class CompressedLayer(CacheLayerMixin):
