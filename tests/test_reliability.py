@@ -82,6 +82,19 @@ def test_generate_with_a_used_cache_and_a_new_prompt_is_refused(tiny_model, name
 
 
 @pytest.mark.parametrize("name", ["full", "anchor"])
+def test_the_same_prompt_again_is_refused(tiny_model, name):
+    """The issue's case: before the fix the prompt's tail was fed again after what the cache held, silently."""
+    cache = _caches(tiny_model)[name]
+    prompt = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    for new_tokens in (1, 3):  # the cache then holds 6 (the prompt) or 8 tokens
+        with torch.no_grad():
+            tiny_model.generate(prompt, past_key_values=cache, max_new_tokens=new_tokens, pad_token_id=0)
+        with pytest.raises(ValueError, match="fresh cache or cache.reset"):
+            tiny_model.generate(prompt, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
+        cache.reset()
+
+
+@pytest.mark.parametrize("name", ["full", "anchor"])
 def test_continuing_a_generation_and_reset_still_work(tiny_model, name):
     cache, out = _used(tiny_model, name)
     more = tiny_model.generate(out, past_key_values=cache, max_new_tokens=2, pad_token_id=0)
@@ -276,7 +289,7 @@ def test_planted_clone_leak_is_caught_by_the_hook_count(tiny_model, one_thread):
 def test_ten_thousand_clone_rounds_do_not_grow_memory(tiny_model, name, one_thread):
     """10,000 rounds after 200 warm-up rounds: RSS grows by less than 64 MiB. Why not flaky: a leak of one clone
     per round would hold >= 10,000 x 48 KiB = 469 MiB of KV alone; allocator and interpreter noise on this
-    process is a few MiB (measured: see the report of issue 12). Hooks are counted as in the fast test."""
+    process is a few MiB (measured 2026-11-25 on the tiny model: +0.05 MiB). Hooks are counted as in the fast test."""
     psutil = pytest.importorskip("psutil")
     _clone_rounds(tiny_model, ID_RECORDING[name], 200)
     gc.collect()
