@@ -285,8 +285,8 @@ class CompressedCache(Cache):
         """An independent copy (tensors copied, its own hooks on the model), e.g. to answer many queries from one
         compressed prefix without recomputing it. `copy.deepcopy(cache)` does the same. The hooks of a clone are
         removed when the clone is garbage-collected."""
-        new = copy.copy(self)  # (through __getstate__: detached; the model link is restored below)
-        new._model_ref, new.rope = self._model_ref, self.rope
+        new = object.__new__(type(self))  # not copy.copy: __getstate__/__setstate__ are for pickling only
+        new.__dict__.update(vars(self))
         shared = {"layers", "_hooks", "_model_ref", "rope"}
         for name, value in vars(self).items():
             if name not in shared:
