@@ -223,11 +223,6 @@ def test_kv_stats_equal_kept_tokens():
 
 def test_icl_task_cells(tiny_dir, tmp_path, capsys):
     """sst2 through kvcompress.bench.icl: its own construction for label_words, the budget path for sink_window."""
-    icl = pytest.importorskip("kvcompress.bench.icl")
-    try:
-        icl.resolve_data_dir(None)
-    except (FileNotFoundError, ValueError) as error:
-        pytest.skip(f"ICL data not found: {error}")
     out = tmp_path / "run"
     code, _ = _run_cli(["--model", str(tiny_dir), "--strategies", "full,label_words,sink_window", "--tasks", "sst2",
                         "--budgets", "0.5", "--limit", "3", "--out", str(out), "--no-progress", "--no-plots"], capsys)
