@@ -169,4 +169,5 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c for c in results["cells"].values() if c.get("status") == "error"]
     if failed:
         print(f"{len(failed)} cell(s) failed; see 'error' in results.json", file=sys.stderr)
+        return 1
     return 0

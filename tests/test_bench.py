@@ -237,3 +237,28 @@ def test_icl_task_cells(tiny_dir, tmp_path, capsys):
     half = cells["sst2|sink_window|0.5"]
     assert half["kv_tokens_kept"] == math.ceil(0.5 * half["context_tokens"])
     assert cells["sst2|label_words|-"]["kept_fraction"] < 1.0
+
+
+def test_prepare_error_becomes_that_tasks_error_cells(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Regression (issue 11.1): a task whose `prepare` fails (e.g. missing data) records the error in its own
+    cells; the other tasks still run, the table is printed, and the exit status is non-zero."""
+    from kvcompress.bench import tasks
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("planted: no data for piqa")
+
+    monkeypatch.setattr(tasks.TASKS["piqa"], "prepare", broken)
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks", "piqa,obqa",
+                               "--budgets", "0.5", "--limit", "2", "--repeats", "1", "--out", str(out),
+                               "--no-progress", "--no-plots"], capsys)
+    assert code != 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert list(cells) == ["piqa|full|-", "piqa|sink_window|0.5", "obqa|full|-", "obqa|sink_window|0.5"]
+    for key in ("piqa|full|-", "piqa|sink_window|0.5"):
+        assert cells[key]["status"] == "error"
+        assert cells[key]["error"] == "FileNotFoundError: planted: no data for piqa"
+    assert all(cells[key]["status"] == "ok" for key in ("obqa|full|-", "obqa|sink_window|0.5"))
+    assert "| piqa | full | - | error: FileNotFoundError: planted" in captured.out
+    assert "| obqa | sink_window | 0.5 | acc" in captured.out
+    assert "2 cell(s) failed" in captured.err
