@@ -2,8 +2,9 @@
 query mode, strategy, budget), the average against the kept fraction per strategy (table and plot).
 
 Used by the CLI whenever a run holds `ruler_*` cells (`python -m kvcompress.bench --preset leaderboard`); works on
-any registered strategy, since it reads only the cells. The average is the plain mean over the RULER tasks present
-in that row (the `tasks` column says how many).
+any registered strategy, since it reads only the cells. The average is the plain mean over the RULER tasks that
+every row of the same context length has (all of them in a finished run; in a partial or failed run the others are
+shown but not averaged, so strategies are compared on the same tasks); the `tasks` column says how many.
 """
 
 from __future__ import annotations
@@ -30,12 +31,20 @@ def ruler_rows(results: dict) -> list[dict]:
                                       "scores": {}, "kept": [], "n": cell.get("n_examples")})
         row["scores"][cell["task_name"][len("ruler_"):]] = cell["accuracy"]
         row["kept"].append(cell["kept_fraction"])
+    common: dict[object, set] = {}  # per length: the tasks every row has (a partial run averages like with like)
+    for row in groups.values():
+        common[row["length"]] = common.get(row["length"], set(row["scores"])) & set(row["scores"])
     rows = []
     for row in groups.values():
         row["kept_fraction"] = statistics.fmean(row.pop("kept"))
-        row["average"] = statistics.fmean(row["scores"].values())
+        row["averaged"] = sorted(common[row["length"]])
+        row["average"] = statistics.fmean(row["scores"][k] for k in row["averaged"]) if row["averaged"] else None
         rows.append(row)
     return sorted(rows, key=lambda r: (r["length"] or 0, r["query"] != "after", r["strategy"], r["kept_fraction"]))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def ruler_table(results: dict) -> str:
@@ -46,7 +55,7 @@ def ruler_table(results: dict) -> str:
     for r in ruler_rows(results):
         cells = " | ".join("-" if k not in r["scores"] else f"{100 * r['scores'][k]:.1f}" for k in kinds)
         lines.append(f"| {r['length']} | {r['query']} | {r['strategy']} | {r['budget']} | {r['kept_fraction']:.3f} | "
-                     f"{cells} | **{100 * r['average']:.1f}** | {len(r['scores'])} | {r['n']} |")
+                     f"{cells} | **{_pct(r['average'])}** | {len(r['averaged'])} | {r['n']} |")
     return "\n".join(lines)
 
 
@@ -55,7 +64,8 @@ def leaderboard_table(results: dict) -> str:
     by_key: dict[tuple, dict] = {}
     for r in ruler_rows(results):
         entry = by_key.setdefault((r["length"], r["strategy"], r["budget"]), {"kept": []})
-        entry[r["query"]] = r["average"]
+        if r["average"] is not None:
+            entry[r["query"]] = r["average"]
         entry["kept"].append(r["kept_fraction"])
     lines = ["| length | strategy | budget | kept frac | RULER avg, query after | RULER avg, query before |",
              "|---:|---|---|---:|---:|---:|"]
@@ -85,13 +95,14 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     for strategy in strategies:
         for query, style in (("after", "-"), ("before", "--")):
             points = sorted((r["kept_fraction"], 100 * r["average"]) for r in rows
-                            if r["strategy"] == strategy and r["query"] == query)
+                            if r["strategy"] == strategy and r["query"] == query and r["average"] is not None)
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, marker="o", color=colors[strategy], label=f"{strategy} ({query})")
     lengths = sorted({r["length"] for r in rows})
-    ax.set_title(f"RULER average vs KV kept, {results['environment'].get('model')}, "
-                 f"{'/'.join(map(str, lengths))} tokens")
+    n_tasks = min(len(r["averaged"]) for r in rows)
+    ax.set_title(f"RULER average ({n_tasks} tasks) vs KV kept\n{results['environment'].get('model')}, "
+                 f"{'/'.join(map(str, lengths))} tokens", fontsize=10)
     ax.set_xlabel("KV kept fraction")
     ax.set_ylabel("RULER average score (%)")
     ax.set_xlim(0, 1.05)

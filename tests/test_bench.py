@@ -262,3 +262,25 @@ def test_prepare_error_becomes_that_tasks_error_cells(tiny_dir, tmp_path, capsys
     assert "| piqa | full | - | error: FileNotFoundError: planted" in captured.out
     assert "| obqa | sink_window | 0.5 | acc" in captured.out
     assert "2 cell(s) failed" in captured.err
+
+
+def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks",
+                               "ruler_vt@512,ruler_niah_multikey@512", "--query", "before,after", "--budgets", "0.5",
+                               "--limit", "1", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, captured.err
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {f"{t}{q}|{s}" for t in ("ruler_vt@512", "ruler_niah_multikey@512") for q in ("", ":before")
+                          for s in ("full|-", "sink_window|0.5")}
+    for key, cell in cells.items():
+        assert cell["status"] == "ok", cell.get("error")
+        assert cell["query"] == ("before" if ":before" in key else "after")
+        assert 0 <= cell["accuracy"] <= 1 and cell["n_examples"] == 1 and len(cell["answers"]) == 1
+        # the budget follows the compressed prefix, which holds the question only in `before` mode
+        assert cell["prompt_tokens"] <= 512 and cell["context_tokens"] < cell["prompt_tokens"]
+    after, before = cells["ruler_vt@512|sink_window|0.5"], cells["ruler_vt@512:before|sink_window|0.5"]
+    assert before["context_tokens"] > after["context_tokens"]
+    assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
+    assert "RULER avg, query after | RULER avg, query before" in captured.out
+    assert (out / "leaderboard.png").is_file()

@@ -132,3 +132,27 @@ def test_lengths_in_the_bundled_models_tokens(smollm2):
             sample = ruler.generate(kind, tokenizer, length, seed=0, essays=ESSAYS)
             assert sum(map(len, ruler.prompt_tokens(tokenizer, sample))) == sample.tokens
             assert (1 - ruler.LENGTH_TOLERANCE) * length <= sample.tokens <= length, (kind, length, sample.tokens)
+
+
+def _cell(kind, strategy, budget, query, score, kept):
+    return {"status": "ok", "task_name": f"ruler_{kind}", "context_length": 4096, "query": query,
+            "strategy": strategy, "budget": budget, "accuracy": score, "kept_fraction": kept, "n_examples": 1}
+
+
+def test_leaderboard_averages_the_tasks_every_row_has():
+    from kvcompress.bench import leaderboard
+
+    cells = [_cell("vt", "full", "-", "after", 1.0, 1.0), _cell("cwe", "full", "-", "after", 0.5, 1.0),
+             _cell("fwe", "full", "-", "after", 0.0, 1.0),  # the other rows lack fwe (a partial run)
+             _cell("vt", "sink_window", "0.1", "after", 0.0, 0.1), _cell("cwe", "sink_window", "0.1", "after", 0.2, 0.1),
+             _cell("vt", "sink_window", "0.1", "before", 1.0, 0.1), _cell("cwe", "sink_window", "0.1", "before", 0.4, 0.1),
+             {"status": "error", "task_name": "ruler_fwe", "strategy": "sink_window", "budget": "0.1"}]
+    results = {"cells": {str(i): c for i, c in enumerate(cells)}, "environment": {"model": "m"}}
+    rows = {(r["strategy"], r["query"]): r for r in leaderboard.ruler_rows(results)}
+    assert rows[("full", "after")]["average"] == pytest.approx(0.75)  # fwe shown, not averaged
+    assert rows[("sink_window", "after")]["average"] == pytest.approx(0.1)
+    assert rows[("sink_window", "before")]["average"] == pytest.approx(0.7)
+    table = leaderboard.leaderboard_table(results)
+    assert "| 4096 | sink_window | 0.1 | 0.100 | 10.0 | 70.0 |" in table
+    assert "| 4096 | full | - | 1.000 | 75.0 | - |" in table
+    assert "| **75.0** | 2 | 1 |" in leaderboard.ruler_table(results)
