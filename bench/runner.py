@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcompress import atomic
+
 from . import metrics
 from .tasks import Icl, Task
 
@@ -350,10 +352,8 @@ def _clean(value):
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
-    """Strict JSON (NaN/inf as null), written atomically."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON (NaN/inf as null), written atomically and durably (`kvcompress.atomic`)."""
+    atomic.write_json(path, _clean(data), indent=1, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
