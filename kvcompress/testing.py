@@ -36,21 +36,24 @@ REFERENCE_IMPLEMENTATION = "kvcompress_reference"
 _reference = threading.local()  # .masks: list of (B, 1, N, N) additive masks, one per layer, during a reference forward
 
 
+# Shared config of the tiny random test models: 3 layers, GQA 4 query / 2 kv heads, hidden 64.
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A small random Llama (GQA: 4 query / 2 kv heads, 3 layers) in fp32 eval mode, built from a config."""
-    options = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    options.update(overrides)
+    options = {**_TINY, **overrides}
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**options)).eval()
 
@@ -59,42 +62,22 @@ def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
     """A small random Gemma 3 in fp32 eval mode: 4 layers (sliding, full, sliding, full), sliding_window 8 (so short
     prompts exceed it), GQA 4 / 2 heads of dim 16, `query_pre_attn_scalar` 64 (softmax scale 1/8, not 1/4 as the
     head dim would give), q/k RMS norms, RoPE base 10,000 on sliding layers and 1,000,000 on full layers."""
-    options = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=64,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    options.update(overrides)
+    options = {
+        **_TINY,
+        "num_hidden_layers": 4,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        **overrides,
+    }
     torch.manual_seed(seed)
     return Gemma3ForCausalLM(Gemma3TextConfig(**options)).eval()
 
 
 def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """A small random Qwen2 in fp32 eval mode: 3 layers, GQA 4 / 2 heads, biases on q/k/v (Qwen2's default)."""
-    options = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    options.update(overrides)
+    options = {**_TINY, **overrides}
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**options)).eval()
     with torch.no_grad():  # random biases (the default init zeroes them, which would hide a core that drops them)
