@@ -107,7 +107,7 @@ def test_layers_keeping_different_lengths_match_reference_backend(tiny_model):
     # each layer's decode query saw exactly that layer's kept tokens
     last = {r["layer_idx"]: r for r in records[-3:]}
     for layer_idx, record in last.items():
-        seen = record["kv_positions"][record["allowed"][:, 0, -1]].numel()
+        seen = record["kv_positions"][:, 0][record["allowed"][:, 0, -1]].numel()
         assert seen == 3 * (2 + 2 * layer_idx + 1)  # kept before this step + the new token, 3 rows
 
 
