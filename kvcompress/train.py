@@ -12,8 +12,10 @@ sentence ends (`anchor_tokens.sentence_end_ids`); AC: `<AC>` is added to model a
 every sentence (`anchor_tokens.format_with_anchor`).
 
 Checkpoints: `--output` holds the model and tokenizer (`save_pretrained`), `optimizer.pt` and `train_state.json`
-(step, tokens seen, arguments), written every `--save-every` steps and at the end. `--resume` continues from them
-(same data order). Defaults suit a CPU (fp32, micro-batch 1, gradient accumulation 4); on CUDA the default dtype is
+(step, tokens seen, arguments), written every `--save-every` steps and at the end, all files together
+(`kvcompress.atomic.staged`: a run killed at any moment leaves the previous checkpoint or the new one). `--resume`
+continues from them (same data order); a resumed run ends with the same weights, optimizer state and losses as an
+uninterrupted one (tests/test_kill_resume.py). Defaults suit a CPU (fp32, micro-batch 1, gradient accumulation 4); on CUDA the default dtype is
 bf16 (weights and activations; AdamW states follow the weights).
 """
 
@@ -28,7 +30,7 @@ import time
 
 import torch
 
-from . import attention
+from . import atomic, attention
 from .anchor_tokens import AC_INITS, add_anchor_token, format_with_anchor, sentence_end_ids
 from .ansan import ansan_block_mask, ansan_mask
 from .models import DEFAULT_MODEL, load_model
@@ -129,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save(model, tokenizer, optimizer, output: pathlib.Path, state: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output))
-    tokenizer.save_pretrained(str(output))
-    torch.save(optimizer.state_dict(), output / OPTIMIZER_FILE)
-    (output / STATE_FILE).write_text(json.dumps(state, indent=1))
+    """Checkpoint (weights, tokenizer, optimizer, state) into `output`, all files replaced together: a process
+    killed at any point leaves the previous checkpoint or this one, never a mix (`kvcompress.atomic.staged`)."""
+    with atomic.staged(output) as stage:
+        model.save_pretrained(str(stage))
+        tokenizer.save_pretrained(str(stage))
+        torch.save(optimizer.state_dict(), stage / OPTIMIZER_FILE)
+        (stage / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -152,6 +156,8 @@ def run(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     state = {"step": 0, "tokens": 0, "losses": [], "args": vars(args)}
+    if output.is_dir():
+        atomic.recover(output)  # finish (or drop) a checkpoint write that a killed run left half done
     if args.resume and (output / STATE_FILE).is_file():
         state = json.loads((output / STATE_FILE).read_text())
         model, tokenizer = load_model(str(output), device=device, dtype=dtype)

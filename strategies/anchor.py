@@ -7,6 +7,7 @@ import torch
 from ..anchor_tokens import AC_TOKEN, anchor_token_id, sentence_end_ids
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
+from ..validate import as_int, as_token_ids
 
 MODES = ("ep", "ac")
 
@@ -26,7 +27,8 @@ class AnchorCache(CompressedCache):
     Args:
         model: the causal LM this cache serves (its input embeddings get a pre-hook recording token ids).
         tokenizer: needed for the default anchors (EP: `anchor_tokens.sentence_end_ids`; AC: the `<AC>` id).
-        anchor_ids: explicit anchor token ids (override the tokenizer's defaults); non-empty, all < vocab size.
+        anchor_ids: explicit anchor token ids (override the tokenizer's defaults): one integer (Python, numpy or
+            0-d torch), a 1-D integer tensor / numpy array, or a list of integers; non-empty, all < vocab size.
         mode: "ep" (anchors are sentence ends; deviation: the official EP models use only ".") or "ac" (the
             dedicated token added by `anchor_tokens.add_anchor_token`).
         keep_first: number of first real tokens always kept (attention-sink style); 0 as in the paper.
@@ -47,26 +49,25 @@ class AnchorCache(CompressedCache):
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
-            raise ValueError(f"keep_first must be an integer >= 0, got {keep_first!r}")
+        keep_first = as_int(keep_first, "keep_first", minimum=0)
         vocab = model.get_input_embeddings().weight.shape[0]
         if anchor_ids is None:
             if tokenizer is None:
                 raise ValueError("AnchorCache needs anchor_ids or a tokenizer to derive them from")
             anchor_ids = sentence_end_ids(tokenizer) if mode == "ep" else [anchor_token_id(tokenizer, ac_token)]
-        anchor_ids = sorted({int(i) for i in (anchor_ids.tolist() if torch.is_tensor(anchor_ids) else anchor_ids)})
+        anchor_ids = sorted(set(as_token_ids(anchor_ids, "anchor_ids")))
         if not anchor_ids:
             raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
         outside = [i for i in anchor_ids if not 0 <= i < vocab]
         if outside:
-            raise ValueError(f"anchor ids {outside[:5]} are outside the model's vocabulary [0, {vocab})")
+            raise ValueError(f"anchor_ids {outside[:5]} are outside the model's vocabulary [0, {vocab})")
         super().__init__(model, positions=positions)
         self.mode, self.keep_first = mode, keep_first
         self.anchor_ids = torch.tensor(anchor_ids, dtype=torch.long)
         self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget: int | None) -> AnchorCache:
+    def _from_budget(cls, model, tokenizer, budget: int | None) -> AnchorCache:
         """EP mode with the tokenizer's sentence-end anchors; its size follows the text, not `budget`."""
         return cls(model, tokenizer=tokenizer)
 
@@ -90,3 +91,7 @@ class AnchorCache(CompressedCache):
     def reset(self) -> None:
         super().reset()
         self._memo = None
+
+    def _reindex_rows(self, index: torch.Tensor) -> None:
+        super()._reindex_rows(index)
+        self._memo = None  # its keep mask is per row

@@ -17,6 +17,7 @@ import torch
 
 from ..cache import CompressedCache, CompressedLayer, cache_arg
 from ..registry import register
+from ..validate import as_int
 
 
 @register("label_words")
@@ -39,10 +40,8 @@ class LabelWordCache(CompressedCache):
     """
 
     def __init__(self, model, keep_positions, prefix_length: int, n_first: int = 0, positions: str = "original"):
-        if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 1:
-            raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
-        if isinstance(n_first, bool) or not isinstance(n_first, int) or n_first < 0:
-            raise ValueError(f"n_first must be an integer >= 0, got {n_first!r}")
+        prefix_length = as_int(prefix_length, "prefix_length", minimum=1)
+        n_first = as_int(n_first, "n_first", minimum=0)
         if isinstance(keep_positions, torch.Tensor):
             keep_positions = keep_positions.tolist()
         if keep_positions is None or len(keep_positions) == 0:
@@ -51,20 +50,24 @@ class LabelWordCache(CompressedCache):
         table = torch.zeros(len(rows), prefix_length, dtype=torch.bool)
         for r, row in enumerate(rows):
             for p in row:
-                if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < prefix_length:
-                    raise ValueError(f"keep position {p!r} is not an integer in [0, prefix_length={prefix_length})")
-                table[r, p] = True
+                name = f"each keep position (keep_positions, prefix_length={prefix_length})"
+                table[r, as_int(p, name, minimum=0, maximum=prefix_length - 1)] = True
         table[:, :n_first] = True
         super().__init__(model, positions=positions)
         self.prefix_length, self.n_first = prefix_length, n_first
         self.keep_table = table  # (R, prefix_length) bool, R = 1 (shared) or the batch size
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget):
+    def _from_budget(cls, model, tokenizer, budget):
         raise ValueError(
             "label_words keeps the label/format tokens of a given prompt, not a token budget; build it with "
             "LabelWordCache(model, keep_positions, prefix_length) (see kvcompress.bench.icl)"
         )
+
+    def _reindex_rows(self, index: torch.Tensor) -> None:
+        super()._reindex_rows(index)
+        if self.keep_table.shape[0] > 1:  # one row of keep positions per batch row: they move with the rows
+            self.keep_table = self.keep_table[index.to(self.keep_table.device)]
 
     @property
     def kept_prefix_tokens(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from ..registry import register
+from ..validate import as_int
 from .label_words import LabelWordCache
 
 
@@ -29,12 +30,10 @@ class RandomKeepCache(LabelWordCache):
 
     def __init__(self, model, n_keep: int, prefix_length: int, seed: int = 0, n_first: int = 1,
                  exclude: Sequence[int] = (), positions: str = "original"):
-        if isinstance(n_keep, bool) or not isinstance(n_keep, int) or n_keep < 1:
-            raise ValueError(f"n_keep must be an integer >= 1, got {n_keep!r}")
-        if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or prefix_length < 1:
-            raise ValueError(f"prefix_length must be an integer >= 1, got {prefix_length!r}")
-        if isinstance(n_first, bool) or not isinstance(n_first, int) or not 0 <= n_first <= n_keep:
-            raise ValueError(f"n_first must be an integer in [0, n_keep={n_keep}], got {n_first!r}")
+        n_keep = as_int(n_keep, "n_keep", minimum=1)
+        prefix_length = as_int(prefix_length, "prefix_length", minimum=1)
+        n_first = as_int(n_first, f"n_first (with n_keep={n_keep})", minimum=0, maximum=n_keep)
+        seed = as_int(seed, "seed")
         excluded = set(exclude)
         pool = [p for p in range(min(n_first, prefix_length), prefix_length) if p not in excluded]
         need = n_keep - min(n_first, prefix_length)
@@ -47,7 +46,7 @@ class RandomKeepCache(LabelWordCache):
         self.seed = seed
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget):
+    def _from_budget(cls, model, tokenizer, budget):
         raise ValueError(
             "hidden_random keeps random positions of a given prefix; build it with "
             "RandomKeepCache(model, n_keep, prefix_length, seed) (see kvcompress.bench.icl)"

@@ -6,6 +6,7 @@ import torch
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
+from ..validate import as_int
 
 
 @register("sink_window")
@@ -26,16 +27,14 @@ class SinkWindowCache(CompressedCache):
     uses_budget = True
 
     def __init__(self, model, n_sink: int = 4, window: int = 1024, positions: str = "original"):
-        if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
-            raise ValueError(f"n_sink must be an integer >= 0, got {n_sink!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
+        n_sink, window = as_int(n_sink, "n_sink", minimum=0), as_int(window, "window", minimum=1)
         super().__init__(model, positions=positions)
         self.n_sink, self.window = n_sink, window
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget: int | None) -> SinkWindowCache:
-        """4 sinks + a window of `budget - 4` (at least 1) tokens; default window 1024."""
+    def _from_budget(cls, model, tokenizer, budget: int | None) -> SinkWindowCache:
+        """4 sinks + a window of `budget - 4` tokens; below 5, `budget - 1` sinks + a window of 1 (budget 1: the
+        newest token only); default (None) 4 sinks + a window of 1024. `budget` is validated by `for_budget`."""
         if budget is None:
             return cls(model)
         n_sink = min(4, budget - 1)

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvcompress
-from kvcompress import CompressedCache, attend
-from kvcompress.attention import capture
+from kvcompress import CompressedCache, FullCache, SinkWindowCache, attend
+from kvcompress.attention import attention_probs, capture
 from kvcompress.testing import left_padded
 
 
@@ -163,3 +163,81 @@ def test_flex_block_mask_path_equals_fp64_reference():
         (torch.arange(40)[None, :] % 3 == 0) | (torch.arange(40)[:, None] - torch.arange(40)[None, :] < 4)
     )
     torch.testing.assert_close(attend(query, key, value, dense.view(1, 1, 40, 40), backend="reference"), reference)
+
+
+# --- attention probabilities (output_attentions, attention-aware strategies) --------------------------------------
+def _probs_by_definition(query, key, mask, scaling):
+    """fp64, one (b, h, i) at a time: softmax over the keys query i of head h may see (kv head h // groups)."""
+    batch, heads, q_len, dim = query.shape
+    groups, kv_len = heads // key.shape[1], key.shape[2]
+    if mask is None:
+        mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool)
+    elif mask is True:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len).view(1, 1, q_len, kv_len)
+    mask = mask.expand(batch, heads, q_len, kv_len)
+    out = torch.zeros(batch, heads, q_len, kv_len, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                seen = mask[b, h, i].nonzero().flatten()
+                if len(seen):
+                    scores = key[b, h // groups, seen].double() @ query[b, h, i].double() * scaling
+                    out[b, h, i, seen] = scores.softmax(0)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(attention_inputs(), st.integers(1, 4), st.integers(1, 3), st.floats(0.05, 1.0))
+def test_attention_probs_equal_the_definition(inputs, last, block_size, scaling):
+    query, key, value, mask = inputs
+    got = attention_probs(query, key, mask, scaling=scaling, last=last, block_size=block_size)
+    rows = min(last, query.shape[2])
+    expected = _probs_by_definition(query, key, mask, scaling)[:, :, -rows:]
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+    # the kernel applies exactly these probabilities: probs @ V == attend's output (zeros for rows seeing nothing)
+    groups = query.shape[1] // key.shape[1]
+    mixed = got @ value.repeat_interleave(groups, dim=1)[:, :, :, :].float()  # (B, Hq, rows, d)
+    output = attend(query, key, value, mask, scaling=scaling)[:, -rows:].transpose(1, 2)
+    torch.testing.assert_close(mixed, output, atol=1e-5, rtol=1e-5)
+
+
+def test_probability_check_catches_a_planted_head_mapping_bug():
+    g = torch.Generator().manual_seed(5)
+    query, key = torch.randn(1, 6, 3, 8, generator=g), torch.randn(1, 3, 7, 8, generator=g)
+    expected = _probs_by_definition(query, key, True, 8**-0.5).float()
+    torch.testing.assert_close(attention_probs(query, key, True), expected, atol=1e-6, rtol=1e-5)
+    tiled = attention_probs(query, key.repeat(1, 2, 1, 1), True)  # planted: head h uses kv head h % Hkv
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(tiled, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_output_attentions_equal_eager_attention(tiny_model):
+    """The core returns (B, Hq, Q, K) probabilities, the same as transformers' eager attention."""
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(6))
+    tiny_model.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = tiny_model(ids, output_attentions=True).attentions
+    with torch.no_grad():
+        got = tiny_model(ids, past_key_values=FullCache(tiny_model), output_attentions=True).attentions
+    assert len(got) == len(expected) == tiny_model.config.num_hidden_layers
+    for layer_got, layer_expected in zip(got, expected):
+        assert layer_got.shape == (2, 4, 9, 9)
+        torch.testing.assert_close(layer_got, layer_expected, atol=1e-6, rtol=1e-5)
+
+
+def test_output_attentions_with_a_compressing_cache_span_the_kept_slots(tiny_model):
+    """Key axis = the slots the layer attended (kept before this forward, then the new token), as captured."""
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(7))
+    cache = SinkWindowCache(tiny_model, n_sink=2, window=3)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+        with capture() as records:
+            step = tiny_model(ids[:, -1:], past_key_values=cache, output_attentions=True)
+    assert len(step.attentions) == len(records) == 3
+    for probs, record in zip(step.attentions, records):
+        slots = record["kv_positions"][0, 0]  # slot order is not stream order; free slots hold -1
+        assert probs.shape == (1, 4, 1, slots.numel())
+        assert sorted(slots[slots >= 0].tolist()) == [0, 1, 9, 10, 11, 12]  # 2 sinks + 3 recent, plus the new token
+        assert bool((probs[..., slots < 0] == 0).all()) and bool((probs[..., slots >= 0] > 0).all())
+        torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 1))

@@ -223,11 +223,6 @@ def test_kv_stats_equal_kept_tokens():
 
 def test_icl_task_cells(tiny_dir, tmp_path, capsys):
     """sst2 through kvcompress.bench.icl: its own construction for label_words, the budget path for sink_window."""
-    icl = pytest.importorskip("kvcompress.bench.icl")
-    try:
-        icl.resolve_data_dir(None)
-    except (FileNotFoundError, ValueError) as error:
-        pytest.skip(f"ICL data not found: {error}")
     out = tmp_path / "run"
     code, _ = _run_cli(["--model", str(tiny_dir), "--strategies", "full,label_words,sink_window", "--tasks", "sst2",
                         "--budgets", "0.5", "--limit", "3", "--out", str(out), "--no-progress", "--no-plots"], capsys)
@@ -242,3 +237,50 @@ def test_icl_task_cells(tiny_dir, tmp_path, capsys):
     half = cells["sst2|sink_window|0.5"]
     assert half["kv_tokens_kept"] == math.ceil(0.5 * half["context_tokens"])
     assert cells["sst2|label_words|-"]["kept_fraction"] < 1.0
+
+
+def test_prepare_error_becomes_that_tasks_error_cells(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Regression (issue 11.1): a task whose `prepare` fails (e.g. missing data) records the error in its own
+    cells; the other tasks still run, the table is printed, and the exit status is non-zero."""
+    from kvcompress.bench import tasks
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("planted: no data for piqa")
+
+    monkeypatch.setattr(tasks.TASKS["piqa"], "prepare", broken)
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks", "piqa,obqa",
+                               "--budgets", "0.5", "--limit", "2", "--repeats", "1", "--out", str(out),
+                               "--no-progress", "--no-plots"], capsys)
+    assert code != 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert list(cells) == ["piqa|full|-", "piqa|sink_window|0.5", "obqa|full|-", "obqa|sink_window|0.5"]
+    for key in ("piqa|full|-", "piqa|sink_window|0.5"):
+        assert cells[key]["status"] == "error"
+        assert cells[key]["error"] == "FileNotFoundError: planted: no data for piqa"
+    assert all(cells[key]["status"] == "ok" for key in ("obqa|full|-", "obqa|sink_window|0.5"))
+    assert "| piqa | full | - | error: FileNotFoundError: planted" in captured.out
+    assert "| obqa | sink_window | 0.5 | acc" in captured.out
+    assert "2 cell(s) failed" in captured.err
+
+
+def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks",
+                               "ruler_vt@512,ruler_niah_multikey@512", "--query", "before,after", "--budgets", "0.5",
+                               "--limit", "1", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, captured.err
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert set(cells) == {f"{t}{q}|{s}" for t in ("ruler_vt@512", "ruler_niah_multikey@512") for q in ("", ":before")
+                          for s in ("full|-", "sink_window|0.5")}
+    for key, cell in cells.items():
+        assert cell["status"] == "ok", cell.get("error")
+        assert cell["query"] == ("before" if ":before" in key else "after")
+        assert 0 <= cell["accuracy"] <= 1 and cell["n_examples"] == 1 and len(cell["answers"]) == 1
+        # the budget follows the compressed prefix, which holds the question only in `before` mode
+        assert cell["prompt_tokens"] <= 512 and cell["context_tokens"] < cell["prompt_tokens"]
+    after, before = cells["ruler_vt@512|sink_window|0.5"], cells["ruler_vt@512:before|sink_window|0.5"]
+    assert before["context_tokens"] > after["context_tokens"]
+    assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
+    assert "RULER avg, query after | RULER avg, query before" in captured.out
+    assert (out / "leaderboard.png").is_file()

@@ -92,3 +92,15 @@ def test_kept_counts_and_bytes_shrink_with_eviction(tiny_model):
     assert window.kv_bytes_used() * 4 == full.kv_bytes_used() == full.kv_bytes()
     # the 40-token prefill allocated 40 slots; after eviction the window's buffer is compacted (memory given back)
     assert window.layers[0].capacity < 20 and window.kv_bytes() < full.kv_bytes() / 2
+
+
+def test_the_original_still_works_after_its_clone_is_gone(tiny_model):
+    """Regression (pickling support): cloning must not re-point the original's layers at the clone."""
+    cache = SinkWindowCache(tiny_model, n_sink=1, window=4)
+    with torch.no_grad():
+        tiny_model(torch.tensor([[4, 5, 6, 7, 8, 9]]), past_key_values=cache)
+        clone = cache.clone()
+        del clone
+        gc.collect()
+        tiny_model(torch.tensor([[10]]), past_key_values=cache)
+    assert cache.get_seq_length() == 7 and cache.kept_positions(0) == [[0, 3, 4, 5, 6]]

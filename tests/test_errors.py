@@ -50,12 +50,6 @@ def test_reset_allows_a_new_batch(tiny_model):
     assert cache.get_seq_length() == 5 and cache.kept_counts().shape == (3, 3)
 
 
-def test_beam_search_is_rejected(tiny_model):
-    ids = torch.randint(3, 100, (1, 5))
-    with pytest.raises(UnsupportedFeatureError, match="beam search"):
-        tiny_model.generate(ids, past_key_values=FullCache(tiny_model), num_beams=2, max_new_tokens=4, pad_token_id=0)
-
-
 def test_crop_is_rejected(tiny_model):
     cache = FullCache(tiny_model)
     tiny_model(torch.randint(3, 100, (1, 6)), past_key_values=cache)

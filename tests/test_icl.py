@@ -1,7 +1,9 @@
 """kvcompress.bench.icl: task loaders on the shared data, the evaluation (checked against an explicit-mask forward),
 bad input, and one integration run on SmolLM2."""
 
+import importlib.resources
 import json
+import pathlib
 import random
 
 import pytest
@@ -14,11 +16,6 @@ from kvcompress.icl_prompts import IclTemplate, match_anchor_tokens, token_offse
 from kvcompress.strategies.sink_window import SinkWindowCache
 from kvcompress.testing import masked_reference_logits, tiny_llama
 
-try:
-    DATA = icl.resolve_data_dir()
-except FileNotFoundError:
-    DATA = None
-needs_data = pytest.mark.skipif(DATA is None, reason="ICL data (../shared/data/icl or $KVCOMPRESS_DATA) not found")
 TEMPLATE = icl.TEMPLATES["sst2"]
 
 
@@ -47,7 +44,6 @@ TASK = icl.IclTask(
 
 
 # --- loaders ------------------------------------------------------------------------------------------------------
-@needs_data
 @pytest.mark.parametrize("name, classes, test_size", [("sst2", 2, 1821), ("trec", 6, 500), ("agnews", 4, 7600)])
 def test_loader_counts_and_seeds(name, classes, test_size):
     task = icl.load_icl_task(name, k_per_class=2, seed=0, limit=50)
@@ -62,7 +58,6 @@ def test_loader_counts_and_seeds(name, classes, test_size):
         assert not set(task.demonstrations) & set(task.examples)
 
 
-@needs_data
 def test_trec_all_500_and_prompt_format():
     task = icl.load_icl_task("trec", seed=0)
     assert len(task.examples) == 500 and len(task.demonstrations) == 6
@@ -73,13 +68,25 @@ def test_trec_all_500_and_prompt_format():
     assert task.template.text_anchor(task.demonstrations[:1]) == "".join(text[s:e] for s, e in spans)
 
 
-def test_data_dir_errors_and_env(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="KVCOMPRESS_DATA"):
+def test_bundled_data_is_package_data(monkeypatch):
+    """Regression (issue 11.1): the data ships inside kvcompress.bench; no ../shared, no environment variable."""
+    monkeypatch.delenv("KVCOMPRESS_DATA", raising=False)
+    folder = icl.resolve_data_dir()
+    package = importlib.resources.files("kvcompress.bench")
+    assert str(folder) == str(package.joinpath("data", "icl"))
+    assert "shared" not in pathlib.Path(str(folder)).parts
+    names = {entry.name for entry in folder.iterdir()}
+    assert {"SOURCE.md", "sst2_stsa.binary.train", "sst2_stsa.binary.test", "trec_train.txt", "trec_test.txt",
+            "agnews_test.csv"} <= names
+    assert "Apache-2.0" in folder.joinpath("SOURCE.md").read_text(encoding="utf-8")
+
+
+def test_data_dir_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_dir="):
         icl.resolve_data_dir(tmp_path / "nowhere")
-    monkeypatch.setenv("KVCOMPRESS_DATA", str(tmp_path))
-    assert icl.resolve_data_dir() == tmp_path
+    assert icl.resolve_data_dir(tmp_path) == tmp_path
     with pytest.raises(FileNotFoundError, match="sst2_stsa.binary.train"):
-        icl.load_icl_task("sst2")
+        icl.load_icl_task("sst2", data_dir=tmp_path)
 
 
 def test_loader_bad_input():
@@ -147,7 +154,6 @@ def test_markdown_table_aggregates_seeds():
 
 # --- the real model -----------------------------------------------------------------------------------------------
 @pytest.mark.integration
-@needs_data
 def test_smollm2_matcher_and_label_tokens(smollm2):
     model, tokenizer = smollm2
     for name, template in icl.TEMPLATES.items():
