@@ -62,10 +62,10 @@ def weight_bytes(model) -> int:
 
 
 def cache_kv_bytes(cache: Cache) -> int:
-    """Bytes of keys and values a cache holds now: `kv_bytes()` of a kvcompress cache, else the sum over the
-    layers' `keys`/`values` tensors (DynamicCache)."""
-    if hasattr(cache, "kv_bytes"):
-        return int(cache.kv_bytes())
+    """Bytes of the kept keys and values a step must read: `kv_bytes_used()` of a kvcompress cache, else the sum
+    over the layers' `keys`/`values` tensors (DynamicCache)."""
+    if hasattr(cache, "kv_bytes_used"):
+        return int(cache.kv_bytes_used())
     return sum(
         layer.keys.nbytes + layer.values.nbytes
         for layer in cache.layers

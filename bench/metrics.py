@@ -34,7 +34,8 @@ def kv_stats(cache, model, seen_tokens: int) -> dict:
     """What `cache` holds after `seen_tokens` real tokens (batch of one row).
 
     Returns:
-        kv_bytes: exact bytes of key/value storage (`cache.kv_bytes()`).
+        kv_bytes: exact bytes of the kept keys and values (`cache.kv_bytes_used()`).
+        kv_bytes_allocated: bytes of the slot buffers (`cache.kv_bytes()`: capacity, free slots included).
         kv_tokens_kept: kept tokens per layer, averaged over layers.
         kept_fraction: kv_tokens_kept / seen_tokens.
         kv_bytes_fraction: kv_bytes / bytes a full cache would hold for `seen_tokens` (equals kept_fraction when
@@ -42,9 +43,10 @@ def kv_stats(cache, model, seen_tokens: int) -> dict:
     """
     kept = cache.kept_counts().float()[:, 0].mean().item()
     full = kv_bytes_per_token(model) * seen_tokens
-    nbytes = int(cache.kv_bytes())
+    nbytes = int(cache.kv_bytes_used())
     return {
         "kv_bytes": nbytes,
+        "kv_bytes_allocated": int(cache.kv_bytes()),
         "kv_tokens_kept": kept,
         "kept_fraction": kept / seen_tokens if seen_tokens else float("nan"),
         "kv_bytes_fraction": nbytes / full if full else float("nan"),
@@ -56,7 +58,9 @@ def mean_stats(stats: Sequence[dict]) -> dict:
     if not stats:
         return {}
     out = {key: statistics.fmean(s[key] for s in stats) for key in stats[0]}
-    out["kv_bytes"] = int(round(out["kv_bytes"]))
+    for key in ("kv_bytes", "kv_bytes_allocated"):
+        if key in out:
+            out[key] = int(round(out[key]))
     return out
 
 

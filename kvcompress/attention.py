@@ -106,8 +106,9 @@ def _take_layer(layer_idx: int | None) -> CompressedLayer | None:
 
 @contextmanager
 def capture() -> Iterator[list[dict]]:
-    """Record, for every attention call, what the kernel saw: layer index, kv positions (B, K), the boolean
-    visibility (B, 1, Q, K) and q_offset. For tests and debugging; slow (copies the masks)."""
+    """Record, for every attention call, what the kernel saw: layer index, kv positions (B, H, K), the boolean
+    visibility (B, H, Q, K) (H = 1, or Hkv when kv heads keep different tokens) and q_offset. For tests and
+    debugging; slow (copies the masks)."""
     records: list[dict] = []
     previous = getattr(_state, "captures", None)
     _state.captures = records
@@ -160,7 +161,7 @@ def kvcompress_attention(
     if spec is not None:
         if kv_positions is None:  # contiguous keys: another cache, or none
             start = spec.kv_offset
-            kv_positions = torch.arange(start, start + key.shape[-2], device=key.device).expand(key.shape[0], -1)
+            kv_positions = torch.arange(start, start + key.shape[-2], device=key.device).expand(key.shape[0], 1, -1)
         mask = _mask_for(spec, kv_positions, layer, q_len, key.shape[-2])
     elif attention_mask is None:
         mask = True if q_len > 1 else None  # True: causal, bottom-right aligned
@@ -181,7 +182,7 @@ def kvcompress_attention(
 
 
 def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
-    """Visibility for this layer: None (all visible), True (causal) or a (B, 1, Q, K) bool tensor.
+    """Visibility for this layer: None (all visible), True (causal) or a (B, 1 or Hkv, Q, K) bool tensor.
 
     The shortcuts need the last key to be the last query (bottom-right alignment): not so for a static cache,
     whose keys run to the end of its buffer."""
@@ -201,9 +202,9 @@ def _capture_record(module, spec, kv_positions, mask, q_len, kv_len, batch) -> d
     if isinstance(mask, BlockMask):
         mask = create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=mask.kv_num_blocks.device)
     if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
-        allowed = mask.expand(batch, 1, q_len, kv_len)
+        allowed = mask.expand(batch, -1, q_len, kv_len)
     elif isinstance(mask, torch.Tensor):  # additive
-        allowed = (mask > torch.finfo(mask.dtype).min).expand(batch, 1, q_len, kv_len)
+        allowed = (mask > torch.finfo(mask.dtype).min).expand(batch, -1, q_len, kv_len)
     else:
         allowed = _causal_bool(q_len, kv_len, kv_positions.device if kv_positions is not None else "cpu")
         allowed = allowed.expand(batch, 1, q_len, kv_len)
@@ -235,8 +236,8 @@ def attend(
         query: (B, Hq, Q, d). key, value: (B, Hkv, K, d) with Hq a multiple of Hkv (query head h uses kv head
             h // (Hq / Hkv)).
         mask: None (every key visible to every query); True (causal, bottom-right aligned: query i sees keys
-            j <= i + K - Q); a bool tensor broadcastable to (B, Hq, Q, K), True = visible; an additive float
-            tensor; or a FlexAttention `BlockMask` (block-sparse, for long structured masks such as AnSAN
+            j <= i + K - Q); a bool tensor (B or 1, 1 | Hkv | Hq, Q, K), True = visible (a kv-head mask applies to
+            every query head of its group); an additive float tensor broadcastable to (B, Hq, Q, K); or a FlexAttention `BlockMask` (block-sparse, for long structured masks such as AnSAN
             training masks). A query row that sees no key returns zeros (never NaN).
         backend: "sdpa", "reference" or "auto" (default: `set_backend`'s choice). "auto" uses SDPA, which on CUDA
             picks flash attention when there is no mask and memory-efficient attention with one; a BlockMask runs
@@ -259,13 +260,23 @@ def attend(
         if not bool(seen_any.all()):
             empty_rows = ~seen_any
             mask = mask | empty_rows
+            empty_rows = _to_query_heads(empty_rows, query.shape[1])
     if backend == "reference":
+        if isinstance(mask, torch.Tensor):
+            mask = _to_query_heads(mask, query.shape[1])
         output = _reference(query, key, value, mask, scaling)
     else:
         output = _sdpa(query, key, value, mask, scaling, dropout)
     if empty_rows is not None:
         output = output.masked_fill(empty_rows.transpose(1, 2), 0.0)  # (B, Q, H or 1, 1)
     return output
+
+
+def _to_query_heads(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, 1 | Hkv | Hq, ...) -> broadcastable to Hq query heads (query head h uses kv head h // (Hq / Hkv))."""
+    if mask.shape[1] in (1, heads):
+        return mask
+    return mask.repeat_interleave(heads // mask.shape[1], dim=1)
 
 
 def attention_probs(
@@ -344,12 +355,13 @@ def _sdpa(query, key, value, mask, scaling, dropout) -> torch.Tensor:
     if groups > 1:
         if not explicit:
             gqa_kwargs["enable_gqa"] = True
-        elif q_len == 1 and mask.shape[1] == 1:
-            query = query.view(batch, key.shape[1], groups, dim)
+        elif q_len == 1 and mask.shape[1] in (1, key.shape[1]):
+            query = query.view(batch, key.shape[1], groups, dim)  # the group's queries share the kv head's mask
             packed = True
         else:
             key = key.repeat_interleave(groups, dim=1)
             value = value.repeat_interleave(groups, dim=1)
+            mask = _to_query_heads(mask, heads)
     output = F.scaled_dot_product_attention(
         query,
         key,

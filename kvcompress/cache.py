@@ -10,9 +10,10 @@ Contract with transformers (5.x), found by experiment (see DESIGN.md):
   that layer (`finish_forward`, called by the attention core).
 - The mask is not built by transformers: the core builds it per layer from `CompressedLayer.positions`.
 
-Storage per layer: keys/values (B, Hkv, S, d) and positions (B, S), the stream position of each slot (its column
-in the 2-D attention mask), -1 for an empty slot. Rows may keep different numbers of tokens: a row with fewer
-kept tokens has empty slots at the end.
+Storage per layer (`CompressedLayer`): key/value slots (B, Hkv, C, d) that never move, and the stream position of
+each slot (B, 1 or Hkv, C), -1 for a free slot. New tokens are written into free slots, eviction frees slots, and
+the mask is built from positions, so slot order does not matter. Rows (and, for per-head strategies, kv heads)
+may keep different numbers of tokens.
 """
 
 from __future__ import annotations
@@ -47,14 +48,29 @@ class UnsupportedFeatureError(NotImplementedError):
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One layer's kept keys and values.
+    """One layer's kept keys and values, in slots that never move.
+
+    Storage (C = capacity, Hp = 1 or Hkv):
+        keys, values: (B, Hkv, C, d) buffers. In positions="cache" mode keys are stored before RoPE.
+        positions: (B, Hp, used) long view of the slot table (B, Hp, C): the stream position held by each slot,
+            -1 for a free slot (evicted, a pad, or never written). Hp = 1 while every kv head keeps the same tokens (strategies that choose by position);
+            it becomes Hkv the first time a strategy keeps different tokens per kv head.
+        used: slots [used, C) are free in every row and head; attention reads slots [0, used).
+        state: per-slot strategy state, name -> (B, 1 or Hkv, C) tensor, kept aligned with the slots through
+            growth, compaction, batch selection, beam reordering and `clone`.
+
+    New tokens are written in place into free slots (the lowest free slots of each row, after `used` when there
+    are none below it); eviction only frees slots; kept keys never move, so a decode step copies nothing but the
+    new token. Slot order is therefore NOT stream order: `stream_rank()` gives each slot's rank by position.
+    The capacity grows geometrically when a forward needs more free slots (amortised O(1) append), and after a
+    forward that leaves far fewer tokens than the capacity (a long prefill through a budgeted cache) the kept
+    slots are compacted into a smaller buffer, so the memory is given back.
 
     Attributes:
-        keys, values: (B, Hkv, S, d). In positions="cache" mode keys are stored before RoPE.
-        positions: (B, S) long, stream position of each slot, -1 for an empty slot (evicted row padding or a pad).
         seen: tokens fed to this layer so far (per row, pads included).
-        dense: True while positions are exactly 0..seen-1 in every row (nothing evicted, no pads): the core then
-            skips building masks.
+        dense: True while slot i holds stream position i for every i < used in every row (nothing evicted, no
+            pads): the core then skips building masks.
+        new_tokens: tokens of the forward in flight (or the last one).
     """
 
     is_compileable = False
@@ -65,48 +81,56 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
         self.seen = 0
+        self.used = 0
         self.dense = True
-        self.new_tokens = 0  # tokens of the forward in flight (or the last one)
+        self.holes = False  # some slot below `used` is free in some row
+        self.ordered = True  # valid slots are in stream order along the slot axis (no free slot was reused)
+        self.new_tokens = 0
+        self.new_slots: torch.Tensor | None = None  # (B, Hp, q) slots written by the last update; None: [used-q, used)
         self.awaiting_attention = False  # update() ran, the core's finish_forward() not yet
 
     # transformers API -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
-        self.positions = torch.empty(key_states.shape[0], 0, dtype=torch.long, device=key_states.device)
+        batch, heads, _, dim = key_states.shape
+        self.keys = key_states.new_zeros(batch, heads, 0, dim)
+        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
+        self._positions = torch.empty(batch, 1, 0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append new keys/values (B, Hkv, q, d); return all kept-before plus new ones (B, Hkv, S+q, d)."""
+        """Write new keys/values (B, Hkv, q, d) into free slots; return the slots [0, used) (B, Hkv, used, d),
+        which hold every kept token and all q new ones (free slots among them are masked by the core)."""
         if self.awaiting_attention:
             raise attention.not_served_error(self.layer_idx)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, q_len = key_states.shape[0], key_states.shape[-2]
-        if batch != self.positions.shape[0]:
+        if batch != self._positions.shape[0]:
             raise ValueError(
-                f"this cache holds a batch of {self.positions.shape[0]} rows but got {batch}; "
+                f"this cache holds a batch of {self._positions.shape[0]} rows but got {batch}; "
                 "use a new cache (or cache.reset()) for a different batch"
             )
         if self.layer_idx == 0:
             self._cache._check_attached()
             self._cache._record_token_ids(batch, q_len)
-        new_positions = torch.arange(self.seen, self.seen + q_len, device=self.positions.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_positions.expand(batch, q_len)], dim=-1)
+        new_positions = torch.arange(self.seen, self.seen + q_len, device=self._positions.device)
+        if self.holes and self._cache.evicts:  # a cache that never evicts keeps its pads' slots, as DynamicCache
+            self._write_into_free_slots(key_states, value_states, new_positions)
+        else:
+            self._append(key_states, value_states, new_positions)
         self.seen += q_len
         self.new_tokens = q_len
         self.awaiting_attention = True
         attention.serve_layer(self)
-        return self.keys, self.values
+        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.stored_slots
-        return stored + query_length, self.seen - stored
+        kept = self.used if self._positions is not None else 0
+        return kept + query_length, self.seen - kept
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -115,11 +139,12 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.positions = None
+        self.keys = self.values = self._positions = None
+        self.state = {}
         self.is_initialized = False
-        self.seen = 0
-        self.dense = True
-        self.new_tokens = 0
+        self.seen = self.used = self.new_tokens = 0
+        self.dense, self.holes, self.ordered = True, False, True
+        self.new_slots = None
         self.awaiting_attention = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -135,83 +160,222 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             indices = indices.to(self.keys.device)
-            self.keys, self.values = self.keys[indices], self.values[indices]
-            self.positions = self.positions[indices]
+            self._map_rows(lambda t: t[indices])
+
+    def _map_rows(self, fn) -> None:
+        """Apply a row operation (select, repeat, reorder) to every per-row tensor of the layer."""
+        self.keys, self.values, self._positions = fn(self.keys), fn(self.values), fn(self._positions)
+        self.state = {name: fn(value) for name, value in self.state.items()}
+        if self.new_slots is not None:
+            self.new_slots = fn(self.new_slots)
 
     def __getstate__(self) -> dict:
         state = dict(vars(self))
         state.pop("_cache", None)  # a weak proxy; the owning cache restores it (CompressedCache.__setstate__)
         return state
 
-    # kvcompress ---------------------------------------------------------------------------------------------
+    # slots ------------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self._positions is None else self._positions.shape[-1]
+
     @property
     def stored_slots(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[-1]
+        """Slots attention reads ([0, used))."""
+        return self.used
 
     @property
     def valid(self) -> torch.Tensor:
-        """(B, S) bool: slots that hold a real kept token."""
-        return self.positions >= 0
+        """(B, Hp, used) bool: slots that hold a real kept token."""
+        return self._positions[..., : self.used] >= 0
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """(B, Hp, used) long: the stream position of each slot attention reads, -1 for a free slot (a view of the
+        (B, Hp, C) slot table)."""
+        return None if self._positions is None else self._positions[..., : self.used]
+
+    def stream_rank(self) -> torch.Tensor:
+        """(B, Hp, used) long: each valid slot's rank among its row's valid slots by stream position (0 = oldest);
+        free slots get the row's count of valid slots."""
+        positions = self.positions
+        valid = positions >= 0
+        if self.ordered:
+            return torch.where(valid, valid.cumsum(dim=-1) - 1, valid.sum(dim=-1, keepdim=True))
+        key = torch.where(valid, positions, torch.iinfo(torch.long).max)
+        order = key.argsort(dim=-1, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return rank
+
+    def new_slot_mask(self) -> torch.Tensor:
+        """(B, Hp, used) bool: slots written by the last forward (pads included)."""
+        return self.positions >= self.seen - self.new_tokens
+
+    def slot_state(self, name: str, heads: int = 1, dtype: torch.dtype = torch.float32, fill: float = 0.0):
+        """The per-slot state `name`, (B, heads, C), created filled with `fill`; grows, compacts, follows batch
+        operations and clones with the slots. Index it with [..., :used]; initialise new slots yourself
+        (`new_slot_mask()`)."""
+        state = self.state.get(name)
+        if state is None:
+            heads = max(heads, self._positions.shape[1])
+            state = torch.full((self._positions.shape[0], heads, self.capacity), fill, dtype=dtype,
+                               device=self._positions.device)
+            self.state[name] = state
+        return state
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate to `capacity` slots (zeros: a free slot never holds NaN/Inf garbage the kernel could read)."""
+        extra = capacity - self.capacity
+        if extra <= 0:
+            return
+
+        def widen(tensor, fill):
+            pad = tensor.new_full((*tensor.shape[:2], extra, *tensor.shape[3:]), fill)
+            return torch.cat([tensor, pad], dim=2)
+
+        self.keys, self.values = widen(self.keys, 0), widen(self.values, 0)
+        self._positions = widen(self._positions, -1)
+        self.state = {name: widen(value, 0) for name, value in self.state.items()}
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
+        """Write q new tokens at slots [used, used + q) of every row (no free slot below `used`)."""
+        start, end = self.used, self.used + keys.shape[-2]
+        if end > self.capacity:
+            self._grow(end if self.capacity == 0 else max(end, self.capacity + self.capacity // 2))
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self._positions[:, :, start:end] = new_positions
+        self.used, self.new_slots = end, None
+
+    def _write_into_free_slots(self, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
+        """Write q new tokens into the q lowest free slots of each row and head (growing when a row has fewer)."""
+        q_len = keys.shape[-2]
+        free_count = int((self._positions < 0).sum(dim=-1).min())
+        if free_count < q_len:
+            self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
+        free = self._positions < 0
+        slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
+        batch, heads, _, dim = self.keys.shape
+        index = slots.expand(batch, heads, q_len).unsqueeze(-1)
+        self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
+        self.values.scatter_(2, index.expand(-1, -1, -1, values.shape[-1]), values)
+        self._positions.scatter_(-1, slots, new_positions.expand_as(slots))
+        self.used = max(self.used, int(slots.max()) + 1)
+        self.new_slots = slots
+        self.ordered = False
 
     def prepare_attention(self, query, key, position_ids, new_padding):
         """Called by the core before the kernel. Marks new pads, re-rotates in positions="cache" mode.
 
         Args:
             query: (B, Hq, q, d) rotated by the model at `position_ids` (B, q).
-            key: (B, Hkv, S, d), this layer's `keys` as returned by `update`.
+            key: (B, Hkv, used, d), this layer's slots as returned by `update`.
             new_padding: (B, q) bool, True for real tokens, or None.
 
         Returns:
-            (query, key, positions (B, S)) for the mask and the kernel.
+            (query, key, positions (B, Hp, used)) for the mask and the kernel.
         """
         q_len = self.new_tokens
         if new_padding is not None and not bool(new_padding.all()):
-            self.positions[:, -q_len:].masked_fill_(~new_padding.to(self.positions.device), -1)
-            self.dense = False
+            padding = new_padding.to(self._positions.device)
+            new_positions = torch.arange(self.seen - q_len, self.seen, device=padding.device)
+            marked = torch.where(padding, new_positions, -1).unsqueeze(1)  # (B, 1, q)
+            if self.new_slots is None:
+                self._positions[:, :, self.used - q_len : self.used] = marked
+            else:
+                self._positions.scatter_(-1, self.new_slots, marked.expand_as(self.new_slots))
+            self.dense, self.holes = False, True
         if self._cache.position_mode == "cache":
-            if position_ids is None:
-                raise RuntimeError("positions='cache' needs the model to pass position_ids to its attention")
-            position_ids = position_ids.expand(query.shape[0], -1)
-            rope = self._cache.rope
-            self.keys[..., -q_len:, :] = rope.unrotate(self.keys[..., -q_len:, :], position_ids)
-            cache_positions = (self.valid.cumsum(dim=-1) - 1).clamp(min=0)
-            key = rope.rotate(self.keys, cache_positions)
-            query = rope.rotate(rope.unrotate(query, position_ids), cache_positions[:, -q_len:])
+            query, key = self._rotate_within_cache(query, position_ids)
         return query, key, self.positions
+
+    def _rotate_within_cache(self, query, position_ids):
+        """positions="cache": un-rotate the new keys (stored before RoPE), then rotate every kept key and the new
+        queries at their rank among the row's kept tokens."""
+        if position_ids is None:
+            raise RuntimeError("positions='cache' needs the model to pass position_ids to its attention")
+        if self._positions.shape[1] != 1:
+            raise NotImplementedError("positions='cache' with per-head eviction is not supported")
+        rope, q_len = self._cache.rope, self.new_tokens
+        position_ids = position_ids.expand(query.shape[0], -1)
+        slots = self._new_slot_index()  # (B, q): new token i sits in slot slots[:, i]
+        index = slots[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        self.keys.scatter_(2, index, rope.unrotate(self.keys.gather(2, index), position_ids))
+        rank = self.stream_rank()[:, 0]  # (B, used)
+        key = rope.rotate(self.keys[:, :, : self.used], rank)
+        query = rope.rotate(rope.unrotate(query, position_ids), rank.gather(-1, slots))
+        return query, key
+
+    def _new_slot_index(self) -> torch.Tensor:
+        """(B, q) slots of the last forward's tokens, in stream order (shared slot layout only)."""
+        if self.new_slots is not None:
+            return self.new_slots[:, 0]
+        q_len = self.new_tokens
+        start = self.used - q_len
+        return torch.arange(start, self.used, device=self._positions.device).expand(self._positions.shape[0], q_len)
 
     def finish_forward(self) -> None:
         """Called by the core after the kernel: apply the strategy's eviction."""
         self.awaiting_attention = False
         if not self._cache.evicts:
             return
-        keep = self._cache.select(self) & self.valid
-        self.keep_only(keep)
+        self.keep_only(self._cache.select(self))
 
     def keep_only(self, keep: torch.Tensor) -> None:
-        """Drop every slot where `keep` (B, S) is False; kept slots stay in stream order."""
-        counts = keep.sum(dim=-1)
-        width = int(counts.max()) if counts.numel() else 0
-        if width == keep.shape[-1] and bool(keep.all()):
+        """Free every slot in [0, used) where `keep` ((B, 1 or Hkv, used) bool) is False. Kept slots never move,
+        except when the layer then holds far fewer tokens than its capacity: they are compacted once."""
+        valid = self.valid
+        if keep.ndim != 3 or keep.shape[-1] != self.used:
+            raise ValueError(f"select must return (B, 1 or Hkv, {self.used}) bool, got {tuple(keep.shape)}")
+        if keep.shape[1] != self._positions.shape[1]:
+            if keep.shape[1] == 1:
+                keep = keep.expand_as(valid)
+            else:  # a strategy keeps different tokens per kv head: give the slot layout a head axis
+                heads = keep.shape[1]
+                self._positions = self._positions.expand(-1, heads, -1).clone()
+                self.state = {k: v.expand(-1, heads, -1).clone() for k, v in self.state.items()}
+                valid = self.valid
+        drop = valid & ~keep
+        if not bool(drop.any()):
             return
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :width]  # kept slots first
-        positions = self.positions.gather(-1, order)
-        filled = torch.arange(width, device=keep.device) < counts.unsqueeze(-1)
-        self.positions = positions.masked_fill(~filled, -1)
-        if bool((order == order[:1]).all()):  # every row keeps the same slots: one index_select, no gather
-            self.keys = self.keys.index_select(2, order[0])
-            self.values = self.values.index_select(2, order[0])
-        else:
-            index = order[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-            self.keys = self.keys.gather(2, index)
-            self.values = self.values.gather(2, index)
+        self._positions[..., : self.used].masked_fill_(drop, -1)
         self.dense = False
+        filled = (self._positions[..., : self.used] >= 0).flatten(0, 1).any(dim=0)
+        self.used = int(filled.nonzero().max()) + 1 if bool(filled.any()) else 0
+        kept = int((self._positions >= 0).sum(dim=-1).max())
+        self.holes = bool((self._positions[..., : self.used] < 0).any())
+        reserve = max(8, kept // 16)
+        if self.capacity > 2 * (kept + reserve):
+            self._compact(kept + reserve)
+
+    def _compact(self, capacity: int) -> None:
+        """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their
+        slot order)."""
+        valid = self._positions >= 0
+        kept = int(valid.sum(dim=-1).max())
+        order = (~valid).to(torch.uint8).argsort(dim=-1, stable=True)[..., :kept]  # (B, Hp, kept)
+
+        def take(tensor: torch.Tensor, fill) -> torch.Tensor:
+            """tensor (B, H, C, *rest) with H = Hp, or H = Hkv when Hp = 1 (the layout broadcasts over heads)."""
+            index = order.expand(tensor.shape[0], tensor.shape[1], kept)
+            if tensor.ndim == 4:
+                index = index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])
+            out = tensor.new_full((*tensor.shape[:2], capacity, *tensor.shape[3:]), fill)
+            out[:, :, :kept] = tensor.gather(2, index)
+            return out
+
+        self.keys, self.values = take(self.keys, 0), take(self.values, 0)
+        self.state = {name: take(value, 0) for name, value in self.state.items()}
+        self._positions = take(self._positions, -1)
+        self.used = kept
+        self.new_slots = None
+        self.holes = bool((self._positions[..., :kept] < 0).any())
 
 
 class CompressedCache(Cache):
@@ -273,11 +437,14 @@ class CompressedCache(Cache):
         """Which slots of `layer` to keep after the current forward.
 
         Args:
-            layer: its `positions` (B, S) (-1 = empty), `keys`/`values` (B, Hkv, S, d), `seen`, `new_tokens`,
-                `layer_idx`; `self.token_ids` (B, seen) when `needs_token_ids`.
+            layer: `positions` (B, Hp, S) stream positions (-1 = free), `valid` (B, Hp, S),
+                `stream_rank()` (B, Hp, S), `keys`/`values` (B, Hkv, C, d) (slots [0, S) are attended), `seen`,
+                `new_tokens`, `new_slot_mask()`, `slot_state(...)`, `layer_idx`; `self.token_ids` (B, seen) when
+                `needs_token_ids`. Slot order is not stream order: rank by `stream_rank()`, not by slot index.
 
         Returns:
-            (B, S) bool, True = keep. Empty slots are dropped whatever is returned.
+            (B, 1, S) bool (the same tokens for every kv head) or (B, Hkv, S) bool (per kv head); True = keep.
+            Free slots stay free whatever is returned.
         """
         raise NotImplementedError
 
@@ -295,9 +462,10 @@ class CompressedCache(Cache):
         for layer in self.layers:
             twin = copy.copy(layer)
             twin._cache = weakref.proxy(new)
-            for name in ("keys", "values", "positions"):
+            for name in ("keys", "values", "_positions", "new_slots"):
                 tensor = getattr(layer, name)
                 setattr(twin, name, None if tensor is None else tensor.clone())
+            twin.state = {name: value.clone() for name, value in layer.state.items()}
             new.layers.append(twin)
         model = None if self._model_ref is None else self._model_ref()
         if self._model_ref is not None and model is None and self.needs_token_ids:
@@ -427,25 +595,39 @@ class CompressedCache(Cache):
             )
 
     def ids_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, S) at stream `positions` (B, S); -1 where the position is -1."""
-        ids = self.token_ids.gather(-1, positions.clamp(min=0))
+        """Token ids at stream `positions` ((B, S) or (B, H, S)), same shape; -1 where the position is -1."""
+        table = self.token_ids
+        if positions.ndim == 3:
+            table = table.unsqueeze(1).expand(-1, positions.shape[1], -1)
+        ids = table.gather(-1, positions.clamp(min=0))
         return ids.masked_fill(positions < 0, -1)
 
     # reporting ----------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
-        """Bytes of key and value storage held now, over all layers (empty row slots included)."""
-        return sum(
-            layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized
-        )
+        """Bytes of key and value storage allocated now, over all layers (free slots included)."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
+    def kv_bytes_used(self) -> int:
+        """Bytes of the keys and values of kept tokens, over all layers and kv heads (free slots excluded)."""
+        total = 0
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            batch, heads, _, dim = layer.keys.shape
+            per_slot = (dim + layer.values.shape[-1]) * layer.keys.element_size()
+            kept = layer.valid.sum() * (heads // layer.positions.shape[1])
+            total += int(kept) * per_slot
+        return total
 
     def kept_counts(self) -> torch.Tensor:
-        """(L, B) long: kept tokens per layer and row."""
-        return torch.stack([layer.valid.sum(dim=-1) for layer in self.layers])
+        """(L, B) long: kept tokens per layer and row (the largest count over kv heads)."""
+        return torch.stack([layer.valid.sum(dim=-1).amax(dim=-1) for layer in self.layers])
 
-    def kept_positions(self, layer_idx: int = 0) -> list[list[int]]:
-        """Stream positions kept by `layer_idx`, one sorted list per row."""
+    def kept_positions(self, layer_idx: int = 0, head: int = 0) -> list[list[int]]:
+        """Stream positions kept by `layer_idx` (kv head `head`), one sorted list per row."""
         positions = self.layers[layer_idx].positions
-        return [row[row >= 0].tolist() for row in positions]
+        positions = positions[:, min(head, positions.shape[1] - 1)]
+        return [sorted(row[row >= 0].tolist()) for row in positions]
 
     def reset(self) -> None:
         super().reset()

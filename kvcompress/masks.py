@@ -79,24 +79,28 @@ def allowed_from_positions(spec: MaskSpec, kv_positions: torch.Tensor, q_length:
 
     Args:
         spec: the forward's `MaskSpec`.
-        kv_positions: (B, K) long, stream position of each key slot, -1 for an empty slot.
+        kv_positions: (B, H, K) long, stream position of each key slot, -1 for a free slot; H = 1 (every kv head
+            holds the same tokens) or Hkv (per kv head). A (B, K) tensor is read as H = 1.
         q_length: number of query tokens; their positions are `spec.q_offset + arange(q_length)`.
 
     Returns:
-        (B, 1, Q, K) bool, True where query i may attend key slot j: the slot is filled, the pattern function
+        (B, H, Q, K) bool, True where query i may attend key slot j: the slot is filled, the pattern function
         allows (q_pos, kv_pos) and the key is not a pad. Slots past the padding mask's width (the unused tail of
         a static cache's buffer) are never visible.
     """
+    if kv_positions.ndim == 2:
+        kv_positions = kv_positions.unsqueeze(1)
     device = kv_positions.device
-    batch = kv_positions.shape[0]
-    q_pos = torch.arange(spec.q_offset, spec.q_offset + q_length, device=device).view(1, q_length, 1)
-    kv = kv_positions.unsqueeze(1)  # (B, 1, K)
-    batch_idx = torch.arange(batch, device=device).view(batch, 1, 1)
+    batch, heads, slots = kv_positions.shape
+    q_pos = torch.arange(spec.q_offset, spec.q_offset + q_length, device=device).view(1, 1, q_length, 1)
+    kv = kv_positions.unsqueeze(2)  # (B, H, 1, K)
+    batch_idx = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     allowed = spec.mask_function(batch_idx, 0, q_pos, kv.clamp(min=0))
     allowed = allowed & (kv >= 0)
     if spec.padding is not None:
         padding = spec.padding.to(device)
         width = padding.shape[-1]
-        real = padding.gather(1, kv_positions.clamp(0, width - 1)) & (kv_positions < width)
-        allowed = allowed & real.unsqueeze(1)
-    return allowed.unsqueeze(1).expand(batch, 1, q_length, kv_positions.shape[-1])
+        flat = kv_positions.flatten(1)
+        real = padding.gather(1, flat.clamp(0, width - 1)) & (flat < width)
+        allowed = allowed & real.view(batch, heads, 1, slots)
+    return allowed.expand(batch, heads, q_length, slots)

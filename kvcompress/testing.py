@@ -108,8 +108,10 @@ def visibility_from_records(records: list[dict], batch: int, length: int) -> tor
     layers = 1 + max(r["layer_idx"] for r in records)
     visible = torch.zeros(layers, batch, length, length, dtype=torch.bool)
     for record in records:
+        if record["allowed"].shape[1] != 1:
+            raise NotImplementedError("kv heads kept different tokens; per-head visibility is not recorded here")
         allowed = record["allowed"][:, 0].cpu()  # (B, Q, K)
-        kv = record["kv_positions"].cpu()  # (B, K)
+        kv = record["kv_positions"][:, 0].cpu()  # (B, K)
         q_len = allowed.shape[1]
         rows = torch.arange(record["q_offset"], record["q_offset"] + q_len)
         for b in range(batch):

@@ -72,20 +72,20 @@ class AnchorCache(CompressedCache):
         return cls(model, tokenizer=tokenizer)
 
     def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, S) bool: the tokens at stream `positions` (B, S) (-1 = empty) are anchors."""
+        """Bool, same shape as `positions` ((B, S) or (B, H, S); -1 = empty): the tokens there are anchors."""
         ids = self.ids_at(positions)
         return torch.isin(ids, self.anchor_ids.to(ids.device)) & (positions >= 0)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
+        positions = layer.positions  # (B, 1, S): every layer writes and frees the same slots
         memo = self._memo
-        if memo is not None and memo[0] == layer.seen and torch.equal(memo[1], layer.positions):
+        if memo is not None and memo[0] == layer.seen and torch.equal(memo[1], positions):
             return memo[2]
-        valid = layer.valid
-        anchor = self.is_anchor(layer.positions) & valid
-        last_anchor = torch.where(anchor, layer.positions, -1).amax(dim=-1, keepdim=True)  # (B, 1), -1: none
-        rank = valid.cumsum(dim=-1) - 1
-        keep = valid & (anchor | (layer.positions > last_anchor) | (rank < self.keep_first))
-        self._memo = (layer.seen, layer.positions.clone(), keep)
+        valid = positions >= 0
+        anchor = self.is_anchor(positions) & valid
+        last_anchor = torch.where(anchor, positions, -1).amax(dim=-1, keepdim=True)  # (B, 1, 1), -1: none
+        keep = valid & (anchor | (positions > last_anchor) | (layer.stream_rank() < self.keep_first))
+        self._memo = (layer.seen, positions.clone(), keep)
         return keep
 
     def reset(self) -> None:

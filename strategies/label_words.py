@@ -75,13 +75,13 @@ class LabelWordCache(CompressedCache):
         return self.keep_table.sum(dim=-1)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
-        positions = layer.positions
+        positions = layer.positions  # (B, 1, S)
         if layer.seen < self.prefix_length:
             return layer.valid  # the prefix is not complete yet
         table = self.keep_table.to(positions.device)
         if table.shape[0] not in (1, positions.shape[0]):
             raise ValueError(f"keep_positions has {table.shape[0]} rows but the batch has {positions.shape[0]}")
-        table = table.expand(positions.shape[0], -1)
+        table = table.expand(positions.shape[0], -1).unsqueeze(1).expand(-1, positions.shape[1], -1)
         in_prefix = (positions >= 0) & (positions < self.prefix_length)
         chosen = table.gather(-1, positions.clamp(0, self.prefix_length - 1))
         return layer.valid & (~in_prefix | chosen)

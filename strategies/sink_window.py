@@ -42,6 +42,6 @@ class SinkWindowCache(CompressedCache):
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         valid = layer.valid
-        rank = valid.cumsum(dim=-1) - 1  # index among the row's real tokens, in stream order
+        rank = layer.stream_rank()  # index among the row's real tokens, in stream order
         from_end = valid.sum(dim=-1, keepdim=True) - 1 - rank
         return valid & ((rank < self.n_sink) | (from_end < self.window))

@@ -44,7 +44,7 @@ def test_floor_stats_is_bytes_over_bandwidth(tiny_model, monkeypatch):
     monkeypatch.setattr(floor, "process_bandwidth", lambda device: 1e9)  # 1 GB/s, to check the arithmetic
     cache = _prefill(tiny_model, FullCache(tiny_model))
     stats = floor.floor_stats(tiny_model, cache, step_seconds=0.002)
-    expected_bytes = floor.weight_bytes(tiny_model) + cache.kv_bytes()
+    expected_bytes = floor.weight_bytes(tiny_model) + cache.kv_bytes_used()
     assert stats["step_bytes"] == expected_bytes
     assert abs(stats["floor_ms"] - expected_bytes / 1e9 * 1e3) < 1e-9
     assert abs(stats["floor_ratio"] - 0.002 / (expected_bytes / 1e9)) < 1e-9

@@ -100,15 +100,19 @@ def test_full_cache_equals_explicit_mask_reference(tiny_model):
     assert visible[0, -1].sum() == len(PROMPTS[0]) + 7
 
 
-def test_kv_bytes_counts_the_stored_tensors(tiny_model):
+def test_kv_bytes_counts_allocated_and_used_slots(tiny_model):
+    """kv_bytes(): the allocated slot buffers (capacity grows geometrically); kv_bytes_used(): the kept tokens."""
     ids, mask = left_padded(PROMPTS)
     cache = FullCache(tiny_model)
     _generate(tiny_model, cache, ids, mask, max_new_tokens=4)
     cfg = tiny_model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    stored = ids.shape[1] + 3
-    expected = cfg.num_hidden_layers * 2 * 3 * cfg.num_key_value_heads * stored * head_dim * 4
-    assert cache.kv_bytes() == expected
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+    real = int(mask.sum()) + 3 * len(PROMPTS)  # every real token and 3 fed generated tokens per row; no pads
+    assert cache.kv_bytes_used() == real * per_token
+    capacity = cache.layers[0].capacity
+    assert cache.kv_bytes() == capacity * len(PROMPTS) * per_token
+    assert ids.shape[1] + 3 <= capacity <= 2 * (ids.shape[1] + 3)
 
 
 @pytest.mark.integration
