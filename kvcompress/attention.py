@@ -9,7 +9,9 @@
 3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
 4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
    model asks for `output_attentions`;
-5. tells the cache layer the forward is done, so it evicts (after attention, never before).
+5. computes what an attention-aware strategy declared it observes (`Observation`: the queries, the
+   probabilities of the last w queries, the attention each slot received) with the same mask and scale;
+6. tells the cache layer the forward is done, so it evicts (after attention, never before).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
 
@@ -177,7 +180,11 @@ def kvcompress_attention(
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         weights = attention_probs(query, key, mask, scaling).to(query.dtype)
     if layer is not None:
-        layer.finish_forward()
+        layer.observation = observe(layer._cache, query, key, mask, scaling)
+        try:
+            layer.finish_forward()
+        finally:
+            layer.observation = None
     return output, weights
 
 
@@ -289,9 +296,9 @@ def attention_probs(
 ) -> torch.Tensor:
     """Softmax attention probabilities exactly as `attend` applies them (same mask, scale and GQA mapping).
 
-    The one function for `output_attentions` and for attention-aware strategies (H2O, TOVA, SnapKV). Queries are
-    processed in blocks of `block_size`, so a long prefill never holds more than one block of scores besides the
-    result, and `last=w` computes only the last w query rows (SnapKV's observation window).
+    The one function for `output_attentions` and for attention-aware strategies (TOVA, SnapKV: `Observation`).
+    Queries are processed in blocks of `block_size`, so a long prefill never holds more than one block of scores
+    besides the result, and `last=w` computes only the last w query rows (SnapKV's observation window).
 
     Args:
         query: (B, Hq, Q, d). key: (B, Hkv, K, d), Hq a multiple of Hkv (query head h uses kv head h // (Hq / Hkv)).
@@ -305,33 +312,95 @@ def attention_probs(
         (B, Hq, min(last, Q), K) float32 (float64 for float64 inputs); row i is the distribution of query
         Q - rows + i over the K keys. A query that sees no key gets a row of zeros (`attend` returns zeros for it).
     """
-    batch, heads, q_len, dim = query.shape
-    kv_len, groups = key.shape[-2], heads // key.shape[1]
+    batch, heads, q_len, _ = query.shape
     if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 1):
         raise ValueError(f"last must be an integer >= 1 or None, got {last!r}")
+    rows = q_len if last is None else min(last, q_len)
+    first = q_len - rows
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    probs = torch.empty(batch, heads, rows, key.shape[-2], dtype=dtype, device=query.device)
+    for start, stop, block in _probability_blocks(query, key, mask, scaling, first, block_size):
+        probs[:, :, start - first : stop - first] = block
+    return probs
+
+
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | bool | BlockMask | None,
+    scaling: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The attention each key received, summed over all Q queries: `attention_probs(...).sum(dim=2)`, computed
+    block by block so a long prefill never materialises Q x K probabilities (H2O's heavy-hitter score).
+
+    Args: as `attention_probs`. Returns: (B, Hq, K) float32 (float64 for float64 inputs).
+    """
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    total = torch.zeros(*query.shape[:2], key.shape[-2], dtype=dtype, device=query.device)
+    for _, _, block in _probability_blocks(query, key, mask, scaling, 0, block_size):
+        total += block.sum(dim=2)
+    return total
+
+
+def _probability_blocks(query, key, mask, scaling, first: int, block_size: int | None):
+    """Yield (start, stop, probs (B, Hq, stop - start, K)) for queries first..Q-1, `block_size` queries at a time."""
+    batch, heads, q_len, dim = query.shape
+    kv_len, groups = key.shape[-2], heads // key.shape[1]
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-    rows = q_len if last is None else min(last, q_len)
     block_size = block_size or max(1, 2**24 // max(1, batch * heads * kv_len))
     if isinstance(mask, BlockMask):
         mask = create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=query.device)
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     scale = scaling if scaling is not None else dim**-0.5
     keys = key.to(dtype)
-    probs = torch.empty(batch, heads, rows, kv_len, dtype=dtype, device=query.device)
-    first = q_len - rows
     for start in range(first, q_len, block_size):
         stop = min(start + block_size, q_len)
         q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h g q d", g=groups)
         scores = rearrange(einsum(q, keys, "b h g q d, b h k d -> b h g q k"), "b h g q k -> b (h g) q k") * scale
         block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
         if block_mask is not None and block_mask.dtype == torch.bool:
+            block_mask = _to_query_heads(block_mask, heads)
             scores = scores.masked_fill(~block_mask, float("-inf"))
             block = scores.softmax(dim=-1).masked_fill(~block_mask.any(dim=-1, keepdim=True), 0.0)
         else:
             block = (scores if block_mask is None else scores + block_mask.to(dtype)).softmax(dim=-1)
-        probs[:, :, start - first : stop - first] = block
-    return probs
+        yield start, stop, block
+
+
+@dataclass
+class Observation:
+    """What an attention-aware strategy sees of one layer's forward, computed by the core after the kernel and
+    before `select` (only what the cache declares: `observe_queries`, `observe_window`, `observe_received`).
+
+    S is the layer's slot count as `update` returned it (kept tokens before this forward, then the new ones);
+    free slots get probability 0.
+
+    Attributes:
+        queries: (B, Hq, q, d) the forward's queries as the kernel saw them (rotated), or None.
+        probs: (B, Hq, w, S) float32 softmax probabilities of the last w = min(observe_window, q) queries, exactly
+            as the kernel applied them (same mask and scale), or None.
+        received: (B, Hq, S) float32 attention each slot received, summed over all q queries of the forward, or
+            None.
+    """
+
+    queries: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    received: torch.Tensor | None = None
+
+
+def observe(cache, query, key, mask, scaling) -> Observation | None:
+    """The `Observation` `cache` declares, or None when it declares nothing."""
+    window = getattr(cache, "observe_window", 0)
+    queries, received = getattr(cache, "observe_queries", False), getattr(cache, "observe_received", False)
+    if not (window or queries or received):
+        return None
+    return Observation(
+        queries=query if queries else None,
+        probs=attention_probs(query, key, mask, scaling, last=window) if window else None,
+        received=attention_received(query, key, mask, scaling) if received else None,
+    )
 
 
 def _mask_rows(mask, start: int, stop: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:

@@ -91,6 +91,7 @@ class CompressedLayer(CacheLayerMixin):
         self.new_tokens = 0
         self.new_slots: torch.Tensor | None = None  # (B, Hp, q) slots written by the last update; None: [used-q, used)
         self.awaiting_attention = False  # update() ran, the core's finish_forward() not yet
+        self.observation: attention.Observation | None = None  # set by the core during finish_forward only
 
     # transformers API -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -146,6 +147,7 @@ class CompressedLayer(CacheLayerMixin):
         self.dense, self.holes, self.ordered = True, False, True
         self.new_slots = None
         self.awaiting_attention = False
+        self.observation = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row r becomes old row `beam_idx[r]` (keys, values and positions move together, so the
@@ -392,6 +394,10 @@ class CompressedCache(Cache):
     """
 
     evicts = True  # False: never call `select` (FullCache)
+    # What `select` observes (computed by the core, `layer.observation`, see `attention.Observation`):
+    observe_queries = False  # the forward's queries (B, Hq, q, d)
+    observe_window = 0  # w > 0: probabilities of the forward's last w queries over the slots (B, Hq, w, S)
+    observe_received = False  # attention each slot received, summed over the forward's queries (B, Hq, S)
     needs_token_ids = False  # True: record the input ids of every forward (anchors, label words)
     uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
 
@@ -440,7 +446,9 @@ class CompressedCache(Cache):
             layer: `positions` (B, Hp, S) stream positions (-1 = free), `valid` (B, Hp, S),
                 `stream_rank()` (B, Hp, S), `keys`/`values` (B, Hkv, C, d) (slots [0, S) are attended), `seen`,
                 `new_tokens`, `new_slot_mask()`, `slot_state(...)`, `layer_idx`; `self.token_ids` (B, seen) when
-                `needs_token_ids`. Slot order is not stream order: rank by `stream_rank()`, not by slot index.
+                `needs_token_ids`; `observation` (`attention.Observation`) for strategies that declare
+                `observe_queries` / `observe_window` / `observe_received`. Slot order is not stream order: rank by
+                `stream_rank()`, not by slot index.
 
         Returns:
             (B, 1, S) bool (the same tokens for every kv head) or (B, Hkv, S) bool (per kv head); True = keep.
