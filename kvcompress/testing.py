@@ -102,22 +102,24 @@ def visibility_from_records(records: list[dict], batch: int, length: int) -> tor
     """Per-layer visibility from `attention.capture()` records.
 
     Returns:
-        (L, B, length, length) bool: [l, b, i, j] True when, in layer l, query at stream position i attended the key
-        at stream position j.
+        (L, B, length, length) bool when every kv head kept the same tokens: [l, b, i, j] True when, in layer l,
+        query at stream position i attended the key at stream position j. (L, B, Hkv, length, length) bool when
+        some layer kept different tokens per kv head ([l, b, h, i, j]: through kv head h).
     """
     layers = 1 + max(r["layer_idx"] for r in records)
-    visible = torch.zeros(layers, batch, length, length, dtype=torch.bool)
+    heads = max(r["allowed"].shape[1] for r in records)
+    visible = torch.zeros(layers, batch, heads, length, length, dtype=torch.bool)
     for record in records:
-        if record["allowed"].shape[1] != 1:
-            raise NotImplementedError("kv heads kept different tokens; per-head visibility is not recorded here")
-        allowed = record["allowed"][:, 0].cpu()  # (B, Q, K)
-        kv = record["kv_positions"][:, 0].cpu()  # (B, K)
-        q_len = allowed.shape[1]
+        allowed = record["allowed"].cpu()  # (B, 1 or Hkv, Q, K)
+        kv = record["kv_positions"].cpu()  # (B, 1 or Hkv, K)
+        q_len = allowed.shape[2]
         rows = torch.arange(record["q_offset"], record["q_offset"] + q_len)
-        for b in range(batch):
-            hits = allowed[b].nonzero()  # (n, 2): query index, slot index
-            visible[record["layer_idx"], b, rows[hits[:, 0]], kv[b, hits[:, 1]]] = True
-    return visible
+        for h in range(heads):
+            head_allowed, head_kv = allowed[:, min(h, allowed.shape[1] - 1)], kv[:, min(h, kv.shape[1] - 1)]
+            for b in range(batch):
+                hits = head_allowed[b].nonzero()  # (n, 2): query index, slot index
+                visible[record["layer_idx"], b, h, rows[hits[:, 0]], head_kv[b, hits[:, 1]]] = True
+    return visible[:, :, 0] if heads == 1 else visible
 
 
 def generate_with_visibility(
@@ -196,19 +198,27 @@ def masked_reference_logits(
 
     Args:
         input_ids, attention_mask: (B, N); position ids follow `generate` (count of real tokens before, pads 1).
-        visible: (L, B, N, N) bool, one visibility per layer; or (B, N, N), the same for every layer.
+        visible: (L, B, N, N) bool, one visibility per layer; (L, B, Hkv, N, N), one per layer and kv head (query
+            head h uses kv head h // (Hq / Hkv)); or (B, N, N), the same for every layer.
     """
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    config = model.config.get_text_config(decoder=True)
+    layers = config.num_hidden_layers
     if visible.dim() == 3:
         visible = visible.unsqueeze(0).expand(layers, -1, -1, -1)
-    if visible.dim() != 4 or visible.shape[0] != layers:
-        raise ValueError(f"visible must be (B, N, N) or ({layers}, B, N, N), got shape {tuple(visible.shape)}")
+    if visible.dim() not in (4, 5) or visible.shape[0] != layers:
+        raise ValueError(
+            f"visible must be (B, N, N), ({layers}, B, N, N) or ({layers}, B, Hkv, N, N), got {tuple(visible.shape)}"
+        )
+    if visible.dim() == 4:
+        visible = visible.unsqueeze(2)
+    elif visible.shape[2] != 1:  # per kv head -> per query head
+        visible = visible.repeat_interleave(config.num_attention_heads // visible.shape[2], dim=2)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     hidden = torch.finfo(model.dtype).min
-    masks = [torch.zeros(v.shape, dtype=model.dtype).masked_fill(~v, hidden)[:, None] for v in visible]
+    masks = [torch.zeros(v.shape, dtype=model.dtype).masked_fill(~v, hidden) for v in visible]
     with _reference_attention(model, masks), torch.no_grad():
         # the 4-D mask passed here only stops transformers from building its own; each layer uses masks[l]
-        return model(input_ids, attention_mask=masks[0], position_ids=position_ids).logits
+        return model(input_ids, attention_mask=masks[0][:, :1], position_ids=position_ids).logits
 
 
 def model_attention_pattern(model: PreTrainedModel, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -248,8 +258,9 @@ def max_step_error(model, cache, input_ids, attention_mask=None, max_new_tokens=
     different tokens, sliding-window layers see their window).
 
     Returns:
-        (max |logits - reference| over steps, visibility (B, N, N) of layer 0, sequences (B, N + 1)); the
-        visibility of every layer is in `generate_with_visibility`'s output.
+        (max |logits - reference| over steps, visibility (B, N, N) of layer 0 ((B, Hkv, N, N) when kv heads kept
+        different tokens), sequences (B, N + 1)); the visibility of every layer is in `generate_with_visibility`'s
+        output.
 
     Raises AssertionError if a real query saw a key outside the model's own pattern (`model_attention_pattern`:
     causal, sliding window, padding): compression may hide keys, never show more. The reference uses the recorded
@@ -260,9 +271,12 @@ def max_step_error(model, cache, input_ids, attention_mask=None, max_new_tokens=
     )
     fed, fed_mask = sequences[:, :-1], full_mask[:, :-1]
     real_query = fed_mask.bool()[None, :, :, None]
-    outside = visible & real_query & ~model_attention_pattern(model, fed_mask)
+    pattern = model_attention_pattern(model, fed_mask)
+    if visible.dim() == 5:  # per kv head: check every head against the model's pattern
+        real_query, pattern = real_query.unsqueeze(2), pattern.unsqueeze(2)
+    outside = visible & real_query & ~pattern
     if bool(outside.any()):
-        layer, row, query, key = outside.nonzero()[0].tolist()
+        layer, row, *_, query, key = outside.nonzero()[0].tolist()
         raise AssertionError(
             f"layer {layer}, row {row}: query {query} saw key {key}, which is not in the model's own attention "
             "pattern (causal, sliding window, padding)"
