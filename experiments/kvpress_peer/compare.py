@@ -46,6 +46,11 @@ PAIRS = {
     "ExpectedAttentionPress": "expected_attention",
     "StreamingLLMPress": "sink_window",
 }
+# Extra rows that isolate one difference: the strategy built by its constructor with `budget=n_kept` and these
+# options instead of `for_budget` (which picks the strategy's own defaults for the budget).
+VARIANTS = {
+    "snapkv": [{"window": 64}],  # kvpress's window at every ratio (for_budget halves it below a budget of 128)
+}
 START, END = "<!-- peer-table:start -->", "<!-- peer-table:end -->"
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -59,22 +64,34 @@ def kept_sets(cache, layers: int, heads: int) -> list[list[set[int]]]:
     return [[set(cache.kept_positions(layer, head)[0]) for head in range(heads)] for layer in range(layers)]
 
 
-def compare_one(model, tokenizer, ids: torch.Tensor, strategy: str, entry: dict) -> dict:
-    """Run `strategy` at kvpress's kept count on `ids` (1, N) and compare with the dump's `entry`."""
+def compare_one(model, tokenizer, ids: torch.Tensor, strategy: str, entry: dict, options: dict | None = None):
+    """Run `strategy` at kvpress's kept count on `ids` (1, N) and compare with the dump's `entry`.
+
+    Returns (our [layer][kv head] -> kept set, the summary dict of `summarize`).
+    `options` None: `for_budget(model, tokenizer, n_kept)`; else the constructor with budget=n_kept and `options`.
+    """
     theirs = [[set(head) for head in layer] for layer in entry["kept"]]
     layers, heads = len(theirs), len(theirs[0])
-    cache = registry.get(strategy).for_budget(model, tokenizer, entry["n_kept"])
+    cls = registry.get(strategy)
+    if options is None:
+        cache = cls.for_budget(model, tokenizer, entry["n_kept"])
+    else:
+        cache = cls(model, budget=entry["n_kept"], **options)
     start = time.perf_counter()
     with torch.no_grad():
         model(ids, **cache_arg(cache))
     seconds = time.perf_counter() - start
     ours = kept_sets(cache, layers, heads)
+    return ours, summarize(ours, theirs, cache, seconds)
+
+
+def summarize(ours, theirs, cache, seconds: float) -> dict:
+    """Jaccard per layer and kv head, per layer (mean over heads), over layers; kept counts; the cache's options."""
+    layers, heads = len(theirs), len(theirs[0])
     per_head = [[jaccard(ours[l][h], theirs[l][h]) for h in range(heads)] for l in range(layers)]
     per_layer = [sum(row) / heads for row in per_head]
     counts = [len(s) for layer in ours for s in layer]
     return {
-        "strategy": strategy,
-        "n_kept_kvpress": entry["n_kept"],
         "kept_ours_min": min(counts),
         "kept_ours_max": max(counts),
         "per_kv_head_sets": any(ours[l][h] != ours[l][0] for l in range(layers) for h in range(heads)),
@@ -88,6 +105,12 @@ def compare_one(model, tokenizer, ids: torch.Tensor, strategy: str, entry: dict)
         "options": {k: v for k, v in vars(cache).items() if isinstance(v, (int, float, str, bool)) and not
                     k.startswith("_")},
     }
+
+
+def mean_jaccard(ours, theirs) -> float:
+    """Mean over layers and kv heads of the Jaccard overlap of two [layer][head] -> set tables."""
+    values = [jaccard(o, t) for ol, tl in zip(ours, theirs) for o, t in zip(ol, tl)]
+    return sum(values) / len(values)
 
 
 def table(results: list[dict], tokens: int) -> str:
@@ -111,6 +134,18 @@ def table(results: list[dict], tokens: int) -> str:
             f"{r['kept_ours_min']}-{r['kept_ours_max']} | {'yes' if r['per_kv_head_sets'] else 'no'} | "
             f"{r['jaccard_mean']:.3f} | {lo:.3f} ({r['argmin_layer']}) | {hi:.3f} "
             f"({r['jaccard_per_layer'].index(hi)}) |")
+    return "\n".join(lines)
+
+
+def cross_table(cross: dict) -> str:
+    """Markdown: mean Jaccard of each strategy (rows, `for_budget`) against each press (columns), per ratio."""
+    lines = ["Control: mean Jaccard of every kvcompress strategy (rows) against every kvpress press (columns) at the "
+             "same ratio; the matching pairs are the diagonal."]
+    for ratio, rows in cross.items():
+        presses = list(next(iter(rows.values()))) if rows else []
+        lines += ["", f"ratio {ratio}:", "", "| ours \\ kvpress | " + " | ".join(presses) + " |",
+                  "|---|" + "---:|" * len(presses)]
+        lines += [f"| {s} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |" for s, row in rows.items()]
     return "\n".join(lines)
 
 
@@ -149,7 +184,7 @@ def main(argv=None) -> None:
     same_top = logits.topk(20).indices.tolist() == ref["ids"]
     print(f"full-cache last logits vs kvpress dump: top-20 ids equal {same_top}, max |diff| {logit_diff:.2e}")
 
-    results = []
+    results, ours_by = [], {}
     for press, ratios in dump["presses"].items():
         strategy = PAIRS[press]
         for ratio, entry in ratios.items():
@@ -158,22 +193,39 @@ def main(argv=None) -> None:
                 results.append({**head, "missing": True})
                 print(f"{press:24s} {ratio}: strategy {strategy!r} is not registered here", flush=True)
                 continue
-            r = {**head, **compare_one(model, tokenizer, ids, strategy, entry)}
-            results.append(r)
-            print(f"{press:24s} {ratio}: {strategy} mean Jaccard {r['jaccard_mean']:.3f} "
-                  f"(layers {r['jaccard_min_layer']:.3f}-{r['jaccard_max_layer']:.3f}), kept ours "
-                  f"{r['kept_ours_min']}-{r['kept_ours_max']} vs {entry['n_kept']}", flush=True)
+            for options in [None, *VARIANTS.get(strategy, [])]:
+                ours, summary = compare_one(model, tokenizer, ids, strategy, entry, options)
+                r = {**head, **summary}
+                if options is None:
+                    ours_by[(strategy, ratio)] = ours
+                if options is not None:
+                    r["variant"] = options
+                    r["strategy"] = f"{strategy}({', '.join(f'{k}={v}' for k, v in options.items())})"
+                results.append(r)
+                print(f"{press:24s} {ratio}: {r['strategy']} mean Jaccard {r['jaccard_mean']:.3f} "
+                      f"(layers {r['jaccard_min_layer']:.3f}-{r['jaccard_max_layer']:.3f}), kept ours "
+                      f"{r['kept_ours_min']}-{r['kept_ours_max']} vs {entry['n_kept']}", flush=True)
 
+    # Control: every strategy against every press at the same ratio (the diagonal is the table above); shows how far
+    # apart different methods are, i.e. that a high overlap is not what any two methods would give.
+    cross = {}
+    for ratio in sorted({r for ratios in dump["presses"].values() for r in ratios}, key=float):
+        cross[ratio] = {
+            strategy: {press: round(mean_jaccard(ours, [[set(h) for h in layer] for layer in
+                                                       dump["presses"][press][ratio]["kept"]]), 3)
+                       for press in dump["presses"] if ratio in dump["presses"][press]}
+            for (strategy, r), ours in ours_by.items() if r == ratio}
     out = {
         "meta": {"kvcompress": kvcompress.__version__, "transformers": transformers.__version__,
                  "torch": torch.__version__, "python": platform.python_version(), "kvpress_dump": dump["meta"],
                  "tokens": len(dump["token_ids"]), "full_logits_top20_equal": same_top,
                  "full_logits_max_abs_diff": logit_diff, "date": time.strftime("%Y-%m-%d")},
         "results": results,
+        "cross_mean_jaccard": cross,
     }
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(out, indent=1))
-    write_markdown(args.out_md, table(results, len(dump["token_ids"])))
+    write_markdown(args.out_md, table(results, len(dump["token_ids"])) + "\n\n" + cross_table(cross))
     print(f"wrote {args.out_json} and the table in {args.out_md}")
 
 
