@@ -113,27 +113,34 @@ def mean_jaccard(ours, theirs) -> float:
     return sum(values) / len(values)
 
 
+def gap(result: dict) -> str:
+    value = result.get("kvpress_min_relative_cut_gap")
+    return "-" if value is None else f"{value:.1e}"
+
+
 def table(results: list[dict], tokens: int) -> str:
     lines = [
         f"Prompt: {tokens} tokens (Paul Graham essays), prefill only, batch 1, SmolLM2-135M fp32 CPU. "
         "Jaccard = |ours & kvpress| / |ours | kvpress| per layer and kv head; a layer's value is the mean over "
-        "its 3 kv heads; min / max are over the 30 layers (layer index in brackets).",
+        "its 3 kv heads; min / max are over the 30 layers (layer index in brackets). kvpress cut gap: the smallest, "
+        "over layers and kv heads, of (s_n - s_(n+1)) / |s_n| for the press's sorted scores s (n = kept count): how "
+        "close the cut is to a tie.",
         "",
         "| kvpress press | kvcompress strategy | ratio | kept kvpress | kept ours (min-max) | per-head sets (ours) "
-        "| mean Jaccard | min (layer) | max (layer) |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|",
+        "| mean Jaccard | min (layer) | max (layer) | kvpress cut gap |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         if "missing" in r:
             lines.append(f"| {r['press']} | {r['strategy']} | {r['ratio']} | {r['n_kept_kvpress']} | - | - | "
-                         f"not in this checkout | - | - |")
+                         f"not in this checkout | - | - | - |")
             continue
         lo, hi = r["jaccard_min_layer"], r["jaccard_max_layer"]
         lines.append(
             f"| {r['press']} | {r['strategy']} | {r['ratio']} | {r['n_kept_kvpress']} | "
             f"{r['kept_ours_min']}-{r['kept_ours_max']} | {'yes' if r['per_kv_head_sets'] else 'no'} | "
             f"{r['jaccard_mean']:.3f} | {lo:.3f} ({r['argmin_layer']}) | {hi:.3f} "
-            f"({r['jaccard_per_layer'].index(hi)}) |")
+            f"({r['jaccard_per_layer'].index(hi)}) | {gap(r)} |")
     return "\n".join(lines)
 
 
@@ -188,7 +195,8 @@ def main(argv=None) -> None:
     for press, ratios in dump["presses"].items():
         strategy = PAIRS[press]
         for ratio, entry in ratios.items():
-            head = {"press": press, "ratio": float(ratio), "strategy": strategy, "n_kept_kvpress": entry["n_kept"]}
+            head = {"press": press, "ratio": float(ratio), "strategy": strategy, "n_kept_kvpress": entry["n_kept"],
+                    "kvpress_min_relative_cut_gap": entry.get("min_relative_cut_gap")}
             if strategy not in registry.available():
                 results.append({**head, "missing": True})
                 print(f"{press:24s} {ratio}: strategy {strategy!r} is not registered here", flush=True)

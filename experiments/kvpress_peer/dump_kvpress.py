@@ -21,6 +21,8 @@ What it does:
    matched positions must equal the returned values, else the script stops. The scores of ScorerPresses are
    captured too (wrapping `press.score`) and their top-n set must equal the recovered set; for KnormPress the
    scores are also recomputed independently (-L2 norm of the cached keys) and their top-n set must match.
+   Also saved: how close each cut is to a tie, (s_n - s_(n+1)) / |s_n| of the press's sorted scores per layer
+   and kv head (a gap near fp32 rounding, ~1e-7, would let the other library's arithmetic flip a token).
 4. A reference: the full-cache logits of the last prompt token (top 20 ids and values), so the comparison can
    check that both libraries run the same model on the same ids.
 
@@ -107,7 +109,7 @@ def run_press(model, ids, name: str, ratio: float) -> dict:
     press = PRESSES[name](compression_ratio=ratio)
     kept, checks = {}, {"scores_topk_match": True, "independent_score_match": None}
     original_compress, original_score = press.compress, press.score
-    scores_seen = {}
+    scores_seen, gaps = {}, {}
 
     def score(module, hidden_states, keys, values, attentions, kwargs):
         scores = original_score(module, hidden_states, keys, values, attentions, kwargs)
@@ -121,6 +123,9 @@ def run_press(model, ids, name: str, ratio: float) -> dict:
         kept[layer] = recover_positions(full_keys, full_values, kept_keys, kept_values)
         n = kept_keys.shape[2]
         top = scores_seen[layer].topk(n, dim=-1).indices[0]  # (Hkv, n)
+        ranked = scores_seen[layer][0].double().sort(dim=-1, descending=True).values  # (Hkv, N)
+        if n < ranked.shape[-1]:  # how far the cut is from a tie: (n-th - (n+1)-th score) / |n-th score|
+            gaps[layer] = ((ranked[:, n - 1] - ranked[:, n]) / ranked[:, n - 1].abs().clamp(min=1e-300)).tolist()
         for h, positions in enumerate(kept[layer]):
             if sorted(top[h].tolist()) != positions:
                 checks["scores_topk_match"] = False
@@ -150,6 +155,8 @@ def run_press(model, ids, name: str, ratio: float) -> dict:
         raise RuntimeError(f"{name}: the lowest-norm keys differ from the recovered positions")
     defaults = {k: v for k, v in vars(press).items() if k not in ("compress", "score")}
     return {"n_kept": counts.pop(), "seconds": round(seconds, 2), "press": defaults, "checks": checks,
+            "min_relative_cut_gap": min(min(g) for g in gaps.values()),
+            "relative_cut_gap": [gaps[i] for i in range(layers)],
             "kept": [kept[i] for i in range(layers)]}
 
 
@@ -197,7 +204,8 @@ def main(argv=None) -> None:
             entry = run_press(model, ids, name, ratio)
             result["presses"][name][str(ratio)] = entry
             print(f"{name:24s} ratio {ratio}: kept {entry['n_kept']} of {len(ids)} per layer and kv head, "
-                  f"{entry['seconds']} s, checks {entry['checks']}", flush=True)
+                  f"{entry['seconds']} s, checks {entry['checks']}, smallest relative score gap at the cut "
+                  f"{entry['min_relative_cut_gap']:.1e}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(args.out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, separators=(",", ":")))
