@@ -32,9 +32,11 @@ class SnapKVCache(CompressedCache):
     3. pooling: per query head, the candidates' scores laid out in STREAM order (the row's candidate tokens by
        position, pads and free slots skipped; slot order is not stream order once slots are reused) are pooled
        with a 1-D `kernel` (stride 1, `kernel // 2` zeros on each side: "avg" divides by `kernel` at the edges,
-       PyTorch's `count_include_pad`; "max" ignores the padding), then scattered back to their slots;
+       PyTorch's `count_include_pad`; "max" ignores the padding);
     4. the pooled scores are averaged over the query heads of each kv group (B, Hkv, S), and each kv head keeps its
-       top `budget - window` candidates (ties: lower slot first) plus the window.
+       top `budget - window` candidates plus the window. Ties (frequent with max pooling: neighbours of a peak share
+       its score; with avg pooling when pools cover the same tokens) go to the older token, so the choice never
+       depends on where slots sit (kvpress and the paper leave ties to `torch.topk`).
 
     During decoding (one query per forward) the same rule runs whenever a token brings the layer over budget: the
     new token's attention (the only observed query, so the mean is over one query) scores the candidates, the last
@@ -106,41 +108,46 @@ class SnapKVCache(CompressedCache):
         if not bool(over.any()):
             return valid
         window = recent(layer, self.window)
-        candidates = valid & ~window
-        scores = self.scores(layer, candidates)  # (B, Hkv, S)
-        keep = window | top_k(scores, candidates, budget - self.window)
+        candidates = valid & ~window  # each row's (and head's) oldest tokens: stream indices 0..n-1
+        order = self.stream_index(layer.stream_rank(), candidates)
+        scores = self.scores(layer, order)  # (B, Hkv, S), stream layout
+        slots = scores.shape[-1]
+        in_stream = torch.arange(slots, device=scores.device) < candidates.sum(dim=-1, keepdim=True)
+        chosen = top_k(scores, in_stream, budget - self.window)  # ties: the older token first
+        keep = window | (from_stream(chosen, order) & candidates)
         return torch.where(over, keep, valid)
 
-    def scores(self, layer: CompressedLayer, candidates: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, S) pooled scores of the candidate slots (`candidates` (B, Hp, S) bool; others score 0)."""
-        probs = layer.observation.probs  # (B, Hq, w, S)
-        kv_heads = layer.keys.shape[1]
-        mean = probs.mean(dim=2)  # (B, Hq, S)
-        pooled = self.pool_in_stream_order(mean, layer.stream_rank(), candidates)
-        return per_kv_head(pooled, kv_heads)
+    def stream_index(self, rank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, Hp, S) long: each candidate slot's index among its row's (and head's) candidates in stream order
+        (`rank` = `layer.stream_rank()`; the candidates are the oldest tokens, so their rank is that index); S for
+        every other slot."""
+        return torch.where(candidates, rank, candidates.shape[-1])
 
-    def pool_in_stream_order(self, scores: torch.Tensor, rank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Pool `scores` (B, H, S) along each row's candidates in stream order.
+    def scores(self, layer: CompressedLayer, order: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, S) SnapKV scores in stream layout: [b, g, i] scores the i-th oldest candidate of row b, kv head
+        g (`order` from `stream_index`); 0 past the candidates."""
+        mean = layer.observation.probs.mean(dim=2)  # (B, Hq, S) over the observed queries, slot layout
+        return per_kv_head(self.pool(to_stream(mean, order)), layer.keys.shape[1])
 
-        Args:
-            rank: (B, Hp, S) stream rank of each slot (`layer.stream_rank()`); candidates: (B, Hp, S) bool, which
-                must be each row's (and head's) oldest tokens (ranks 0..n-1), as they are here (the window is the
-                newest). Hp = 1 or Hkv; query head h uses slot layout h // (H / Hp).
+    def pool(self, scores: torch.Tensor) -> torch.Tensor:
+        """1-D pooling (B, H, S) -> (B, H, S) along a stream layout (candidates first, then zeros): stride 1,
+        `kernel // 2` zeros each side (avg: divides by `kernel` at the edges; max: scores are >= 0, so the zeros
+        never win over the token itself)."""
+        pool = F.avg_pool1d if self.pooling == "avg" else F.max_pool1d
+        return pool(scores, self.kernel, stride=1, padding=self.kernel // 2)
 
-        Returns:
-            (B, H, S): at a candidate slot, the pooled score of its token among the candidates; 0 elsewhere.
-        """
-        heads, slots = scores.shape[1], scores.shape[-1]
-        rank = rank.repeat_interleave(heads // rank.shape[1], dim=1)
-        candidates = candidates.repeat_interleave(heads // candidates.shape[1], dim=1)
-        index = torch.where(candidates, rank, slots)  # non-candidates go to a dump column
-        dense = scores.new_zeros(*scores.shape[:2], slots + 1)
-        dense.scatter_(-1, index, torch.where(candidates, scores, 0.0))
-        dense = dense[..., :slots]  # (B, H, S): candidates in stream order, then zeros
-        pad = self.kernel // 2
-        if self.pooling == "avg":
-            pooled = F.avg_pool1d(dense, self.kernel, stride=1, padding=pad)
-        else:
-            pooled = F.max_pool1d(dense, self.kernel, stride=1, padding=pad)
-        back = pooled.gather(-1, torch.where(candidates, rank, 0))
-        return back.masked_fill(~candidates, 0.0)
+
+def to_stream(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Slot layout -> stream layout: (B, H, S) -> (B, H, S) with out[..., order[..., s]] = values[..., s] for every
+    slot s whose `order` (B, Hp, S) is < S, zeros elsewhere. H a multiple of Hp (head h uses layout h // (H / Hp))."""
+    slots = values.shape[-1]
+    order = order.repeat_interleave(values.shape[1] // order.shape[1], dim=1)
+    dense = values.new_zeros(*values.shape[:2], slots + 1)  # column S collects the slots that are not candidates
+    dense.scatter_(-1, order, values)
+    return dense[..., :slots]
+
+
+def from_stream(dense: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Stream layout -> slot layout: out[..., s] = dense[..., order[..., s]] (order clamped: mask the result)."""
+    order = order.repeat_interleave(dense.shape[1] // order.shape[1], dim=1)
+    return dense.gather(-1, order.clamp(max=dense.shape[-1] - 1))
