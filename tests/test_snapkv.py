@@ -315,12 +315,13 @@ def check_budget(cache_cls, rows, continuation, options):
     cache = cache_cls(MODEL, **options)
     _, kept, _, _ = teacher_forced(MODEL, cache, ids, mask, continuation)
     pads = [ids.shape[1] - len(r) for r in rows]
+    budgets = getattr(cache, "layer_budgets", [cache.budget] * len(cache.layers))  # the configured budgets
     for step, per_layer in enumerate(kept):
         seen = ids.shape[1] + step
         for layer, per_head in enumerate(per_layer):
             for per_row in per_head:
                 for b, positions in enumerate(per_row):
-                    assert len(positions) <= cache.layer_budget(layer), (step, layer, b, positions)
+                    assert len(positions) <= budgets[layer], (step, layer, b, positions)
                     recent = list(range(pads[b], seen))[-cache.window :]
                     assert set(recent) <= set(positions), (step, layer, b, positions)
 
