@@ -90,7 +90,8 @@ def test_kept_counts_follow_the_pyramid_after_a_long_prefill():
 def test_beta_one_is_snapkv():
     ids, mask = left_padded(EXACT_ROWS)
     kept = []
-    for cache in (PyramidKVCache(MODEL, budget=6, window=2, kernel=3, beta=1), SnapKVCache(MODEL, budget=6, window=2, kernel=3)):
+    options = dict(budget=6, window=2, kernel=3)
+    for cache in (PyramidKVCache(MODEL, **options, beta=1), SnapKVCache(MODEL, **options)):
         with torch.no_grad():
             MODEL(ids, attention_mask=mask, past_key_values=cache)
         kept.append([cache.kept_positions(layer, h) for layer in range(3) for h in range(2)])
@@ -140,7 +141,7 @@ def test_each_step_equals_explicit_mask_forward_other_architectures(make):
     assert sum(cache.layer_budgets) == len(cache.layers) * 6
 
 
-# --- hypothesis properties (the twins of the shared checkers are in test_snapkv.py) ------------------------------------
+# --- hypothesis properties (the twins of the shared checkers are in test_snapkv.py) ---------------------------------
 class _PyramidOneOver(PyramidKVCache):
     """Cuts each layer back to its budget + 1."""
 

@@ -144,8 +144,8 @@ def expected_choice(probs, fed_mask, kept, forwards, budgets, window, kernel, po
 
 def check_choice(model, cache, rows, continuation):
     """The cache's kept sets after the prefill and every decoding step equal SnapKV's choice recomputed from a
-    cache-free eager forward over the same visible keys (`expected_choice`). Returns (forwards where some layer
-    compressed, whether some layer reused a freed slot before a compressing forward)."""
+    cache-free eager forward over the same visible keys (`expected_choice`); AssertionError naming the (forward,
+    layer) pairs that differ. Returns the cache."""
     ids, mask = left_padded(rows)
     _, kept, records, forwards = teacher_forced(model, cache, ids, mask, continuation)
     fed = torch.cat([ids, continuation], dim=1)
@@ -158,7 +158,8 @@ def check_choice(model, cache, rows, continuation):
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
     expected = expected_choice(probs, fed_mask, kept, forwards, budgets, cache.window, cache.kernel, cache.pooling,
                                groups)
-    wrong = [(f, layer) for f in range(len(forwards)) for layer in range(len(budgets)) if kept[f][layer] != expected[f][layer]]
+    wrong = [(f, layer) for f in range(len(forwards)) for layer in range(len(budgets))
+             if kept[f][layer] != expected[f][layer]]
     assert not wrong, f"(forward, layer) whose kept set is not SnapKV's choice: {wrong}"
     return cache
 
@@ -266,7 +267,8 @@ def test_ties_go_to_the_older_token_whatever_the_slots():
     options = dict(budget=2, window=1, kernel=3)
     _, batch, _, _ = teacher_forced(MODEL, SnapKVCache(MODEL, **options), ids, mask, continuation)
     alone = torch.tensor([rows[0]])
-    _, kept, _, _ = teacher_forced(MODEL, SnapKVCache(MODEL, **options), alone, torch.ones_like(alone), continuation[:1])
+    _, kept, _, _ = teacher_forced(MODEL, SnapKVCache(MODEL, **options), alone, torch.ones_like(alone),
+                                   continuation[:1])
     assert [p - 1 for p in batch[2][0][0][0]] == kept[2][0][0][0] == [0, 2]
 
 
@@ -275,7 +277,9 @@ EXACT_ROWS = [[5, 9, 17, 33, 41, 8, 12, 99, 4, 7, 3, 60, 61, 62, 70], [7, 3, 90,
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
-@pytest.mark.parametrize("options", [dict(budget=6, window=2, kernel=3), dict(budget=5, window=1, kernel=7, pooling="max")])
+@pytest.mark.parametrize(
+    "options", [dict(budget=6, window=2, kernel=3), dict(budget=5, window=1, kernel=7, pooling="max")]
+)
 def test_each_step_equals_explicit_mask_forward_padded_gqa(options, chunk):
     ids, mask = left_padded(EXACT_ROWS)
     kwargs = {} if chunk is None else {"prefill_chunk_size": chunk}
