@@ -401,7 +401,7 @@ def test_budget_covering_everything_is_full_cache(example):
 
 
 @pytest.mark.slow
-@PROPERTY_SETTINGS
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_batch_rows_are_independent(example):
     check_rows_independent(SnapKVCache, *example)
