@@ -5,6 +5,7 @@
     python -m kvcompress.bench --out runs/a --resume            # skip the cells already in runs/a/results.json
     python -m kvcompress.bench --tasks ruler@4096 --query before,after --budgets 0.1
     python -m kvcompress.bench --preset leaderboard --limit 2   # RULER-4K average vs kept fraction, both modes
+    python -m kvcompress.bench --preset strategies             # every strategy at 0.1/0.25/0.5: needle, ppl, sst2, obqa
 
 Prints a markdown table (and, when the run has RULER cells, the RULER table and the leaderboard table), writes
 results.json and PNG plots under --out. Exit status 1 when any cell failed (the others still run).
@@ -20,10 +21,12 @@ import sys
 PRESETS = {
     # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
     "quick": {
-        "tasks": ["obqa", "piqa", "boolq", "ppl", "needle", "speed", "sst2"],
-        "limits": {"obqa": 32, "piqa": 32, "boolq": 16, "ppl": 2, "needle": None, "sst2": 24, "trec": 24,
+        # 11 strategies (6 attention-aware ones since 2026-11-26): trimmed to one QA task (16 questions), one
+        # perplexity window, needle and speed at 1K, SST-2; piqa, boolq and the 2K lengths are in "full".
+        "tasks": ["obqa", "ppl", "needle", "speed", "sst2"],
+        "limits": {"obqa": 16, "piqa": 32, "boolq": 16, "ppl": 1, "needle": None, "sst2": 24, "trec": 24,
                    "agnews": 24},
-        "lengths": {"ppl": [1024], "needle": [1024, 2048], "speed": [1024, 2048]},
+        "lengths": {"ppl": [1024], "needle": [1024], "speed": [1024]},
         "budgets": ["0.1", "0.25"],
         "repeats": 3,
         "options": {"needle_depths": [0.2, 0.5, 0.8], "decode_tokens": 16},
@@ -38,6 +41,15 @@ PRESETS = {
         "repeats": 5,
         "options": {"needle_depths": [0.1, 0.3, 0.5, 0.7, 0.9], "decode_tokens": 32},
         "queries": ["after", "before"],
+    },
+    # Every registered strategy at kept fractions 0.1 / 0.25 / 0.5 on the tasks of the README's strategy table.
+    "strategies": {
+        "tasks": ["needle", "ppl", "sst2", "obqa"],
+        "limits": {"ppl": 2, "needle": None, "sst2": 24, "obqa": 32},
+        "lengths": {"ppl": [2048], "needle": [2048]},
+        "budgets": ["0.1", "0.25", "0.5"],
+        "repeats": 1,
+        "options": {"needle_depths": [0.2, 0.5, 0.8], "decode_tokens": 16},
     },
     # Every registered strategy on the RULER tasks at 4K, kept fractions 0.1 / 0.25 / 0.5, both query modes.
     "leaderboard": {

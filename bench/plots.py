@@ -16,7 +16,13 @@ def _series_label(cell: dict) -> str:
 
 def _colors(cells: list[dict]) -> dict[str, str]:
     """One colour per strategy, the same in every plot of a run (strategies in sorted order)."""
-    return {s: f"C{i % 10}" for i, s in enumerate(sorted({c["strategy"] for c in cells}))}
+    strategies = sorted({c["strategy"] for c in cells})
+    if len(strategies) <= 10:
+        return {s: f"C{i}" for i, s in enumerate(strategies)}
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab20"]
+    return {s: palette(i % 20) for i, s in enumerate(strategies)}
 
 
 def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:

@@ -3,7 +3,15 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
-from .strategies import AnchorCache, FullCache, LabelWordCache, RandomKeepCache, SinkWindowCache
+from .strategies import (
+    AnchorCache,
+    FullCache,
+    LabelWordCache,
+    PyramidKVCache,
+    RandomKeepCache,
+    SinkWindowCache,
+    SnapKVCache,
+)
 
 __all__ = [
     "AnchorCache",
@@ -11,8 +19,10 @@ __all__ = [
     "CompressedLayer",
     "FullCache",
     "LabelWordCache",
+    "PyramidKVCache",
     "RandomKeepCache",
     "SinkWindowCache",
+    "SnapKVCache",
     "UnsupportedFeatureError",
     "attend",
     "cache_arg",

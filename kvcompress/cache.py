@@ -258,11 +258,20 @@ class CompressedLayer(CacheLayerMixin):
     def _write_into_free_slots(self, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
         """Write q new tokens into the q lowest free slots of each row and head (growing when a row has fewer)."""
         q_len = keys.shape[-2]
-        free_count = int((self._positions < 0).sum(dim=-1).min())
-        if free_count < q_len:
-            self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
         free = self._positions < 0
-        slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
+        if q_len == 1:  # a decode step: the first free slot of each row and head (one reduction)
+            has_free, first_free = free.max(dim=-1, keepdim=True)
+            if not bool(has_free.all()):
+                self._grow(self.capacity + max(1, self.capacity // 2))
+                free = self._positions < 0
+                first_free = free.max(dim=-1, keepdim=True)[1]
+            slots = first_free  # (B, Hp, 1)
+        else:
+            free_count = int(free.sum(dim=-1).min())
+            if free_count < q_len:
+                self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
+                free = self._positions < 0
+            slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
         batch, heads, _, dim = self.keys.shape
         index = slots.expand(batch, heads, q_len).unsqueeze(-1)
         self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
@@ -331,7 +340,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def keep_only(self, keep: torch.Tensor) -> None:
         """Free every slot in [0, used) where `keep` ((B, 1 or Hkv, used) bool) is False. Kept slots never move,
-        except when the layer then holds far fewer tokens than its capacity: they are compacted once."""
+        except after a multi-token forward (a prefill) that leaves the layer with far fewer tokens than its capacity:
+        they are then compacted once. (A decode step is not checked: it frees at most what it adds, in every
+        strategy here, and skipping the count keeps a step's bookkeeping to a few tensor operations.)"""
         valid = self.valid
         if keep.ndim != 3 or keep.shape[-1] != self.used:
             raise ValueError(f"select must return (B, 1 or Hkv, {self.used}) bool, got {tuple(keep.shape)}")
@@ -347,14 +358,16 @@ class CompressedLayer(CacheLayerMixin):
         if not bool(drop.any()):
             return
         self._positions[..., : self.used].masked_fill_(drop, -1)
-        self.dense = False
-        filled = (self._positions[..., : self.used] >= 0).flatten(0, 1).any(dim=0)
-        self.used = int(filled.nonzero().max()) + 1 if bool(filled.any()) else 0
-        kept = int((self._positions >= 0).sum(dim=-1).max())
-        self.holes = bool((self._positions[..., : self.used] < 0).any())
-        reserve = max(8, kept // 16)
-        if self.capacity > 2 * (kept + reserve):
-            self._compact(kept + reserve)
+        self.dense, self.holes = False, True
+        if bool(drop[..., -1].any()):  # the last attended slot was freed: trim the free tail off `used`
+            filled = (self._positions[..., : self.used] >= 0).flatten(0, 1).any(dim=0)
+            self.used = int(filled.nonzero().max()) + 1 if bool(filled.any()) else 0
+            self.holes = bool((self._positions[..., : self.used] < 0).any())
+        if self.new_tokens > 1:  # after a multi-token forward (a prefill): give memory back if far below capacity
+            kept = int((self._positions >= 0).sum(dim=-1).max())
+            reserve = max(8, kept // 16)
+            if self.capacity > 2 * (kept + reserve):
+                self._compact(kept + reserve)
 
     def _compact(self, capacity: int) -> None:
         """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their

@@ -3,7 +3,17 @@
 from .anchor import AnchorCache
 from .full import FullCache
 from .label_words import LabelWordCache
+from .pyramidkv import PyramidKVCache
 from .random_keep import RandomKeepCache
 from .sink_window import SinkWindowCache
+from .snapkv import SnapKVCache
 
-__all__ = ["AnchorCache", "FullCache", "LabelWordCache", "RandomKeepCache", "SinkWindowCache"]
+__all__ = [
+    "AnchorCache",
+    "FullCache",
+    "LabelWordCache",
+    "PyramidKVCache",
+    "RandomKeepCache",
+    "SinkWindowCache",
+    "SnapKVCache",
+]

@@ -140,3 +140,26 @@ def test_kv_bytes_used_counts_kept_tokens_and_kv_bytes_the_buffers(name):
     kept = int(cache.kept_counts().sum())  # same count in every kv head
     assert cache.kv_bytes_used() == kept * per_token
     assert cache.kv_bytes() == sum(layer.capacity for layer in cache.layers) * 2 * per_token
+
+
+def test_each_layer_stores_on_its_own_device_and_dtype():
+    """Issue 10 item 4 without a GPU: a layer's slots (keys, values, positions, per-slot state) take the device and
+    dtype of the keys that layer receives, as with accelerate's device_map (layers on different devices); growth
+    and eviction keep them there."""
+    from kvcompress import attention
+
+    model = tiny_llama(num_hidden_layers=2)
+    cache = SinkWindowCache(model, n_sink=1, window=3)
+    dtypes = [torch.float32, torch.bfloat16]
+    for step in range(6):
+        for i, dtype in enumerate(dtypes):
+            keys = torch.randn(1, 2, 4 if step == 0 else 1, 16, dtype=dtype)
+            out_keys, out_values = cache.update(keys, keys, i)
+            assert out_keys.dtype == out_values.dtype == dtype
+            layer = attention._take_layer(i)
+            layer.slot_state("age", heads=2)
+            layer.finish_forward()
+    for layer, dtype in zip(cache.layers, dtypes):
+        assert layer.keys.dtype == layer.values.dtype == dtype and layer.keys.device.type == "cpu"
+        assert layer.positions.device == layer.keys.device and layer.state["age"].device == layer.keys.device
+        assert int(layer.valid.sum()) == 4

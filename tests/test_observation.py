@@ -1,0 +1,134 @@
+"""What the core hands an attention-aware strategy (`Observation`), against an fp64 definition built from what the
+kernel saw (`capture()`): queries, probabilities of the last w queries, attention received."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvcompress.attention as core
+from kvcompress import CompressedCache, SinkWindowCache, capture
+from kvcompress.attention import attention_probs, attention_received
+from kvcompress.cache import cache_arg
+from kvcompress.selection import per_kv_head, recent, top_k
+from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama
+
+
+class Recorder(CompressedCache):
+    """Observes everything, records it with the slots' keys, and keeps a per-kv-head top-k plus a recent window
+    (so later forwards see evicted, reused and per-head slots)."""
+
+    observe_queries = True
+    observe_received = True
+
+    def __init__(self, model, window=3, keep=4):
+        super().__init__(model)
+        self.observe_window, self.keep = window, keep
+        self.seen_observations = []
+
+    def select(self, layer):
+        obs = layer.observation
+        self.seen_observations.append(
+            {"queries": obs.queries.clone(), "probs": obs.probs.clone(), "received": obs.received.clone(),
+             "keys": layer.keys[:, :, : layer.used].clone()}
+        )
+        score = per_kv_head(obs.received, layer.keys.shape[1])
+        return top_k(score, layer.valid, self.keep) | recent(layer, 2)
+
+
+def _definition(query, key, allowed, scale):
+    """fp64 probabilities (B, Hq, Q, K), one (b, h, i) at a time over the keys `allowed` (B, 1|Hkv, Q, K) shows."""
+    batch, heads, q_len, _ = query.shape
+    groups = heads // key.shape[1]
+    out = torch.zeros(batch, heads, q_len, key.shape[2], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            visible = allowed[b, min(h // groups, allowed.shape[1] - 1)]
+            for i in range(q_len):
+                seen = visible[i].nonzero().flatten()
+                if len(seen):
+                    scores = key[b, h // groups, seen].double() @ query[b, h, i].double() * scale
+                    out[b, h, i, seen] = scores.softmax(0)
+    return out
+
+
+def _check_against_definition(model, ids, mask, steps=3, window=3):
+    cache = Recorder(model, window=window)
+    with capture() as records, torch.no_grad():
+        model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=steps, min_new_tokens=steps,
+                       do_sample=False, pad_token_id=0)
+    assert len(records) == len(cache.seen_observations) == model.config.num_hidden_layers * steps
+    heads_per_layer = set()
+    for record, seen in zip(records, cache.seen_observations):
+        scale = model.model.layers[record["layer_idx"]].self_attn.scaling  # Gemma 3: query_pre_attn_scalar
+        expected = _definition(seen["queries"], seen["keys"], record["allowed"], scale)
+        q_len = expected.shape[2]
+        assert seen["probs"].shape[2] == min(window, q_len)
+        torch.testing.assert_close(seen["probs"].double(), expected[:, :, -min(window, q_len):], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(seen["received"].double(), expected.sum(dim=2), atol=1e-5, rtol=1e-5)
+        heads_per_layer.add(record["allowed"].shape[1])
+    return heads_per_layer
+
+
+def test_observation_equals_the_definition_with_padding_eviction_and_per_head_slots():
+    model = tiny_llama()
+    ids, mask = left_padded([list(range(3, 17)), list(range(20, 28))])
+    heads = _check_against_definition(model, ids, mask)
+    assert heads == {1, model.config.num_key_value_heads}  # prefill shared, decoding per kv head
+
+
+def test_observation_on_sliding_window_layers():
+    model = tiny_gemma3()  # sliding layers: the window is part of the mask the observation must use
+    ids = torch.arange(3, 3 + model.config.sliding_window + 5).unsqueeze(0)
+    _check_against_definition(model, ids, torch.ones_like(ids), steps=2)
+
+
+def test_the_check_catches_an_observation_that_ignores_the_mask(monkeypatch):
+    """Planted twin: the core observing without the mask (every slot visible) must fail the same check."""
+    real = core.observe
+    monkeypatch.setattr(core, "observe", lambda cache, q, k, mask, scaling: real(cache, q, k, None, scaling))
+    ids, mask = left_padded([list(range(3, 17)), list(range(20, 28))])
+    with pytest.raises(AssertionError):
+        _check_against_definition(tiny_llama(), ids, mask)
+
+
+def test_per_head_selection_is_exact():
+    model = tiny_llama()
+    ids, mask = left_padded([list(range(3, 20)), list(range(5, 14))])
+    error, visible, _ = max_step_error(model, Recorder(model), ids, mask, max_new_tokens=6)
+    assert visible.dim() == 4 and visible.shape[1] == model.config.num_key_value_heads  # (B, Hkv, N, N)
+    assert not torch.equal(visible[:, 0], visible[:, 1])  # the kv heads really kept different tokens
+    assert error < 1e-4
+
+
+def test_nothing_is_observed_unless_declared_and_nothing_is_kept_after_the_forward():
+    model = tiny_llama()
+    seen = []
+
+    class Plain(SinkWindowCache):
+        def select(self, layer):
+            seen.append(layer.observation)
+            return super().select(layer)
+
+    cache = Plain(model, n_sink=1, window=3)
+    with torch.no_grad():
+        model(torch.arange(3, 12).unsqueeze(0), **cache_arg(cache))
+    assert seen == [None] * model.config.num_hidden_layers
+    recorder = Recorder(model)
+    with torch.no_grad():
+        model(torch.arange(3, 12).unsqueeze(0), **cache_arg(recorder))
+    assert len(recorder.seen_observations) == model.config.num_hidden_layers
+    assert all(layer.observation is None for layer in recorder.layers)  # freed once the layer evicted
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 7), st.integers(0, 6), st.integers(1, 4),
+       st.integers(0, 2**16))
+def test_received_is_the_sum_of_the_probabilities(batch, kv_heads, q_len, extra, block, seed):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * 2, q_len, 8, generator=g)
+    key = torch.randn(batch, kv_heads, q_len + extra, 8, generator=g)
+    mask = torch.rand(batch, kv_heads, q_len, q_len + extra, generator=g) < 0.6  # per kv head, some rows empty
+    expected = attention_probs(query, key, mask).sum(dim=2)
+    torch.testing.assert_close(attention_received(query, key, mask, block_size=block), expected, atol=1e-6,
+                               rtol=1e-5)
