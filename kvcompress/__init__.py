@@ -3,13 +3,14 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
-from .strategies import AnchorCache, FullCache, LabelWordCache, RandomKeepCache, SinkWindowCache
+from .strategies import AnchorCache, FullCache, KnormCache, LabelWordCache, RandomKeepCache, SinkWindowCache
 
 __all__ = [
     "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
     "FullCache",
+    "KnormCache",
     "LabelWordCache",
     "RandomKeepCache",
     "SinkWindowCache",

@@ -2,8 +2,9 @@
 
 from .anchor import AnchorCache
 from .full import FullCache
+from .knorm import KnormCache
 from .label_words import LabelWordCache
 from .random_keep import RandomKeepCache
 from .sink_window import SinkWindowCache
 
-__all__ = ["AnchorCache", "FullCache", "LabelWordCache", "RandomKeepCache", "SinkWindowCache"]
+__all__ = ["AnchorCache", "FullCache", "KnormCache", "LabelWordCache", "RandomKeepCache", "SinkWindowCache"]
