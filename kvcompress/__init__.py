@@ -3,12 +3,21 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
-from .strategies import AnchorCache, FullCache, KnormCache, LabelWordCache, RandomKeepCache, SinkWindowCache
+from .strategies import (
+    AnchorCache,
+    ExpectedAttentionCache,
+    FullCache,
+    KnormCache,
+    LabelWordCache,
+    RandomKeepCache,
+    SinkWindowCache,
+)
 
 __all__ = [
     "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
+    "ExpectedAttentionCache",
     "FullCache",
     "KnormCache",
     "LabelWordCache",

@@ -1,10 +1,19 @@
 """One file per strategy; each registers its cache class by name (see `kvcompress.registry`)."""
 
 from .anchor import AnchorCache
+from .expected_attention import ExpectedAttentionCache
 from .full import FullCache
 from .knorm import KnormCache
 from .label_words import LabelWordCache
 from .random_keep import RandomKeepCache
 from .sink_window import SinkWindowCache
 
-__all__ = ["AnchorCache", "FullCache", "KnormCache", "LabelWordCache", "RandomKeepCache", "SinkWindowCache"]
+__all__ = [
+    "AnchorCache",
+    "ExpectedAttentionCache",
+    "FullCache",
+    "KnormCache",
+    "LabelWordCache",
+    "RandomKeepCache",
+    "SinkWindowCache",
+]

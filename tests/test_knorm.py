@@ -66,7 +66,8 @@ def _reference_key_norms(model, sequences, full_mask, visible) -> torch.Tensor:
     fed, fed_mask = sequences[:, :-1], full_mask[:, :-1]
     captured = {}
     attns = [layer.self_attn for layer in model.model.layers]
-    hooks = [a.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o)) for l, a in enumerate(attns)]
+    hooks = [a.k_proj.register_forward_hook(lambda m, i, o, l=l: captured.__setitem__(l, o))
+             for l, a in enumerate(attns)]
     try:
         masked_reference_logits(model, fed, fed_mask, visible)
     finally:
