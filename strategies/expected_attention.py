@@ -182,26 +182,29 @@ class ExpectedAttentionCache(CompressedCache):
 
     # scores -------------------------------------------------------------------------------------------------------
     def scores(self, layer: CompressedLayer, stats: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, S) float64 expected-attention scores of the slots; `candidates` (B, Hkv, S) bool are the slots
-        the softmax runs over (others get 0)."""
-        keys = layer.keys[:, :, : layer.used].double()  # (B, Hkv, S, d)
+        """(B, Hkv, S) expected-attention scores of the slots; `candidates` (B, Hkv, S) bool are the slots the
+        softmax runs over (others get 0). Statistics and R in float64; the per-key products in the keys' dtype
+        promoted to at least float32 (the O(Hq S d^2) part)."""
+        keys = layer.keys[:, :, : layer.used]
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        keys = keys.to(dtype)  # (B, Hkv, S, d)
         count = stats["count"].clamp(min=1)[:, None, None]
-        mean = stats["s1"] / count  # (B, Hq, d)
+        mean = stats["s1"] / count  # (B, Hq, d) float64
         rotation = self.future_rotation(layer, keys)
         groups = mean.shape[1] // keys.shape[1]
-        mean = rearrange(mean @ rotation.T, "b (h g) d -> b h g d", g=groups)
         scale = self._scaling.get(layer.layer_idx, keys.shape[-1] ** -0.5)
-        logits = scale * einsum(mean, keys, "b h g d, b h s d -> b h g s")
+        linear = rearrange(scale * mean @ rotation.T, "b (h g) d -> b h g d", g=groups).to(dtype)
+        logits = linear.unsqueeze(-2) @ keys.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, g, 1, d) x (B, Hkv, 1, d, S)
         if self.use_covariance:
-            mean_raw = stats["s1"] / count
-            cov = stats["s2"] / count[..., None] - einsum(mean_raw, mean_raw, "b h d, b h e -> b h d e")
-            cov = rearrange(rotation @ cov @ rotation.T, "b (h g) d e -> b h g d e", g=groups)
-            projected = einsum(keys, cov, "b h s d, b h g d e -> b h g s e")
-            logits = logits + 0.5 * scale**2 * einsum(projected, keys, "b h g s e, b h s e -> b h g s")
-        logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+            cov = stats["s2"] / count[..., None] - einsum(mean, mean, "b h d, b h e -> b h d e")
+            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h g d e", g=groups)
+            projected = keys.unsqueeze(2) @ quadratic.to(dtype)  # (B, Hkv, g, S, d)
+            logits = logits + (projected * keys.unsqueeze(2)).sum(dim=-1).unsqueeze(-2)
+        logits = logits.squeeze(-2).masked_fill(~candidates[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
-            probs = (probs + self.epsilon) * layer.values[:, :, : layer.used].double().norm(dim=-1)
+            probs = (probs + self.epsilon) * torch.linalg.vector_norm(layer.values[:, :, : layer.used], dim=-1,
+                                                                      dtype=dtype)
         return probs.masked_fill(~candidates, 0.0)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
