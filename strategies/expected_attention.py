@@ -36,7 +36,10 @@ class ExpectedAttentionCache(CompressedCache):
     sum, sum of outer products, float64); (2) only if some row holds more than `budget` real tokens, mu/Sigma, R
     (for positions n .. n + T - 1) and the scores of all kept and new slots are recomputed, and the cut is made.
     Decoding is query-free beyond that: a decode step's query only joins the running statistics; no attention
-    probability is computed. Cost of a compressing forward: O(Hq S d^2) with the covariance, O(Hq S d) without.
+    probability is computed. Cost of a compressing forward: O(Hq S d^2) with the covariance, O(Hq S d) without
+    (statistics and R in float64, the per-key products in float32). Measured on SmolLM2-135M (30 layers, 9/3
+    heads, d 64), 1 thread, shared machine, 1,024-token prompt, budget 512, greedy decoding: 452 ms per decode step
+    vs 184 for sink_window and 191 for knorm; 282 without the covariance.
 
     Positions: the observed queries are rotated at the model's position ids, which a strategy does not see;
     they are un-rotated at their stream position s (pads counted), and R averages over stream positions
