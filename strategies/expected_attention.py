@@ -117,6 +117,7 @@ class ExpectedAttentionCache(CompressedCache):
         }
         self._rotary: RotaryPositions | None = None
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
+        self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), (d, d) mean rotation)
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> ExpectedAttentionCache:
@@ -139,7 +140,18 @@ class ExpectedAttentionCache(CompressedCache):
             return self.rotary().unrotate(queries, positions)
 
     def future_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
-        """(d, d) float64: the mean of the RoPE matrices of stream positions seen .. seen + T - 1."""
+        """(d, d) float64: the mean of the RoPE matrices of stream positions seen .. seen + T - 1 (computed once per
+        forward and RoPE table: every layer of a table shares it)."""
+        with serving_layer(layer.layer_idx):
+            table = self.rotary().layer_type()
+        key = (table, layer.seen, self.n_future_positions, like.device)
+        memo = self._rotation_memo.get(table)
+        if memo is None or memo[0] != key:
+            memo = (key, self._mean_rotation(layer, like))
+            self._rotation_memo[table] = memo
+        return memo[1]
+
+    def _mean_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(layer.seen, layer.seen + self.n_future_positions, device=like.device)[None]
         with serving_layer(layer.layer_idx):
             cos, sin = self.rotary().cos_sin(like.float(), positions)  # (1, 1, T, d)
@@ -230,7 +242,7 @@ class ExpectedAttentionCache(CompressedCache):
 
     def reset(self) -> None:
         super().reset()
-        self._stats = {}
+        self._stats, self._rotation_memo = {}, {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
