@@ -44,9 +44,11 @@ class ExpectedAttentionCache(CompressedCache):
     Positions: the observed queries are rotated at the model's position ids, which a strategy does not see;
     they are un-rotated at their stream position s (pads counted), and R averages over stream positions
     seen .. seen + T - 1. With left padding the model's position is s - (pads before), so the un-rotated query is
-    off by R_{-pads}, which R_{seen + k} turns back into R_{n + k}: exact for left padding and for direct calls,
-    provided R_a R_b = R_{a + b} (true for RoPE; not for rotary variants that fold a scale into cos/sin, e.g.
-    YaRN, where the scale enters squared). positions="cache" is refused (per-kv-head eviction, see KnormCache).
+    off by R_{-pads}, which R_{seen + k} turns back into R_{n + k}: exact for left padding and for direct calls
+    whenever RoPE rotates each pair by position x frequency (default, linear, llama3, YaRN: a scale folded into
+    cos/sin cancels in the un-rotation); not for M-RoPE (3-D position ids) or dynamic NTK scaling (frequencies
+    that change with the length). R is computed once per forward and RoPE table (shared by the layers).
+    positions="cache" is refused (per-kv-head eviction, see KnormCache).
 
     Deviations from the paper / kvpress 0.5.5 (defaults n_future_positions=512, n_sink=4, use_covariance=True,
     use_vnorm=True, epsilon=0.0 are kvpress's):
