@@ -5,7 +5,9 @@ from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
 from .strategies import (
     AnchorCache,
+    ExpectedAttentionCache,
     FullCache,
+    KnormCache,
     LabelWordCache,
     PyramidKVCache,
     RandomKeepCache,
@@ -17,7 +19,9 @@ __all__ = [
     "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
+    "ExpectedAttentionCache",
     "FullCache",
+    "KnormCache",
     "LabelWordCache",
     "PyramidKVCache",
     "RandomKeepCache",
