@@ -3,16 +3,18 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
-from .strategies import AnchorCache, FullCache, LabelWordCache, RandomKeepCache, SinkWindowCache
+from .strategies import AnchorCache, FullCache, H2OCache, LabelWordCache, RandomKeepCache, SinkWindowCache, TOVACache
 
 __all__ = [
     "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
     "FullCache",
+    "H2OCache",
     "LabelWordCache",
     "RandomKeepCache",
     "SinkWindowCache",
+    "TOVACache",
     "UnsupportedFeatureError",
     "attend",
     "cache_arg",
