@@ -302,3 +302,39 @@ def test_model_whose_attention_the_core_cannot_see_is_refused():
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
     with pytest.raises(TypeError, match="AttentionInterface"):
         H2OCache(mamba, heavy=2, recent=2)
+
+
+# --- beam search: the accumulator moves with its beam ----------------------------------------------------------
+def _beam_error(cache_cls, beams=3, new=10):
+    """Max |score - reference| over returned beams: each beam is re-fed alone (prompt, then one token per step)
+    through a fresh cache of the same class, and its generated tokens' log-probabilities recomputed by one eager,
+    cache-free forward under the per-layer, per-kv-head visibility that run produced."""
+    from kvcompress.testing import masked_reference_logits
+
+    prompts = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33], [40, 7, 44, 11, 48, 15, 52, 19]])
+    make = lambda: cache_cls(MODEL, heavy=4, recent=1)  # noqa: E731
+    out = MODEL.generate(prompts, past_key_values=make(), num_beams=beams, num_return_sequences=beams,
+                         max_new_tokens=new, min_new_tokens=new, do_sample=False, length_penalty=0.0,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    errors = []
+    for sequence, score in zip(out.sequences, out.sequences_scores):
+        fed = sequence[None, :-1]
+        run = teacher_forced(MODEL, make(), fed[:, : prompts.shape[1]], torch.ones_like(fed[:, : prompts.shape[1]]),
+                             fed[:, prompts.shape[1]:])
+        logits = masked_reference_logits(MODEL, fed, torch.ones_like(fed), run["visible"])
+        logprobs = logits[0, prompts.shape[1] - 1 :].double().log_softmax(-1)
+        reference = float(logprobs.gather(-1, sequence[prompts.shape[1]:, None]).sum())
+        errors.append(abs(float(score) - reference))
+    return max(errors)
+
+
+def test_beam_search_scores_equal_each_beam_run_alone():
+    """Tolerance 1e-4 (fp32 beam scores vs an fp32 eager forward summed in fp64). The accumulator is per-slot
+    state, so `reorder_cache` moves it with its beam: each beam is evicted as if it had been generated alone."""
+    assert _beam_error(H2OCache) < 1e-4
+
+
+def test_beam_check_catches_an_accumulator_left_behind_by_reorder():
+    """Sibling beams share their prompt's accumulated attention, so a left-behind accumulator shows only once
+    the beams' own tokens weigh in: hence 10 new tokens and heavy 4 (with 5 or heavy 2 the planted bug passes)."""
+    assert _beam_error(_OwnBuffer) > 1e-3
