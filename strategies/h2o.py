@@ -37,8 +37,10 @@ class H2OCache(CompressedCache):
     - Prefill: the paper's (and the official simulation code's) policy is greedy token by token, so within the
       prompt each query already sees only the kept tokens. Here a forward attends to everything kept before it
       plus all its own tokens, then evicts once (the accumulated score of a prompt token is its attention summed
-      over all later prompt queries, as in H2O's real-eviction code). With `prefill_chunk_size` it evicts after
-      each chunk.
+      over all prompt queries from its own on). With `prefill_chunk_size` it evicts after each chunk. Decoding
+      (one token per forward: add its attention, drop the lowest-scored non-recent token) is the paper's policy.
+    - Sizes are token counts (`heavy`, `recent`), fixed for the whole run; the paper gives them as fractions of
+      the sequence length (e.g. 10% + 10%).
     - The recent window counts the newest token, and `top_k` breaks score ties by slot index.
     Deviations from kvpress 0.5.5 (which has no H2O press; its `ObservedAttentionPress` is the closest): kvpress
     compresses once after prefill (decoding only with a wrapper), keeps NO recent window, averages (instead of
