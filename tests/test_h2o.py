@@ -244,7 +244,7 @@ def test_batch_rows_are_independent(example):
     check_rows_independent(H2OCache, *example)
 
 
-def _planted_example(heavy, recent_, lengths=(36, 9)):
+def _planted_example(heavy, recent_, lengths=(30,)):
     rows, ids, mask, continuation = _example(lengths=lengths, steps=5, seed=3)
     return rows, ids, mask, continuation, heavy, recent_
 
@@ -256,8 +256,8 @@ def _planted_example(heavy, recent_, lengths=(36, 9)):
         # heavy + recent = the tokens the longest row holds before its last forward
         (check_large_budget_is_full_cache, _EvictsAtBudget, 3, 1, (11, 5)),
         (check_rows_independent, _BatchSummed, 2, 2, (11, 5)),
-        (check_state_follows_its_token, _OwnBuffer, 2, 2, (36, 9)),  # a 36-token prefill kept at 4 is compacted
-        (check_state_follows_its_token, _StaleNewSlots, 2, 2, (36, 9)),
+        (check_state_follows_its_token, _OwnBuffer, 2, 2, (30,)),  # a 30-token prefill kept at 4 is compacted
+        (check_state_follows_its_token, _StaleNewSlots, 2, 2, (30,)),
     ],
 )
 def test_properties_catch_planted_bugs(checker, planted, heavy, recent_, lengths):
