@@ -5,24 +5,32 @@ from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
 from .strategies import (
     AnchorCache,
+    ExpectedAttentionCache,
     FullCache,
+    H2OCache,
+    KnormCache,
     LabelWordCache,
     PyramidKVCache,
     RandomKeepCache,
     SinkWindowCache,
     SnapKVCache,
+    TOVACache,
 )
 
 __all__ = [
     "AnchorCache",
     "CompressedCache",
     "CompressedLayer",
+    "ExpectedAttentionCache",
     "FullCache",
+    "H2OCache",
+    "KnormCache",
     "LabelWordCache",
     "PyramidKVCache",
     "RandomKeepCache",
     "SinkWindowCache",
     "SnapKVCache",
+    "TOVACache",
     "UnsupportedFeatureError",
     "attend",
     "cache_arg",

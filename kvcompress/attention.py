@@ -175,12 +175,19 @@ def kvcompress_attention(
     if captures is not None:
         captures.append(_capture_record(module, spec, kv_positions, mask, q_len, key.shape[-2], key.shape[0]))
 
-    output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
+    probs = None
+    if q_len == 1 and layer is not None and observes(layer._cache) and _backend != "reference" \
+            and not module.training:
+        # a decode step of an attention-aware strategy: one softmax serves the output and the observation
+        probs = attention_probs(query, key, mask, scaling)  # (B, Hq, 1, K)
+        output = _mix(probs, value).to(query.dtype)
+    else:
+        output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
     weights = None
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
-        weights = attention_probs(query, key, mask, scaling).to(query.dtype)
+        weights = (probs if probs is not None else attention_probs(query, key, mask, scaling)).to(query.dtype)
     if layer is not None:
-        layer.observation = observe(layer._cache, query, key, mask, scaling)
+        layer.observation = observe(layer._cache, query, key, mask, scaling, probs)
         try:
             layer.finish_forward()
         finally:
@@ -357,15 +364,22 @@ def _probability_blocks(query, key, mask, scaling, first: int, block_size: int |
     keys = key.to(dtype)
     for start in range(first, q_len, block_size):
         stop = min(start + block_size, q_len)
+        # causal (dense slots): keys after the block's last query are hidden, so they are not scored at all
+        seen = stop + kv_len - q_len if mask is True else kv_len
         q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h g q d", g=groups)
-        scores = rearrange(einsum(q, keys, "b h g q d, b h k d -> b h g q k"), "b h g q k -> b (h g) q k") * scale
+        scores = einsum(q, keys[:, :, :seen], "b h g q d, b h k d -> b h g q k")
+        scores = rearrange(scores, "b h g q k -> b (h g) q k") * scale
         block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
+        if block_mask is not None and block_mask.shape[-1] != seen:
+            block_mask = block_mask[..., :seen]
         if block_mask is not None and block_mask.dtype == torch.bool:
             block_mask = _to_query_heads(block_mask, heads)
             scores = scores.masked_fill(~block_mask, float("-inf"))
             block = scores.softmax(dim=-1).masked_fill(~block_mask.any(dim=-1, keepdim=True), 0.0)
         else:
             block = (scores if block_mask is None else scores + block_mask.to(dtype)).softmax(dim=-1)
+        if seen < kv_len:
+            block = F.pad(block, (0, kv_len - seen))
         yield start, stop, block
 
 
@@ -390,17 +404,35 @@ class Observation:
     received: torch.Tensor | None = None
 
 
-def observe(cache, query, key, mask, scaling) -> Observation | None:
-    """The `Observation` `cache` declares, or None when it declares nothing."""
-    window = getattr(cache, "observe_window", 0)
-    queries, received = getattr(cache, "observe_queries", False), getattr(cache, "observe_received", False)
-    if not (window or queries or received):
+def observes(cache) -> bool:
+    """Whether `cache` declares any observation."""
+    return bool(getattr(cache, "observe_window", 0) or getattr(cache, "observe_queries", False)
+                or getattr(cache, "observe_received", False))
+
+
+def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None) -> Observation | None:
+    """The `Observation` `cache` declares, or None when it declares nothing. `probs`: the probabilities of ALL the
+    forward's queries when the caller has them already (a decode step), reused instead of recomputed."""
+    if not observes(cache):
         return None
+    window = getattr(cache, "observe_window", 0)
+    if window:
+        last = probs[:, :, -window:] if probs is not None else attention_probs(query, key, mask, scaling, last=window)
+    if getattr(cache, "observe_received", False):
+        received = probs.sum(dim=2) if probs is not None else attention_received(query, key, mask, scaling)
     return Observation(
-        queries=query if queries else None,
-        probs=attention_probs(query, key, mask, scaling, last=window) if window else None,
-        received=attention_received(query, key, mask, scaling) if received else None,
+        queries=query if getattr(cache, "observe_queries", False) else None,
+        probs=last if window else None,
+        received=received if getattr(cache, "observe_received", False) else None,
     )
+
+
+def _mix(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs (B, Hq, Q, K) @ value (B, Hkv, K, d), grouped heads -> (B, Q, Hq, d) (the layout `attend` returns)."""
+    groups = probs.shape[1] // value.shape[1]
+    mixed = einsum(rearrange(probs, "b (h g) q k -> b h g q k", g=groups), value.to(probs.dtype),
+                   "b h g q k, b h k d -> b q h g d")
+    return rearrange(mixed, "b q h g d -> b q (h g) d")
 
 
 def _mask_rows(mask, start: int, stop: int, q_len: int, kv_len: int, device) -> torch.Tensor | None:

@@ -86,7 +86,7 @@ def test_observation_on_sliding_window_layers():
 def test_the_check_catches_an_observation_that_ignores_the_mask(monkeypatch):
     """Planted twin: the core observing without the mask (every slot visible) must fail the same check."""
     real = core.observe
-    monkeypatch.setattr(core, "observe", lambda cache, q, k, mask, scaling: real(cache, q, k, None, scaling))
+    monkeypatch.setattr(core, "observe", lambda cache, q, k, mask, scaling, probs=None: real(cache, q, k, None, scaling))
     ids, mask = left_padded([list(range(3, 17)), list(range(20, 28))])
     with pytest.raises(AssertionError):
         _check_against_definition(tiny_llama(), ids, mask)
