@@ -177,11 +177,16 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['context_tokens']} | {r['cache']} | {r['kept_tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r['step_ms']:.1f} ({r['step_ms_iqr']:.1f}) | {r['floor_ms']:.1f} | {r['floor_ratio']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r.get('speedup_vs_full', float('nan')):.2f}x | "
-            f"{r.get('floor_speedup_vs_full', float('nan')):.2f}x | {r['prefill_seconds']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {_times(r.get('speedup_vs_full'))} | "
+            f"{_times(r.get('floor_speedup_vs_full'))} | {r['prefill_seconds']:.1f} | "
             f"{r['prefill_peak_mib']:.0f} | {resident} |"
         )
     return "\n".join(lines)
+
+
+def _times(ratio: float | None) -> str:
+    """"1.23x", or "-" when there is no ratio (no `full` cache in the run)."""
+    return "-" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}x"
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> pathlib.Path | None:

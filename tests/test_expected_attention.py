@@ -2,7 +2,6 @@
 float64 from the model's own projections (prefill and decoding, planted twins), exactness on three architectures,
 hypothesis invariants (each also run on a planted bug), per-row statistics follow their row, bad input."""
 
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -23,38 +22,11 @@ from kvcompress.testing import (
     visibility_from_records,
 )
 
+from kept_sets import recording_kept, teacher_forced
+
 MODEL = tiny_llama(seed=11)  # read-only across hypothesis examples; caches are built per example
 PROPERTY_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROWS = [[5, 9, 17, 33, 41, 8, 12, 99, 4, 7, 3, 50, 61, 70], [7, 3, 90, 11, 12, 13, 14]]
-
-
-def _kept_sets(cache) -> list:
-    """[layer][row][kv head] -> set of kept stream positions."""
-    heads = cache.layers[0].keys.shape[1]
-    return [[[set(p[p >= 0].tolist()) for p in row] for row in layer.positions.expand(-1, heads, -1)]
-            for layer in cache.layers]
-
-
-@contextmanager
-def _recording_kept(model, cache):
-    kept = []
-    handle = model.register_forward_hook(lambda *_: kept.append(_kept_sets(cache)))
-    try:
-        yield kept
-    finally:
-        handle.remove()
-
-
-def _teacher_forced(model, cache, ids, mask, continuation):
-    """Feed `ids`, then `continuation` (B, T) one token at a time. Returns last logits per forward (B, T + 1, V) and
-    the kept sets after every forward."""
-    logits = []
-    with torch.no_grad(), _recording_kept(model, cache) as kept:
-        logits.append(model(ids, attention_mask=mask, **cache_arg(cache)).logits[:, -1])
-        for t in range(continuation.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits.append(model(continuation[:, t : t + 1], attention_mask=mask, **cache_arg(cache)).logits[:, -1])
-    return torch.stack(logits, 1), kept
 
 
 # --- the independent reference ---------------------------------------------------------------------------------
@@ -141,7 +113,7 @@ def check_choice(cache_cls, model, budget=6, n_sink=2, future=512, use_cov=True,
     cache = cache_cls(model, budget=budget, n_sink=n_sink, n_future_positions=future, use_covariance=use_cov,
                       use_vnorm=use_vnorm)
     with capture() as records:
-        _, kept = _teacher_forced(model, cache, ids, mask, continuation)
+        _, kept = teacher_forced(model, cache, ids, mask, continuation)
     fed = torch.cat([ids, continuation], dim=1)
     fed_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
     visible = visibility_from_records(records, 2, fed.shape[1])
@@ -238,7 +210,7 @@ def batches(draw):
 
 def check_budget(cache_cls, rows, ids, mask, continuation, options):
     """Every layer, row and kv head keeps min(budget, real tokens seen) tokens after every forward."""
-    _, kept = _teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
+    _, kept = teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
     for step, per_layer in enumerate(kept):
         for per_row in per_layer:
             for b, per_head in enumerate(per_row):
@@ -248,11 +220,11 @@ def check_budget(cache_cls, rows, ids, mask, continuation, options):
 
 def check_rows_independent(cache_cls, rows, ids, mask, continuation, options):
     """A row's logits and kept tokens in a padded batch equal those of the row alone."""
-    batch_logits, batch_kept = _teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
+    batch_logits, batch_kept = teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
     for b, row in enumerate(rows):
         pad = ids.shape[1] - len(row)
         alone = torch.tensor([row])
-        logits, kept = _teacher_forced(MODEL, cache_cls(MODEL, **options), alone, torch.ones_like(alone),
+        logits, kept = teacher_forced(MODEL, cache_cls(MODEL, **options), alone, torch.ones_like(alone),
                                        continuation[b : b + 1])
         torch.testing.assert_close(batch_logits[b], logits[0], atol=1e-5, rtol=0)
         for step in range(len(kept)):
@@ -263,8 +235,8 @@ def check_rows_independent(cache_cls, rows, ids, mask, continuation, options):
 def check_large_budget_is_full_cache(cache_cls, rows, ids, mask, continuation, options):
     """With budget >= every row's length, logits equal FullCache's."""
     options = {**options, "budget": max(ids.shape[1] + continuation.shape[1], options["n_sink"] + 1)}
-    got, _ = _teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
-    expected, _ = _teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)
+    got, _ = teacher_forced(MODEL, cache_cls(MODEL, **options), ids, mask, continuation)
+    expected, _ = teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -280,13 +252,13 @@ def check_statistics_follow_their_row(cache_cls, rows, ids, mask, continuation, 
     cache.reorder_cache(flip)
     _, kept = _teacher_forced_after_prefill(MODEL, cache, mask[flip], continuation[flip])
     reference = cache_cls(MODEL, **options)
-    _, expected = _teacher_forced(MODEL, reference, ids[flip], mask[flip], continuation[flip])
+    _, expected = teacher_forced(MODEL, reference, ids[flip], mask[flip], continuation[flip])
     assert kept == expected[1:]
 
 
 def _teacher_forced_after_prefill(model, cache, mask, continuation):
     logits = []
-    with torch.no_grad(), _recording_kept(model, cache) as kept:
+    with torch.no_grad(), recording_kept(model, cache) as kept:
         for t in range(continuation.shape[1]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits.append(model(continuation[:, t : t + 1], attention_mask=mask, **cache_arg(cache)).logits[:, -1])
@@ -386,8 +358,8 @@ def test_clone_and_reset_carry_or_drop_the_statistics():
     _, kept_twin = _teacher_forced_after_prefill(MODEL, twin, mask, continuation)
     assert kept == kept_twin
     cache.reset()
-    _, fresh = _teacher_forced(MODEL, cache, ids, mask, continuation)
-    _, new = _teacher_forced(MODEL, ExpectedAttentionCache(MODEL, budget=5, n_sink=1), ids, mask, continuation)
+    _, fresh = teacher_forced(MODEL, cache, ids, mask, continuation)
+    _, new = teacher_forced(MODEL, ExpectedAttentionCache(MODEL, budget=5, n_sink=1), ids, mask, continuation)
     assert fresh == new
 
 

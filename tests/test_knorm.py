@@ -1,8 +1,6 @@
 """KnormCache: the kept set is the lowest-norm keys (checked against independently computed keys), exactness on
 three architectures, hypothesis invariants (each also run on a planted bug), bad input."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +8,6 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcompress import FullCache, KnormCache, capture, registry
-from kvcompress.cache import cache_arg
 from kvcompress.testing import (
     left_padded,
     masked_reference_logits,
@@ -21,42 +18,11 @@ from kvcompress.testing import (
     visibility_from_records,
 )
 
+from kept_sets import teacher_forced
+
 MODEL = tiny_llama(seed=7)  # read-only across hypothesis examples; caches are built per example
 PROPERTY_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROWS = [[5, 9, 17, 33, 41, 8, 12, 99, 4, 7, 3, 50, 61, 70], [7, 3, 90, 11, 12, 13, 14]]
-
-
-def _kept_sets(cache) -> list:
-    """[layer][row][kv head] -> set of kept stream positions."""
-    heads = cache.layers[0].keys.shape[1]
-    out = []
-    for layer in cache.layers:
-        positions = layer.positions.expand(-1, heads, -1)
-        out.append([[set(p[p >= 0].tolist()) for p in row] for row in positions])
-    return out
-
-
-@contextmanager
-def _recording_kept(model, cache):
-    """Records `_kept_sets(cache)` after every forward of `model` (a forward hook on the model)."""
-    kept = []
-    handle = model.register_forward_hook(lambda *_: kept.append(_kept_sets(cache)))
-    try:
-        yield kept
-    finally:
-        handle.remove()
-
-
-def _teacher_forced(model, cache, ids, mask, continuation):
-    """Feed `ids`, then `continuation` (B, T) one token at a time (direct model() calls). Returns last logits per
-    forward (B, T + 1, V) and the kept sets after every forward."""
-    logits = []
-    with torch.no_grad(), _recording_kept(model, cache) as kept:
-        logits.append(model(ids, attention_mask=mask, **cache_arg(cache)).logits[:, -1])
-        for t in range(continuation.shape[1]):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits.append(model(continuation[:, t : t + 1], attention_mask=mask, **cache_arg(cache)).logits[:, -1])
-    return torch.stack(logits, 1), kept
 
 
 def _reference_key_norms(model, sequences, full_mask, visible) -> torch.Tensor:
@@ -112,7 +78,7 @@ def check_choice(cache_cls, budget, n_sink, window, steps=5):
     continuation = torch.arange(100, 100 + 2 * steps).view(2, steps)
     cache = cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window)
     with capture() as records:
-        _, kept = _teacher_forced(MODEL, cache, ids, mask, continuation)
+        _, kept = teacher_forced(MODEL, cache, ids, mask, continuation)
     sequences = torch.cat([ids, continuation, continuation[:, :1]], dim=1)  # the last column is never fed
     full_mask = torch.cat([mask, torch.ones_like(continuation), mask[:, :1]], dim=1)
     visible = visibility_from_records(records, 2, sequences.shape[1] - 1)
@@ -181,7 +147,7 @@ def check_budget(cache_cls, rows, ids, mask, continuation, budget, n_sink, windo
     """Every layer, row and kv head keeps at most `budget` tokens after every forward (and exactly
     min(budget, real tokens seen))."""
     cache = cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window)
-    _, kept = _teacher_forced(MODEL, cache, ids, mask, continuation)
+    _, kept = teacher_forced(MODEL, cache, ids, mask, continuation)
     for step, per_layer in enumerate(kept):
         for per_row in per_layer:
             for b, per_head in enumerate(per_row):
@@ -191,12 +157,12 @@ def check_budget(cache_cls, rows, ids, mask, continuation, budget, n_sink, windo
 
 def check_rows_independent(cache_cls, rows, ids, mask, continuation, budget, n_sink, window):
     """A row's logits and kept tokens in a padded batch equal those of the row alone."""
-    batch_logits, batch_kept = _teacher_forced(MODEL, cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window),
+    batch_logits, batch_kept = teacher_forced(MODEL, cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window),
                                                ids, mask, continuation)
     for b, row in enumerate(rows):
         pad = ids.shape[1] - len(row)
         alone = torch.tensor([row])
-        logits, kept = _teacher_forced(MODEL, cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window), alone,
+        logits, kept = teacher_forced(MODEL, cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window), alone,
                                        torch.ones_like(alone), continuation[b : b + 1])
         torch.testing.assert_close(batch_logits[b], logits[0], atol=1e-5, rtol=0)
         for step in range(len(kept)):
@@ -207,9 +173,9 @@ def check_rows_independent(cache_cls, rows, ids, mask, continuation, budget, n_s
 def check_large_budget_is_full_cache(cache_cls, rows, ids, mask, continuation, budget, n_sink, window):
     """With budget >= every row's length, logits equal FullCache's."""
     longest = ids.shape[1] + continuation.shape[1]
-    got, _ = _teacher_forced(MODEL, cache_cls(MODEL, budget=longest, n_sink=n_sink, window=window), ids, mask,
+    got, _ = teacher_forced(MODEL, cache_cls(MODEL, budget=longest, n_sink=n_sink, window=window), ids, mask,
                              continuation)
-    expected, _ = _teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)
+    expected, _ = teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -227,7 +193,7 @@ def check_norm_state_follows_its_token(cache_cls, rows, ids, mask, continuation,
     ids alone (long prefills compact the slots, decoding reuses freed slots: a norm left behind in its old slot
     changes the choice). Returns whether the slots were compacted. Tokens must be distinct within a row."""
     cache = cache_cls(MODEL, budget=budget, n_sink=n_sink, window=window)
-    _, kept = _teacher_forced(MODEL, cache, ids, mask, continuation)
+    _, kept = teacher_forced(MODEL, cache, ids, mask, continuation)
     sequences = torch.cat([ids, continuation, continuation[:, :1]], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(continuation), mask[:, :1]], dim=1)
     norms = _layer0_key_norms(MODEL, sequences[:, :-1]).unsqueeze(0)
