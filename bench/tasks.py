@@ -40,7 +40,7 @@ import random
 import re
 import time
 from dataclasses import replace
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -251,8 +251,9 @@ def attend(
             h // (Hq / Hkv)).
         mask: None (every key visible to every query); True (causal, bottom-right aligned: query i sees keys
             j <= i + K - Q); a bool tensor (B or 1, 1 | Hkv | Hq, Q, K), True = visible (a kv-head mask applies to
-            every query head of its group); an additive float tensor broadcastable to (B, Hq, Q, K); or a FlexAttention `BlockMask` (block-sparse, for long structured masks such as AnSAN
-            training masks). A query row that sees no key returns zeros (never NaN).
+            every query head of its group); an additive float tensor broadcastable to (B, Hq, Q, K); or a
+            FlexAttention `BlockMask` (block-sparse, for long structured masks such as AnSAN training masks). A query
+            row that sees no key returns zeros (never NaN).
         backend: "sdpa", "reference" or "auto" (default: `set_backend`'s choice). "auto" uses SDPA, which on CUDA
             picks flash attention when there is no mask and memory-efficient attention with one; a BlockMask runs
             FlexAttention (compiled on CUDA, eager on CPU). "reference" materialises any mask and runs fp64.

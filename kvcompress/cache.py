@@ -53,8 +53,9 @@ class CompressedLayer(CacheLayerMixin):
     Storage (C = capacity, Hp = 1 or Hkv):
         keys, values: (B, Hkv, C, d) buffers. In positions="cache" mode keys are stored before RoPE.
         positions: (B, Hp, used) long view of the slot table (B, Hp, C): the stream position held by each slot,
-            -1 for a free slot (evicted, a pad, or never written). Hp = 1 while every kv head keeps the same tokens (strategies that choose by position);
-            it becomes Hkv the first time a strategy keeps different tokens per kv head.
+            -1 for a free slot (evicted, a pad, or never written). Hp = 1 while every kv head keeps the same tokens
+            (strategies that choose by position); it becomes Hkv the first time a strategy keeps different tokens per
+            kv head.
         used: slots [used, C) are free in every row and head; attention reads slots [0, used).
         state: per-slot strategy state, name -> (B, 1 or Hkv, C) tensor, kept aligned with the slots through
             growth, compaction, batch selection, beam reordering and `clone`.
@@ -313,7 +314,7 @@ class CompressedLayer(CacheLayerMixin):
             raise RuntimeError("positions='cache' needs the model to pass position_ids to its attention")
         if self._positions.shape[1] != 1:
             raise NotImplementedError("positions='cache' with per-head eviction is not supported")
-        rope, q_len = self._cache.rope, self.new_tokens
+        rope = self._cache.rope
         position_ids = position_ids.expand(query.shape[0], -1)
         slots = self._new_slot_index()  # (B, q): new token i sits in slot slots[:, i]
         index = slots[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
