@@ -12,16 +12,23 @@ from einops import reduce
 from .cache import CompressedLayer
 
 
-def recent(layer: CompressedLayer, window: int) -> torch.Tensor:
-    """(B, Hp, S) bool: the `window` most recent kept tokens of each row (and head), by stream position."""
+def recent(layer: CompressedLayer, window: int, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hp, S) bool: the `window` most recent kept tokens of each row (and head), by stream position.
+    `rank`: `layer.stream_rank()` when the caller has it already (it is an argsort per call)."""
     valid = layer.valid
-    from_end = valid.sum(dim=-1, keepdim=True) - 1 - layer.stream_rank()
-    return valid & (from_end < window)
+    if window <= 0:
+        return torch.zeros_like(valid)
+    rank = layer.stream_rank() if rank is None else rank
+    return valid & (valid.sum(dim=-1, keepdim=True) - 1 - rank < window)
 
 
-def first(layer: CompressedLayer, count: int) -> torch.Tensor:
-    """(B, Hp, S) bool: the `count` oldest kept tokens of each row (and head) (attention sinks)."""
-    return layer.valid & (layer.stream_rank() < count)
+def first(layer: CompressedLayer, count: int, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, Hp, S) bool: the `count` oldest kept tokens of each row (and head) (attention sinks). `rank`: as in
+    `recent`."""
+    valid = layer.valid
+    if count <= 0:
+        return torch.zeros_like(valid)
+    return valid & ((layer.stream_rank() if rank is None else rank) < count)
 
 
 def top_k(scores: torch.Tensor, candidates: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

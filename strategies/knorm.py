@@ -91,7 +91,8 @@ class KnormCache(CompressedCache):
         over = valid.sum(dim=-1) > self.budget
         if not bool(over.any()):
             return valid
-        protected = (first(layer, self.n_sink) | recent(layer, self.window)).expand_as(norms)
+        rank = layer.stream_rank() if self.n_sink or self.window else None  # one ranking for both
+        protected = (first(layer, self.n_sink, rank) | recent(layer, self.window, rank)).expand_as(norms)
         valid = valid.expand_as(norms)
         room = self.budget - protected.sum(dim=-1, keepdim=True)  # (B, Hkv, 1)
         return protected | top_k(-norms, valid & ~protected, room)

@@ -109,9 +109,10 @@ class SnapKVCache(CompressedCache):
         over = valid.sum(dim=-1, keepdim=True) > budget  # (B, Hp, 1)
         if not bool(over.any()):
             return valid
-        window = recent(layer, self.window)
+        rank = layer.stream_rank()
+        window = recent(layer, self.window, rank)
         candidates = valid & ~window  # each row's (and head's) oldest tokens: stream indices 0..n-1
-        order = self.stream_index(layer.stream_rank(), candidates)
+        order = self.stream_index(rank, candidates)
         scores = self.scores(layer, order)  # (B, Hkv, S), stream layout
         slots = scores.shape[-1]
         in_stream = torch.arange(slots, device=scores.device) < candidates.sum(dim=-1, keepdim=True)
