@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 from .masks import MaskSpec, allowed_from_positions, kvcompress_mask
 from .rope import serving_layer
@@ -209,6 +209,12 @@ def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
             return None
         if q_len == kv_len:
             return True
+    if layer is not None and q_len == 1 and spec.mask_function is causal_mask_function:
+        # a decode step of a kvcompress cache: every kept key precedes the query and pads hold position -1, so the
+        # mask is "slot filled"; None when every slot is (a sink window's steady state: the new token refilled the
+        # slot freed by the previous step), which lets the kernel run without a mask
+        filled = kv_positions >= 0
+        return None if bool(filled.all()) else filled.unsqueeze(2)  # (B, Hp, 1, K)
     return allowed_from_positions(spec, kv_positions, q_len)
 
 

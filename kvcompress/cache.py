@@ -87,7 +87,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.used = 0
         self.dense = True
-        self.holes = False  # some slot below `used` is free in some row
+        self.holes = False  # some slot below `used` may be free in some row (False: none is)
         self.ordered = True  # valid slots are in stream order along the slot axis (no free slot was reused)
         self.new_tokens = 0
         self.new_slots: torch.Tensor | None = None  # (B, Hp, q) slots written by the last update; None: [used-q, used)
@@ -119,16 +119,15 @@ class CompressedLayer(CacheLayerMixin):
         if self.layer_idx == 0:
             self._cache._check_attached()
             self._cache._record_token_ids(batch, q_len)
-        new_positions = torch.arange(self.seen, self.seen + q_len, device=self._positions.device)
         if self.holes and self._cache.evicts:  # a cache that never evicts keeps its pads' slots, as DynamicCache
-            self._write_into_free_slots(key_states, value_states, new_positions)
+            self._write_into_free_slots(key_states, value_states)
         else:
-            self._append(key_states, value_states, new_positions)
+            self._append(key_states, value_states)
         self.seen += q_len
         self.new_tokens = q_len
         self.awaiting_attention = True
         attention.serve_layer(self)
-        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+        return self.keys.narrow(2, 0, self.used), self.values.narrow(2, 0, self.used)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         kept = self.used if self._positions is not None else 0
@@ -246,40 +245,66 @@ class CompressedLayer(CacheLayerMixin):
         self._positions = widen(self._positions, -1)
         self.state = {name: widen(value, 0) for name, value in self.state.items()}
 
-    def _append(self, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
+    def _new_positions(self, q_len: int) -> torch.Tensor:
+        """(q,) long: the stream positions of a forward's q new tokens."""
+        return torch.arange(self.seen, self.seen + q_len, device=self._positions.device)
+
+    def _append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write q new tokens at slots [used, used + q) of every row (no free slot below `used`)."""
-        start, end = self.used, self.used + keys.shape[-2]
+        q_len = keys.shape[-2]
+        start, end = self.used, self.used + q_len
         if end > self.capacity:
             self._grow(end if self.capacity == 0 else max(end, self.capacity + self.capacity // 2))
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
-        self._positions[:, :, start:end] = new_positions
+        self.keys.narrow(2, start, q_len).copy_(keys)
+        self.values.narrow(2, start, q_len).copy_(values)
+        if q_len == 1:
+            self._positions.narrow(-1, start, 1).fill_(self.seen)
+        else:
+            self._positions.narrow(-1, start, q_len).copy_(self._new_positions(q_len))
         self.used, self.new_slots = end, None
 
-    def _write_into_free_slots(self, keys: torch.Tensor, values: torch.Tensor, new_positions: torch.Tensor) -> None:
+    def _write_into_free_slots(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write q new tokens into the q lowest free slots of each row and head (growing when a row has fewer)."""
         q_len = keys.shape[-2]
         free = self._positions < 0
-        if q_len == 1:  # a decode step: the first free slot of each row and head (one reduction)
-            has_free, first_free = free.max(dim=-1, keepdim=True)
-            if not bool(has_free.all()):
-                self._grow(self.capacity + max(1, self.capacity // 2))
-                free = self._positions < 0
-                first_free = free.max(dim=-1, keepdim=True)[1]
-            slots = first_free  # (B, Hp, 1)
-        else:
-            free_count = int(free.sum(dim=-1).min())
-            if free_count < q_len:
-                self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
-                free = self._positions < 0
-            slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
+        if q_len == 1:
+            self._write_one(keys, values, free)
+            return
+        free_count = int(free.sum(dim=-1).min())
+        if free_count < q_len:
+            self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
+            free = self._positions < 0
+        slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
         batch, heads, _, dim = self.keys.shape
         index = slots.expand(batch, heads, q_len).unsqueeze(-1)
         self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
         self.values.scatter_(2, index.expand(-1, -1, -1, values.shape[-1]), values)
-        self._positions.scatter_(-1, slots, new_positions.expand_as(slots))
+        self._positions.scatter_(-1, slots, self._new_positions(q_len).expand_as(slots))
         self.used = max(self.used, int(slots.max()) + 1)
         self.new_slots = slots
+        self.ordered = False
+
+    def _write_one(self, keys: torch.Tensor, values: torch.Tensor, free: torch.Tensor) -> None:
+        """A decode step: write the new token (B, Hkv, 1, d) into the first free slot of each row and head (one
+        reduction and one host sync; one row with one slot layout, the usual `generate` case, writes by slicing)."""
+        has_free, first_free = free.max(dim=-1, keepdim=True)  # (B, Hp, 1)
+        last = int(torch.where(has_free, first_free, self.capacity).max())
+        if last == self.capacity:  # some row or head has no free slot
+            self._grow(self.capacity + max(1, self.capacity // 2))
+            first_free = (self._positions < 0).max(dim=-1, keepdim=True)[1]
+            last = int(first_free.max())
+        if first_free.numel() == 1:
+            self.keys.narrow(2, last, 1).copy_(keys)
+            self.values.narrow(2, last, 1).copy_(values)
+            self._positions.narrow(-1, last, 1).fill_(self.seen)
+        else:
+            batch, heads, _, dim = self.keys.shape
+            index = first_free.expand(batch, heads, 1).unsqueeze(-1)
+            self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
+            self.values.scatter_(2, index.expand(-1, -1, -1, values.shape[-1]), values)
+            self._positions.scatter_(-1, first_free, self.seen)
+        self.used = max(self.used, last + 1)
+        self.new_slots = first_free
         self.ordered = False
 
     def prepare_attention(self, query, key, position_ids, new_padding):
@@ -335,9 +360,8 @@ class CompressedLayer(CacheLayerMixin):
     def finish_forward(self) -> None:
         """Called by the core after the kernel: apply the strategy's eviction."""
         self.awaiting_attention = False
-        if not self._cache.evicts:
-            return
-        self.keep_only(self._cache.select(self))
+        if self._cache.evicts:
+            self._cache.evict(self)
 
     def keep_only(self, keep: torch.Tensor) -> None:
         """Free every slot in [0, used) where `keep` ((B, 1 or Hkv, used) bool) is False. Kept slots never move,
@@ -369,6 +393,14 @@ class CompressedLayer(CacheLayerMixin):
             reserve = max(8, kept // 16)
             if self.capacity > 2 * (kept + reserve):
                 self._compact(kept + reserve)
+
+    def free_slots(self, slots: torch.Tensor, where: torch.Tensor) -> None:
+        """Free slot `slots[b, h, i]` wherever `where[b, h, i]` ((B, Hp, k) long and bool): a decode step's eviction
+        without a host sync. Kept slots never move and `used` is not trimmed (a free slot is masked wherever it is);
+        `dense`/`holes` are set as if a slot was freed even when `where` is all False."""
+        current = self._positions.gather(-1, slots)
+        self._positions.scatter_(-1, slots, torch.where(where, -1, current))
+        self.dense, self.holes = False, True
 
     def _compact(self, capacity: int) -> None:
         """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their
@@ -469,6 +501,11 @@ class CompressedCache(Cache):
             Free slots stay free whatever is returned.
         """
         raise NotImplementedError
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """Apply the strategy to `layer` after its attention: free every slot `select` does not keep. A strategy may
+        override this with a faster path (e.g. for decode steps) that must free exactly what `select` would."""
+        layer.keep_only(self.select(layer))
 
     def clone(self) -> CompressedCache:
         """An independent copy (tensors copied, its own hooks on the model), e.g. to answer many queries from one

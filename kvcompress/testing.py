@@ -107,7 +107,10 @@ def visibility_from_records(records: list[dict], batch: int, length: int) -> tor
         some layer kept different tokens per kv head ([l, b, h, i, j]: through kv head h).
     """
     layers = 1 + max(r["layer_idx"] for r in records)
-    heads = max(r["allowed"].shape[1] for r in records)
+    # a head axis when some record's mask or slot positions have one (a mask without a head axis, e.g. a decode
+    # step that sees every slot, applies to every kv head's own positions)
+    heads = max(max(r["allowed"].shape[1], 1 if r["kv_positions"] is None else r["kv_positions"].shape[1])
+                for r in records)
     visible = torch.zeros(layers, batch, heads, length, length, dtype=torch.bool)
     for record in records:
         allowed = record["allowed"].cpu()  # (B, 1 or Hkv, Q, K)

@@ -16,6 +16,10 @@ class SinkWindowCache(CompressedCache):
     Eviction runs after each forward: tokens of one forward (a prefill chunk) all attend to each other and to the
     tokens kept before it, then the cache is cut back to at most `n_sink + window` tokens per row.
 
+    A decode step frees at most one slot per row: the oldest token that is not a sink (sinks are marked in a
+    per-slot state when `select` first runs on a layer whose rows all hold their sinks), without ranking the slots.
+    `select` stays the definition; tests/test_sink_window_fast_path.py holds the two equal.
+
     Args:
         model: the causal LM this cache serves.
         n_sink: number of initial tokens always kept (>= 0; the paper finds 4 enough).
@@ -30,6 +34,7 @@ class SinkWindowCache(CompressedCache):
         n_sink, window = as_int(n_sink, "n_sink", minimum=0), as_int(window, "window", minimum=1)
         super().__init__(model, positions=positions)
         self.n_sink, self.window = n_sink, window
+        self._sinks_marked: set[int] = set()  # layers whose rows all hold n_sink sinks, marked in state "sink"
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> SinkWindowCache:
@@ -45,3 +50,30 @@ class SinkWindowCache(CompressedCache):
         rank = layer.stream_rank()  # index among the row's real tokens, in stream order
         from_end = valid.sum(dim=-1, keepdim=True) - 1 - rank
         return valid & ((rank < self.n_sink) | (from_end < self.window))
+
+    def evict(self, layer: CompressedLayer) -> None:
+        if layer.seen <= self.n_sink + self.window:  # no row holds more real tokens than it keeps
+            return
+        if layer.new_tokens == 1 and layer.layer_idx in self._sinks_marked:
+            self._evict_oldest_non_sink(layer)
+            return
+        keep = self.select(layer)
+        sinks = keep & (layer.stream_rank() < self.n_sink)
+        layer.slot_state("sink", dtype=torch.bool)[..., : layer.used] = sinks
+        if bool((sinks.sum(dim=-1) >= self.n_sink).all()):
+            self._sinks_marked.add(layer.layer_idx)
+        layer.keep_only(keep)
+
+    def _evict_oldest_non_sink(self, layer: CompressedLayer) -> None:
+        """A decode step: each row (and head) held at most `window` non-sink tokens before it and got one new token,
+        so it frees its oldest non-sink token when it now holds more than `window`. Free slots are never marked
+        sinks (sinks are never evicted), so the new token, written into a free slot, is not one."""
+        positions = layer.positions  # (B, Hp, S)
+        protected = (positions < 0) | layer.slot_state("sink", dtype=torch.bool)[..., : layer.used]
+        over = (~protected).sum(dim=-1, keepdim=True) > self.window  # (B, Hp, 1)
+        oldest = positions.masked_fill(protected, torch.iinfo(torch.long).max).argmin(dim=-1, keepdim=True)
+        layer.free_slots(oldest, over)
+
+    def reset(self) -> None:
+        super().reset()
+        self._sinks_marked = set()

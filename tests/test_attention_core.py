@@ -241,3 +241,49 @@ def test_output_attentions_with_a_compressing_cache_span_the_kept_slots(tiny_mod
         assert sorted(slots[slots >= 0].tolist()) == [0, 1, 9, 10, 11, 12]  # 2 sinks + 3 recent, plus the new token
         assert bool((probs[..., slots < 0] == 0).all()) and bool((probs[..., slots >= 0] > 0).all())
         torch.testing.assert_close(probs.sum(-1), torch.ones(1, 4, 1))
+
+
+# --- the decode-step mask shortcut ----------------------------------------------------------------------------------
+@st.composite
+def decode_slot_tables(draw):
+    """A decode step of a kvcompress layer: rows with left pads, kept positions in shuffled slots, free slots -1.
+    Returns (spec, positions (B, Hp, K)); the new token sits at stream position N - 1 of every row."""
+    from transformers.masking_utils import causal_mask_function
+
+    from kvcompress.masks import MaskSpec
+
+    batch, heads, n = draw(st.integers(1, 3)), draw(st.sampled_from([1, 3])), draw(st.integers(2, 12))
+    pads = [draw(st.integers(0, n - 1)) for _ in range(batch)]
+    padding = torch.tensor([[j >= p for j in range(n)] for p in pads])
+    slots = draw(st.integers(n, n + 4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
+    table = torch.full((batch, heads, slots), -1, dtype=torch.long)
+    for b in range(batch):
+        for h in range(heads):
+            real = [j for j in range(pads[b], n - 1) if torch.rand(1, generator=g) < 0.6] + [n - 1]
+            order = torch.randperm(slots, generator=g)[: len(real)]
+            table[b, h, order] = torch.tensor(real)
+    if padding.all() or draw(st.booleans()):  # the forward's padding mask may be absent (pads are -1 anyway)
+        padding = None
+    spec = MaskSpec(mask_function=causal_mask_function, padding=padding, q_offset=n - 1, kv_offset=0)
+    return spec, table
+
+
+@settings(max_examples=60, deadline=None)
+@given(decode_slot_tables())
+def test_decode_step_mask_shortcut_equals_the_mask_from_positions(example):
+    """`_mask_for` on a decode step of a kvcompress layer ("slot filled", or None when every slot is) equals the
+    general `allowed_from_positions` (pattern function, padding, free slots)."""
+    from types import SimpleNamespace
+
+    from kvcompress.attention import _mask_for
+    from kvcompress.masks import allowed_from_positions
+
+    spec, table = example
+    batch, heads, slots = table.shape
+    expected = allowed_from_positions(spec, table, 1)
+    got = _mask_for(spec, table, SimpleNamespace(dense=False), 1, slots)
+    got = torch.ones_like(expected) if got is None else got.expand_as(expected)
+    assert torch.equal(got, expected)
+    # the check has teeth: a shortcut that ignored free slots would differ wherever a slot is free
+    assert torch.equal(torch.ones_like(expected), expected) == bool((table >= 0).all())

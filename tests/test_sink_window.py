@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcompress import FullCache, SinkWindowCache
+from kvcompress.cache import CompressedCache
 from kvcompress.testing import left_padded, max_step_error, tiny_llama
 
 MODEL = tiny_llama(seed=3)  # read-only across hypothesis examples; caches are built per example
@@ -83,7 +84,14 @@ def check_rows_independent(cache_cls, rows, ids, mask, continuation, n_sink, win
 
 
 # --- planted bugs -----------------------------------------------------------------------------------------------
-class _OneTooMany(SinkWindowCache):
+class SelectEachForward(SinkWindowCache):
+    """SinkWindowCache evicting through `select` after every forward (no decode fast path): the planted bugs below
+    are bugs of `select`; tests/test_sink_window_fast_path.py holds the fast path equal to this."""
+
+    evict = CompressedCache.evict
+
+
+class _OneTooMany(SelectEachForward):
     def select(self, layer):
         valid = layer.valid
         rank = valid.cumsum(-1) - 1
@@ -91,14 +99,14 @@ class _OneTooMany(SinkWindowCache):
         return valid & ((rank < self.n_sink) | (from_end <= self.window))
 
 
-class _AlwaysDropsOldest(SinkWindowCache):
+class _AlwaysDropsOldest(SelectEachForward):
     def select(self, layer):
         keep = super().select(layer)
         first_unsunk = (layer.valid.cumsum(-1) == self.n_sink + 1) & layer.valid
         return keep & ~first_unsunk if layer.valid.sum(-1).min() > self.n_sink + 1 else keep
 
 
-class _SinksCountPads(SinkWindowCache):
+class _SinksCountPads(SelectEachForward):
     def select(self, layer):
         slot = torch.arange(layer.positions.shape[-1]).expand_as(layer.positions)
         from_end = layer.valid.sum(-1, keepdim=True) - layer.valid.cumsum(-1)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvcompress import AnchorCache, FullCache, SinkWindowCache
-from kvcompress.cache import cache_arg
+from kvcompress.cache import CompressedCache, cache_arg
 from kvcompress.testing import left_padded, tiny_llama
 
 MODEL = tiny_llama()
@@ -27,8 +27,9 @@ def _permute_slots(cache, generator) -> None:
             tensor = getattr(layer, name)
             index = order[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[-1])
             tensor[:, :, :used] = tensor[:, :, :used].gather(2, index)
+        for table in (layer._positions, *layer.state.values()):
+            table[..., :used] = table[..., :used].gather(-1, order[:, None, :].expand(-1, table.shape[1], -1))
         table = layer._positions
-        table[..., :used] = table[..., :used].gather(-1, order[:, None, :].expand(-1, table.shape[1], -1))
         layer.ordered = layer.dense = False  # the slots no longer follow stream order
         layer.holes = bool((table[..., :used] < 0).any())
         layer.new_slots = None
@@ -68,6 +69,8 @@ def test_planted_rank_by_slot_is_caught_by_the_permutation_check():
     """A sink window that ranks tokens by slot index (the bug slot reuse invites) fails the permutation check."""
 
     class RankBySlot(SinkWindowCache):
+        evict = CompressedCache.evict  # through `select` after every forward (no decode fast path)
+
         def select(self, layer):
             valid = layer.valid
             rank = valid.cumsum(-1) - 1
