@@ -199,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     results = runner.run(config, model, tokenizer)
     print(runner.markdown_table(results))
     print()
+    scores = runner.score_table(results)
+    if scores:
+        print("Scores by task (acc: higher is better; ppl: lower is better)\n")
+        print(scores)
+        print()
     from . import leaderboard
 
     if leaderboard.ruler_rows(results):

@@ -37,6 +37,30 @@ def read_bandwidth(device: torch.device | str = "cpu", megabytes: int = 512, rep
     return {"bytes_per_s": statistics.median(samples), "samples": samples, "megabytes": megabytes}
 
 
+@torch.no_grad()
+def matmul_seconds(model, repeats: int = 7) -> dict:
+    """The weight matmuls of one decode step alone: every `torch.nn.Linear` of `model` (projections, MLP, output
+    head) applied to one token's activation, in turn, on the model's device and dtype. What torch's kernels reach
+    on these matrices with the current thread count; a decode step cannot beat it whatever its cache does, so
+    `step - matmul` bounds what attention, norms, Python and the cache cost.
+
+    Returns {"seconds": median, "samples": [seconds per repeat], "linears": count}.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    device = next(model.parameters()).device
+    inputs = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears]
+    samples = []
+    for i in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        for module, x in zip(linears, inputs):
+            module(x)
+        _sync(device)
+        if i:  # the first pass warms up
+            samples.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(samples), "samples": samples, "linears": len(linears)}
+
+
 @functools.lru_cache(maxsize=8)
 def process_bandwidth(device: str = "cpu") -> float:
     """`read_bandwidth(device)["bytes_per_s"]`, measured once per process and device."""

@@ -364,6 +364,36 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def score_table(results: dict) -> str:
+    """Scores side by side: one row per strategy and budget (`full` first), one column per scored task (accuracy,
+    or perplexity marked "ppl": lower is better); "-" where a cell is missing. "" when fewer than two tasks were
+    scored."""
+    cells = [c for c in results["cells"].values() if c.get("status") == "ok"
+             and (c.get("accuracy") is not None or c.get("perplexity") is not None)]
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    if len(tasks) < 2:
+        return ""
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for cell in cells:
+        rows.setdefault((cell["strategy"], cell["budget"]), {})[cell["task"]] = cell
+    metric = {t: "ppl" if any(c["task"] == t and c.get("perplexity") is not None for c in cells) else "acc"
+              for t in tasks}
+    lines = ["| strategy | budget | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
+             "|---|---|" + "---:|" * len(tasks)]
+    for (strategy, budget), by_task in sorted(rows.items(), key=lambda item: (item[0][0] != "full", item[0])):
+        values = []
+        for task in tasks:
+            cell = by_task.get(task)
+            if cell is None:
+                values.append("-")
+            elif metric[task] == "ppl":
+                values.append(f"{cell['perplexity']:.2f}")
+            else:
+                values.append(f"{cell['accuracy']:.3f}")
+        lines.append(f"| {strategy} | {budget} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict) -> str:
     """One row per cell: score, KV kept, KV bytes, timings, memory."""
     lines = [

@@ -98,6 +98,7 @@ def run_length(model, tokenizer, ids: torch.Tensor, names: list[str], fraction: 
         if progress:
             progress()
     bandwidth = [floor.read_bandwidth(device)["bytes_per_s"]]
+    matmul = [floor.matmul_seconds(model)["seconds"]]
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
@@ -109,6 +110,7 @@ def run_length(model, tokenizer, ids: torch.Tensor, names: list[str], fraction: 
         if progress:
             progress()
     bandwidth.append(floor.read_bandwidth(device)["bytes_per_s"])
+    matmul.append(floor.matmul_seconds(model)["seconds"])
     weights = floor.weight_bytes(model)
     band = statistics.median(bandwidth)
     for name in names:
@@ -126,6 +128,9 @@ def run_length(model, tokenizer, ids: torch.Tensor, names: list[str], fraction: 
             "step_ms_iqr": _iqr(row["step_seconds"]) * 1e3,
             "floor_ms": (weights + kv) / band * 1e3,
             "floor_ratio": step / ((weights + kv) / band),
+            "matmul_ms": statistics.median(matmul) * 1e3,
+            "matmul_samples_ms": [m * 1e3 for m in matmul],
+            "matmul_ratio": step / statistics.median(matmul),
             "tokens_per_s": 1 / step,
         })
     model.set_attn_implementation("kvcompress")
@@ -167,16 +172,17 @@ def add_ratios(rows: list[dict]) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| context | cache | kept tokens | KV MiB | step ms (IQR) | floor ms | step / floor | tok/s | vs full | "
-        "floor vs full | prefill s | prefill peak +MiB | resident +MiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | cache | kept tokens | KV MiB | step ms (IQR) | floor ms | step / floor | matmul ms | "
+        "step / matmul | tok/s | vs full | floor vs full | prefill s | prefill peak +MiB | resident +MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         resident = "-" if r["decode_resident_mib"] is None else f"{r['decode_resident_mib']:.0f}"
         lines.append(
             f"| {r['context_tokens']} | {r['cache']} | {r['kept_tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r['step_ms']:.1f} ({r['step_ms_iqr']:.1f}) | {r['floor_ms']:.1f} | {r['floor_ratio']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {_times(r.get('speedup_vs_full'))} | "
+            f"{r['matmul_ms']:.1f} | {r['matmul_ratio']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{_times(r.get('speedup_vs_full'))} | "
             f"{_times(r.get('floor_speedup_vs_full'))} | {r['prefill_seconds']:.1f} | "
             f"{r['prefill_peak_mib']:.0f} | {resident} |"
         )

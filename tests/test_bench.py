@@ -284,3 +284,25 @@ def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys
     assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
     assert "RULER avg, query after | RULER avg, query before" in captured.out
     assert (out / "leaderboard.png").is_file()
+
+
+def test_score_table_puts_tasks_side_by_side():
+    def cell(task, strategy, budget, **score):
+        return {"status": "ok", "task": task, "strategy": strategy, "budget": budget, **score}
+
+    results = {"cells": {str(i): c for i, c in enumerate([
+        cell("ppl@2048", "sink_window", "0.1", perplexity=28.123, accuracy=None),
+        cell("sst2", "sink_window", "0.1", accuracy=0.75),
+        cell("sst2", "full", "-", accuracy=0.792),
+        cell("ppl@2048", "full", "-", perplexity=25.5),
+        cell("speed@1024", "full", "-"),  # no score: not a column
+        {"status": "error", "task": "obqa", "strategy": "full", "budget": "-"},
+    ])}}
+    assert runner.score_table(results).splitlines() == [
+        "| strategy | budget | ppl@2048 (ppl) | sst2 (acc) |",
+        "|---|---|---:|---:|",
+        "| full | - | 25.50 | 0.792 |",
+        "| sink_window | 0.1 | 28.12 | 0.750 |",
+    ]
+    del results["cells"]["0"], results["cells"]["3"]
+    assert runner.score_table(results) == ""  # one scored task: nothing to put side by side

@@ -56,6 +56,20 @@ def test_read_bandwidth_returns_positive_samples():
     assert min(result["samples"]) <= result["bytes_per_s"] <= max(result["samples"])
 
 
+def test_matmul_seconds_runs_every_linear_of_the_model(tiny_model):
+    calls = []
+    linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_hook(lambda module, args, out: calls.append(module)) for m in linears]
+    try:
+        result = floor.matmul_seconds(tiny_model, repeats=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert result["linears"] == len(linears) == 7 * tiny_model.config.num_hidden_layers + 1  # q k v o gate up down, head
+    assert len(calls) == 4 * len(linears) and set(map(id, calls)) == set(map(id, linears))  # warm-up + 3 repeats
+    assert len(result["samples"]) == 3 and min(result["samples"]) <= result["seconds"] <= max(result["samples"])
+
+
 def test_speed_grid_rows_on_a_tiny_model(tiny_model):
     ids = torch.arange(3, 43).unsqueeze(0)
     names = ["dynamic", "full", "sink_window"]
@@ -71,6 +85,8 @@ def test_speed_grid_rows_on_a_tiny_model(tiny_model):
         assert len(row["step_seconds"]) == 2
         assert row["step_bytes"] == row["weight_bytes"] + row["kv_bytes"]
         assert row["floor_ratio"] == pytest.approx(row["step_ms"] / row["floor_ms"], rel=1e-12)
+        assert row["matmul_ratio"] == pytest.approx(row["step_ms"] / row["matmul_ms"], rel=1e-12)
+        assert len(row["matmul_samples_ms"]) == 2  # before and after the rounds
     assert by_name["full"]["speedup_vs_full"] == 1.0
     assert by_name["sink_window"]["floor_speedup_vs_full"] > 1.0
     assert tiny_model.config._attn_implementation == "kvcompress"  # dynamic rounds ran on sdpa, then switched back
