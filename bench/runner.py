@@ -169,7 +169,10 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             bar.update(1)
     finally:
         bar.close()
-    results["cells"] = {c.key: results["cells"][c.key] for c in cells if c.key in results["cells"]}
+    # this run's grid first, in grid order, then what earlier runs into this folder finished (--resume keeps it all)
+    grid_keys = [c.key for c in cells if c.key in results["cells"]]
+    earlier = sorted(set(results["cells"]) - set(grid_keys))
+    results["cells"] = {key: results["cells"][key] for key in grid_keys + earlier}
     write_json(path, results)
     return results
 

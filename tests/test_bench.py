@@ -107,6 +107,19 @@ def test_resume_skips_finished_cells(tiny_dir, tmp_path, capsys):
     assert second["speed@40|sink_window|10"]["kv_tokens_kept"] == 10
 
 
+def test_resume_with_a_narrower_selection_keeps_the_other_finished_cells(tiny_dir, tmp_path, capsys):
+    """Running one task (or budget) at a time into one folder with --resume accumulates every cell."""
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--strategies", "sink_window", "--tasks", "speed@40", "--repeats", "1",
+            "--decode-tokens", "2", "--out", str(out), "--no-progress", "--no-plots"]
+    assert _run_cli(base + ["--budgets", "0.5"], capsys)[0] == 0
+    assert _run_cli(base + ["--budgets", "10", "--resume"], capsys)[0] == 0
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert list(cells) == ["speed@40|sink_window|10", "speed@40|sink_window|0.5"]  # this run's grid first
+    assert _run_cli(base + ["--budgets", "0.5"], capsys)[0] == 0  # without --resume: a fresh results.json
+    assert list(json.loads((out / "results.json").read_text())["cells"]) == ["speed@40|sink_window|0.5"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
