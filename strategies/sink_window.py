@@ -6,6 +6,7 @@ import torch
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
+from ..selection import first
 from ..validate import as_int
 
 
@@ -58,7 +59,7 @@ class SinkWindowCache(CompressedCache):
             self._evict_oldest_non_sink(layer)
             return
         keep = self.select(layer)
-        sinks = keep & (layer.stream_rank() < self.n_sink)
+        sinks = keep & first(layer, self.n_sink)
         layer.slot_state("sink", dtype=torch.bool)[..., : layer.used] = sinks
         if bool((sinks.sum(dim=-1) >= self.n_sink).all()):
             self._sinks_marked.add(layer.layer_idx)

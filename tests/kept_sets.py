@@ -28,12 +28,16 @@ def recording_kept(model, cache):
         handle.remove()
 
 
-def teacher_forced(model, cache, ids, mask, continuation):
-    """Feed `ids` (B, N), then `continuation` (B, T) one token at a time (direct model() calls). Returns the last
-    logits of every forward (B, T + 1, V) and the kept sets after every forward."""
+def teacher_forced(model, cache, ids, mask, continuation, chunk: int | None = None):
+    """Feed `ids` (B, N) (whole, or in forwards of `chunk` tokens), then `continuation` (B, T) one token at a time
+    (direct model() calls). Returns the last logits of the prompt and of every continuation token (B, T + 1, V) and
+    the kept sets after every forward (prompt chunks included)."""
     logits = []
+    step = chunk or ids.shape[1]
     with torch.no_grad(), recording_kept(model, cache) as kept:
-        logits.append(model(ids, attention_mask=mask, **cache_arg(cache)).logits[:, -1])
+        for start in range(0, ids.shape[1], step):
+            out = model(ids[:, start : start + step], attention_mask=mask[:, : start + step], **cache_arg(cache))
+        logits.append(out.logits[:, -1])
         for t in range(continuation.shape[1]):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits.append(model(continuation[:, t : t + 1], attention_mask=mask, **cache_arg(cache)).logits[:, -1])

@@ -9,9 +9,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kept_sets import teacher_forced
 
 from kvcompress import SinkWindowCache
-from kvcompress.cache import CompressedCache, cache_arg
+from kvcompress.cache import CompressedCache
 from kvcompress.testing import left_padded, tiny_llama
 
 MODEL = tiny_llama(seed=7)
@@ -45,20 +46,10 @@ class _FastPathIgnoresCount(SinkWindowCache):
 
 def _run(cache_cls, rows, continuation, n_sink, window, chunk, positions):
     """Feed the prompt (in chunks of `chunk` tokens, or whole) then the continuation one token at a time.
-    Returns the logits of every forward (B, F, V) and the kept positions of every layer after every forward."""
+    Returns the logits (B, T + 1, V) and the kept sets of every layer, row and kv head after every forward."""
     ids, mask = left_padded(rows)
     cache = cache_cls(MODEL, n_sink=n_sink, window=window, positions=positions)
-    logits, kept = [], []
-    bounds = list(range(0, ids.shape[1], chunk or ids.shape[1])) + [ids.shape[1]]
-    feeds = [(ids[:, a:b], mask[:, :b]) for a, b in zip(bounds, bounds[1:])]
-    for t in range(continuation.shape[1]):
-        feeds.append((continuation[:, t : t + 1], torch.cat([mask, mask.new_ones(len(rows), t + 1)], dim=1)))
-    with torch.no_grad():
-        for tokens, attention_mask in feeds:
-            out = MODEL(tokens, attention_mask=attention_mask, **cache_arg(cache), use_cache=True)
-            logits.append(out.logits[:, -1])
-            kept.append([cache.kept_positions(layer) for layer in range(len(cache.layers))])
-    return torch.stack(logits, 1), kept
+    return teacher_forced(MODEL, cache, ids, mask, continuation, chunk=chunk)
 
 
 @st.composite
