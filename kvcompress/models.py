@@ -93,6 +93,8 @@ def load_model(
     """
     if name in ALIASES:
         model, tokenizer = _load_bundled(name)
+    elif (pathlib.Path(name).expanduser() / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(pathlib.Path(name).expanduser())
     else:
         path = pathlib.Path(name).expanduser()
         try:
@@ -112,6 +114,16 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _load_adapter(folder: pathlib.Path):
+    """A LoRA anchor-training checkpoint (`kvcompress-train-anchor --lora-rank R`): its base merged with it."""
+    from .anchor_model import merge_adapter, read_anchor_file
+
+    base = read_anchor_file(folder)["base"]
+    model, _ = load_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return merge_adapter(model, tokenizer, folder), tokenizer
 
 
 def _load_gguf(path: pathlib.Path):
