@@ -30,6 +30,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from . import attention
 from .rope import RotaryPositions
+from .storage import LAYOUTS, DenseKV, PagedKV
 from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
@@ -47,11 +48,20 @@ class UnsupportedFeatureError(NotImplementedError):
     """A transformers feature that a compressing cache cannot serve exactly (crop, ...)."""
 
 
+def _only_none(value, name: str) -> None:
+    if value is not None:
+        raise AttributeError(f"CompressedLayer.{name} is read from its store (layer.store); it cannot be assigned")
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer's kept keys and values, in slots that never move.
 
     Storage (C = capacity, Hp = 1 or Hkv):
-        keys, values: (B, Hkv, C, d) buffers. In positions="cache" mode keys are stored before RoPE.
+        store: the keys and values by logical slot (`kvcompress.storage`): `DenseKV` (B, Hkv, C, d) buffers, or
+            `PagedKV` (per-(row, kv head) pages; the cache's `layout = "paged"`). In positions="cache" mode keys are
+            stored before RoPE.
+        keys, values: (B, Hkv, C, d) for a dense store (the buffers themselves); for a paged store the
+            (B, Hkv, used, d) pairs of slots [0, used), gathered for the forward in flight (dropped after it).
         positions: (B, Hp, used) long view of the slot table (B, Hp, C): the stream position held by each slot,
             -1 for a free slot (evicted, a pad, or never written). Hp = 1 while every kv head keeps the same tokens
             (strategies that choose by position); it becomes Hkv the first time a strategy keeps different tokens per
@@ -83,6 +93,8 @@ class CompressedLayer(CacheLayerMixin):
         self._cache = weakref.proxy(cache)
         self.layer_idx = layer_idx
         self._positions: torch.Tensor | None = None
+        self.store: DenseKV | PagedKV | None = None
+        self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # paged: the pairs gathered for this forward
         self.state: dict[str, torch.Tensor] = {}
         self.seen = 0
         self.used = 0
@@ -94,13 +106,37 @@ class CompressedLayer(CacheLayerMixin):
         self.awaiting_attention = False  # update() ran, the core's finish_forward() not yet
         self.observation: attention.Observation | None = None  # set by the core during finish_forward only
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._pairs()[0]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _only_none(value, "keys")  # transformers' CacheLayerMixin.__init__ sets None; the store owns the tensors
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._pairs()[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        _only_none(value, "values")
+
+    def _pairs(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.store is None:
+            return None, None
+        if isinstance(self.store, DenseKV):
+            return self.store.keys, self.store.values
+        return self._view if self._view is not None else self.store.read(self.used)
+
     # transformers API -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads, _, dim = key_states.shape
-        self.keys = key_states.new_zeros(batch, heads, 0, dim)
-        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
-        self._positions = torch.empty(batch, 1, 0, dtype=torch.long, device=key_states.device)
+        if self._cache.storage_layout() == "paged":
+            self.store = PagedKV.empty(key_states, value_states, page=self._cache.page_size)
+        else:
+            self.store = DenseKV.empty(key_states, value_states)
+        self._positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -127,7 +163,10 @@ class CompressedLayer(CacheLayerMixin):
         self.new_tokens = q_len
         self.awaiting_attention = True
         attention.serve_layer(self)
-        return self.keys.narrow(2, 0, self.used), self.values.narrow(2, 0, self.used)
+        pairs = self.store.read(self.used)
+        if isinstance(self.store, PagedKV):
+            self._view = pairs
+        return pairs
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         kept = self.used if self._positions is not None else 0
@@ -140,7 +179,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self._positions = None
+        self.store = self._view = self._positions = None
         self.state = {}
         self.is_initialized = False
         self.seen = self.used = self.new_tokens = 0
@@ -166,12 +205,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            indices = indices.to(self.keys.device)
+            indices = indices.to(self._positions.device)
             self._map_rows(lambda t: t[indices])
 
     def _map_rows(self, fn) -> None:
         """Apply a row operation (select, repeat, reorder) to every per-row tensor of the layer."""
-        self.keys, self.values, self._positions = fn(self.keys), fn(self.values), fn(self._positions)
+        self.store.map_rows(fn)
+        self._positions = fn(self._positions)
         self.state = {name: fn(value) for name, value in self.state.items()}
         if self.new_slots is not None:
             self.new_slots = fn(self.new_slots)
@@ -179,6 +219,7 @@ class CompressedLayer(CacheLayerMixin):
     def __getstate__(self) -> dict:
         state = dict(vars(self))
         state.pop("_cache", None)  # a weak proxy; the owning cache restores it (CompressedCache.__setstate__)
+        state["_view"] = None
         return state
 
     # slots ------------------------------------------------------------------------------------------------
@@ -232,16 +273,17 @@ class CompressedLayer(CacheLayerMixin):
         return state
 
     def _grow(self, capacity: int) -> None:
-        """Reallocate to `capacity` slots (zeros: a free slot never holds NaN/Inf garbage the kernel could read)."""
-        extra = capacity - self.capacity
-        if extra <= 0:
+        """Reallocate to (at least) `capacity` slots (zeros: a free slot never holds NaN/Inf garbage the kernel could
+        read; a paged store rounds up to whole pages)."""
+        if capacity <= self.capacity:
             return
+        self.store.grow(capacity)
+        extra = self.store.capacity - self.capacity
 
         def widen(tensor, fill):
-            pad = tensor.new_full((*tensor.shape[:2], extra, *tensor.shape[3:]), fill)
+            pad = tensor.new_full((*tensor.shape[:2], extra), fill)
             return torch.cat([tensor, pad], dim=2)
 
-        self.keys, self.values = widen(self.keys, 0), widen(self.values, 0)
         self._positions = widen(self._positions, -1)
         self.state = {name: widen(value, 0) for name, value in self.state.items()}
 
@@ -255,8 +297,7 @@ class CompressedLayer(CacheLayerMixin):
         start, end = self.used, self.used + q_len
         if end > self.capacity:
             self._grow(end if self.capacity == 0 else max(end, self.capacity + self.capacity // 2))
-        self.keys.narrow(2, start, q_len).copy_(keys)
-        self.values.narrow(2, start, q_len).copy_(values)
+        self.store.write_range(start, keys, values)
         if q_len == 1:
             self._positions.narrow(-1, start, 1).fill_(self.seen)
         else:
@@ -275,10 +316,7 @@ class CompressedLayer(CacheLayerMixin):
             self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
             free = self._positions < 0
         slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
-        batch, heads, _, dim = self.keys.shape
-        index = slots.expand(batch, heads, q_len).unsqueeze(-1)
-        self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
-        self.values.scatter_(2, index.expand(-1, -1, -1, values.shape[-1]), values)
+        self.store.write_slots(slots, keys, values)
         self._positions.scatter_(-1, slots, self._new_positions(q_len).expand_as(slots))
         self.used = max(self.used, int(slots.max()) + 1)
         self.new_slots = slots
@@ -294,14 +332,10 @@ class CompressedLayer(CacheLayerMixin):
             first_free = (self._positions < 0).max(dim=-1, keepdim=True)[1]
             last = int(first_free.max())
         if first_free.numel() == 1:
-            self.keys.narrow(2, last, 1).copy_(keys)
-            self.values.narrow(2, last, 1).copy_(values)
+            self.store.write_range(last, keys, values)
             self._positions.narrow(-1, last, 1).fill_(self.seen)
         else:
-            batch, heads, _, dim = self.keys.shape
-            index = first_free.expand(batch, heads, 1).unsqueeze(-1)
-            self.keys.scatter_(2, index.expand(-1, -1, -1, dim), keys)
-            self.values.scatter_(2, index.expand(-1, -1, -1, values.shape[-1]), values)
+            self.store.write_slots(first_free, keys, values)
             self._positions.scatter_(-1, first_free, self.seen)
         self.used = max(self.used, last + 1)
         self.new_slots = first_free
@@ -342,8 +376,9 @@ class CompressedLayer(CacheLayerMixin):
         rope = self._cache.rope
         position_ids = position_ids.expand(query.shape[0], -1)
         slots = self._new_slot_index()  # (B, q): new token i sits in slot slots[:, i]
-        index = slots[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        self.keys.scatter_(2, index, rope.unrotate(self.keys.gather(2, index), position_ids))
+        self.store.rewrite_slots(slots[:, None], rope.unrotate(self.store.read_slots(slots[:, None]), position_ids))
+        if self._view is not None:  # a paged store's gathered pairs predate the rewrite
+            self._view = self.store.read(self.used)
         rank = self.stream_rank()[:, 0]  # (B, used)
         key = rope.rotate(self.keys[:, :, : self.used], rank)
         query = rope.rotate(rope.unrotate(query, position_ids), rank.gather(-1, slots))
@@ -360,8 +395,11 @@ class CompressedLayer(CacheLayerMixin):
     def finish_forward(self) -> None:
         """Called by the core after the kernel: apply the strategy's eviction."""
         self.awaiting_attention = False
-        if self._cache.evicts:
-            self._cache.evict(self)
+        try:
+            if self._cache.evicts:
+                self._cache.evict(self)
+        finally:
+            self._view = None
 
     def keep_only(self, keep: torch.Tensor) -> None:
         """Free every slot in [0, used) where `keep` ((B, 1 or Hkv, used) bool) is False. Kept slots never move,
@@ -391,8 +429,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.new_tokens > 1:  # after a multi-token forward (a prefill): give memory back if far below capacity
             kept = int((self._positions >= 0).sum(dim=-1).max())
             reserve = max(8, kept // 16)
-            if self.capacity > 2 * (kept + reserve):
-                self._compact(kept + reserve)
+            if self.capacity > 2 * (kept + reserve) or isinstance(self.store, PagedKV):
+                self._compact(kept + reserve)  # a paged store holds only the pages of its kept pairs
 
     def free_slots(self, slots: torch.Tensor, where: torch.Tensor) -> None:
         """Free slot `slots[b, h, i]` wherever `where[b, h, i]` ((B, Hp, k) long and bool): a decode step's eviction
@@ -406,19 +444,19 @@ class CompressedLayer(CacheLayerMixin):
         """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their
         slot order)."""
         valid = self._positions >= 0
-        kept = int(valid.sum(dim=-1).max())
+        counts = valid.sum(dim=-1)  # (B, Hp)
+        kept = int(counts.max())
         order = (~valid).to(torch.uint8).argsort(dim=-1, stable=True)[..., :kept]  # (B, Hp, kept)
+        self.store.compact(order, capacity, counts)
+        capacity = self.store.capacity  # a paged store rounds up to whole pages
 
         def take(tensor: torch.Tensor, fill) -> torch.Tensor:
-            """tensor (B, H, C, *rest) with H = Hp, or H = Hkv when Hp = 1 (the layout broadcasts over heads)."""
+            """tensor (B, H, C) with H = Hp, or H = Hkv when Hp = 1 (the layout broadcasts over heads)."""
             index = order.expand(tensor.shape[0], tensor.shape[1], kept)
-            if tensor.ndim == 4:
-                index = index.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])
-            out = tensor.new_full((*tensor.shape[:2], capacity, *tensor.shape[3:]), fill)
+            out = tensor.new_full((*tensor.shape[:2], capacity), fill)
             out[:, :, :kept] = tensor.gather(2, index)
             return out
 
-        self.keys, self.values = take(self.keys, 0), take(self.values, 0)
         self.state = {name: take(value, 0) for name, value in self.state.items()}
         self._positions = take(self._positions, -1)
         self.used = kept
@@ -444,22 +482,65 @@ class CompressedCache(Cache):
     observe_queries = False  # the forward's queries (B, Hq, q, d)
     observe_window = 0  # w > 0: probabilities of the forward's last w queries over the slots (B, Hq, w, S)
     observe_received = False  # attention each slot received, summed over the forward's queries (B, Hq, S)
+    observe_max_received = False  # largest attention each slot received from any of the forward's queries (B, Hq, S)
     needs_token_ids = False  # True: record the input ids of every forward (anchors, label words)
     uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
+    layout: str | None = None  # key/value storage (kvcompress.storage): "dense" or "paged"; None: storage_layout()
+    page_size = 16  # slots per page of the paged layout
 
-    def __init__(self, model: PreTrainedModel, *, positions: str = "original"):
-        check_causal_lm(model)
+    def __init__(self, model: PreTrainedModel | None, *, positions: str = "original"):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         self.position_mode = positions
-        self.rope = RotaryPositions(model) if positions == "cache" else None
-        config = model.config.get_text_config(decoder=True)
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(config.num_hidden_layers)])
         self.token_ids: torch.Tensor | None = None  # (B, seen) when needs_token_ids
         self._forward_ids: torch.Tensor | None = None
+        self._in_forward = False  # a forward of the model using this cache is running (set by the hooks)
+        self._model_ref, self._hooks, self.rope = None, [], None
+        if model is None:  # unbound: layers are made when a prepared model first uses it (`attach`)
+            super().__init__(layers=[])
+            return
+        check_causal_lm(model)
+        config = model.config.get_text_config(decoder=True)
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(config.num_hidden_layers)])
+        self._connect(model)
+
+    @property
+    def is_bound(self) -> bool:
+        """False for a cache built without a model that no model has used yet."""
+        return bool(self.layers)
+
+    def _connect(self, model: PreTrainedModel) -> None:
         self._model_ref = weakref.ref(model)
         self._hooks = _install_hooks(model, self)
+        self.rope = RotaryPositions(model) if self.position_mode == "cache" else None
         attention.enable(model)
+
+    def _bind(self, model: PreTrainedModel) -> None:
+        """Strategy hook: resolve what a cache built without a model takes from the model (called by `attach` on an
+        unbound cache, before its layers are made). Raise ValueError when `model` cannot serve this cache."""
+
+    def _require_bound(self) -> None:
+        if not self.is_bound:
+            raise RuntimeError(
+                f"this {type(self).__name__} was built without a model and the model using it was not prepared for "
+                f"that: load the model with kvcompress.models.load_model, or call kvcompress.prepare(model) once, or "
+                f"build the cache with the model ({type(self).__name__}(model, ...))"
+            )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if self.is_bound else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        self._require_bound()
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._require_bound()
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
 
     @property
     def is_croppable(self) -> bool:
@@ -493,8 +574,8 @@ class CompressedCache(Cache):
                 `stream_rank()` (B, Hp, S), `keys`/`values` (B, Hkv, C, d) (slots [0, S) are attended), `seen`,
                 `new_tokens`, `new_slot_mask()`, `slot_state(...)`, `layer_idx`; `self.token_ids` (B, seen) when
                 `needs_token_ids`; `observation` (`attention.Observation`) for strategies that declare
-                `observe_queries` / `observe_window` / `observe_received`. Slot order is not stream order: rank by
-                `stream_rank()`, not by slot index.
+                `observe_queries` / `observe_window` / `observe_received` / `observe_max_received`. Slot order is
+                not stream order: rank by `stream_rank()`, not by slot index.
 
         Returns:
             (B, 1, S) bool (the same tokens for every kv head) or (B, Hkv, S) bool (per kv head); True = keep.
@@ -506,6 +587,19 @@ class CompressedCache(Cache):
         """Apply the strategy to `layer` after its attention: free every slot `select` does not keep. A strategy may
         override this with a faster path (e.g. for decode steps) that must free exactly what `select` would."""
         layer.keep_only(self.select(layer))
+
+    def storage_layout(self) -> str:
+        """The key/value layout of the layers: `layout` when set, else the strategy's default ("dense"; strategies
+        whose kv heads keep different counts choose "paged", so the memory held follows the pairs kept)."""
+        return self.layout or "dense"
+
+    def before_forward(self, args: tuple, kwargs: dict) -> None:
+        """Strategy hook: called before every forward of the model that uses this cache, with the base model's
+        arguments (input ids, attention_mask, position_ids, ...), after the input checks."""
+
+    def after_forward(self) -> None:
+        """Strategy hook: called after every forward of the model that used this cache, once every layer has
+        attended and evicted (e.g. to compress across layers, or to run forwards of its own: KVzip)."""
 
     def clone(self) -> CompressedCache:
         """An independent copy (tensors copied, its own hooks on the model), e.g. to answer many queries from one
@@ -521,9 +615,11 @@ class CompressedCache(Cache):
         for layer in self.layers:
             twin = copy.copy(layer)
             twin._cache = weakref.proxy(new)
-            for name in ("keys", "values", "_positions", "new_slots"):
+            for name in ("_positions", "new_slots"):
                 tensor = getattr(layer, name)
                 setattr(twin, name, None if tensor is None else tensor.clone())
+            twin.store = None if layer.store is None else layer.store.clone()
+            twin._view = None
             twin.state = {name: value.clone() for name, value in layer.state.items()}
             new.layers.append(twin)
         model = None if self._model_ref is None else self._model_ref()
@@ -549,21 +645,23 @@ class CompressedCache(Cache):
             layer._cache = weakref.proxy(self)
 
     def attach(self, model: PreTrainedModel) -> CompressedCache:
-        """Connect this cache to `model` (after `pickle.loads` / `torch.load`, or to move it to another instance of
-        the same model): installs its hooks and switches `model` to the kvcompress core. Returns the cache.
+        """Connect this cache to `model` (after `pickle.loads` / `torch.load`, to move it to another instance of the
+        same model, or to bind a cache built without a model): installs its hooks and switches `model` to the
+        kvcompress core. Returns the cache.
 
-        Raises ValueError if `model` has a different number of layers than the cache.
+        Raises ValueError if `model` has a different number of layers than the cache, or (unbound cache) cannot
+        serve it.
         """
         check_causal_lm(model)
         layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        if not self.is_bound:
+            self._bind(model)
+            self.layers = [CompressedLayer(self, i) for i in range(layers)]
         if layers != len(self.layers):
             raise ValueError(f"this cache has {len(self.layers)} layers but the model given to attach() has {layers}")
         for handle in self._hooks:
             handle.remove()
-        self._model_ref = weakref.ref(model)
-        self._hooks = _install_hooks(model, self)
-        self.rope = RotaryPositions(model) if self.position_mode == "cache" else None
-        attention.enable(model)
+        self._connect(model)
         return self
 
     def _check_attached(self) -> None:
@@ -664,7 +762,7 @@ class CompressedCache(Cache):
     # reporting ----------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of key and value storage allocated now, over all layers (free slots included)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return sum(layer.store.nbytes() for layer in self.layers if layer.is_initialized)
 
     def kv_bytes_used(self) -> int:
         """Bytes of the keys and values of kept tokens, over all layers and kv heads (free slots excluded)."""
@@ -672,10 +770,8 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            batch, heads, _, dim = layer.keys.shape
-            per_slot = (dim + layer.values.shape[-1]) * layer.keys.element_size()
-            kept = layer.valid.sum() * (heads // layer.positions.shape[1])
-            total += int(kept) * per_slot
+            kept = layer.valid.sum() * (layer.store.heads // layer.positions.shape[1])
+            total += int(kept) * layer.store.pair_bytes()
         return total
 
     def kept_counts(self) -> torch.Tensor:
@@ -734,13 +830,47 @@ def check_causal_lm(model) -> None:
         raise TypeError(f"{name} shares KV between layers, which kvcompress caches do not support")
 
 
+PREPARED = "_kvcompress_binds_caches"
+
+
+def prepare(model: PreTrainedModel) -> PreTrainedModel:
+    """Let caches built without a model (`AnchorCache()`) serve `model`: switches it to the kvcompress core (the same
+    results as SDPA for any cache) and adds a forward pre-hook on its base model that binds such a cache (`attach`)
+    the first time a forward uses it. Idempotent; `kvcompress.models.load_model` calls it. Returns `model`."""
+    check_causal_lm(model)
+    attention.enable(model)
+    if getattr(model, PREPARED, False):
+        return model
+
+    def bind(module, args, kwargs):
+        for name in ("past_key_values", "cache"):
+            cache = kwargs.get(name)
+            if isinstance(cache, CompressedCache) and not cache.is_bound:
+                cache.attach(model)
+                _start_forward(cache, args, kwargs)  # its own pre-hook was added during this call: not run now
+
+    model.base_model.register_forward_pre_hook(bind, with_kwargs=True)
+    setattr(model, PREPARED, True)
+    return model
+
+
+def _start_forward(cache: CompressedCache, args: tuple, kwargs: dict) -> None:
+    cache._forward_ids = None
+    cache._in_forward = any(kwargs.get(name) is cache for name in ("past_key_values", "cache"))
+    if cache._in_forward:
+        cache._check_forward_input(args, kwargs)
+        cache.before_forward(args, kwargs)
+
+
 def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
     """Hooks tying `cache` to the forwards of `model`; removed when the cache is garbage-collected.
 
     - A forward pre-hook on `model.base_model` (the module owning the input embeddings, so a direct call of the
       base model is covered too): at the start of EVERY forward it drops ids recorded by an earlier forward (ids
       belong to the forward that uses them: a forward with `inputs_embeds` then fails with "pass input_ids"), and
-      when the forward uses this cache it checks the input (`_check_forward_input`).
+      when the forward uses this cache it checks the input (`_check_forward_input`) and calls `before_forward`.
+    - A forward hook on `model.base_model` calling `after_forward` after a forward that used this cache (only for
+      strategies that override `after_forward`).
     - `needs_token_ids`: a forward pre-hook on the input embeddings handing the forward's input ids to `cache`.
     """
     cache_ref = weakref.ref(cache)
@@ -748,9 +878,13 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
     def start(module, args, kwargs):
         target = cache_ref()
         if target is not None:
-            target._forward_ids = None
-            if any(kwargs.get(name) is target for name in ("past_key_values", "cache")):
-                target._check_forward_input(args, kwargs)
+            _start_forward(target, args, kwargs)
+
+    def finish(module, args, output):
+        target = cache_ref()
+        if target is not None and getattr(target, "_in_forward", False):
+            target._in_forward = False
+            target.after_forward()
 
     def record(module, args):
         target = cache_ref()
@@ -758,6 +892,8 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
             target._forward_ids = args[0]
 
     handles = [model.base_model.register_forward_pre_hook(start, with_kwargs=True)]
+    if type(cache).after_forward is not CompressedCache.after_forward:
+        handles.append(model.base_model.register_forward_hook(finish))
     if cache.needs_token_ids:
         handles.append(model.get_input_embeddings().register_forward_pre_hook(record))
     for handle in handles:

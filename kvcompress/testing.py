@@ -87,6 +87,16 @@ def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     return model
 
 
+class CharTokenizer:
+    """A stand-in tokenizer for tiny random models: one token per character (ids 3..122), no chat template. Enough
+    for strategies that encode a fixed prompt (KVzip's repeat instruction)."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [3 + ord(c) % 120 for c in text]
+
+
 def left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) (B, max_len) for rows of different lengths, left padded."""
     width = max(len(r) for r in rows)
