@@ -80,10 +80,19 @@ def serve_layer(layer: CompressedLayer) -> None:
     implementation), before any wrong output is produced.
     """
     pending = getattr(_state, "layer", None)
-    if pending is not None and pending.awaiting_attention:
+    if pending is not None and pending.awaiting_attention and _same_cache(pending, layer):
         _state.layer = None
         raise not_served_error(pending.layer_idx)
     _state.layer = layer
+
+
+def _same_cache(a: CompressedLayer, b: CompressedLayer) -> bool:
+    """Whether two layers belong to one cache (a forward that failed midway leaves its own cache inconsistent, not
+    every other cache of the thread)."""
+    try:
+        return a._cache == b._cache
+    except ReferenceError:  # the failed forward's cache is gone
+        return False
 
 
 def not_served_error(layer_idx: int) -> RuntimeError:

@@ -19,6 +19,7 @@ may keep different numbers of tokens.
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 
 import torch
@@ -30,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from . import attention
 from .rope import RotaryPositions
-from .storage import LAYOUTS, DenseKV, PagedKV
+from .storage import DenseKV, PagedKV, QuantizedKV
 from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
@@ -132,8 +133,12 @@ class CompressedLayer(CacheLayerMixin):
     # transformers API -------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        if self._cache.storage_layout() == "paged":
-            self.store = PagedKV.empty(key_states, value_states, page=self._cache.page_size)
+        cache = self._cache
+        if cache.kv_bits is not None:
+            self.store = QuantizedKV.empty(key_states, value_states, page=cache.group, bits=cache.kv_bits,
+                                           group=min(cache.group, value_states.shape[-1]), residual=cache.residual)
+        elif cache.storage_layout() == "paged":
+            self.store = PagedKV.empty(key_states, value_states, page=cache.page_size)
         else:
             self.store = DenseKV.empty(key_states, value_states)
         self._positions = torch.empty(key_states.shape[0], 1, 0, dtype=torch.long, device=key_states.device)
@@ -307,14 +312,14 @@ class CompressedLayer(CacheLayerMixin):
     def _write_into_free_slots(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write q new tokens into the q lowest free slots of each row and head (growing when a row has fewer)."""
         q_len = keys.shape[-2]
-        free = self._positions < 0
+        free = self._positions == -1  # free slots (-2: dead slots of a quantized page, never refilled)
         if q_len == 1:
             self._write_one(keys, values, free)
             return
         free_count = int(free.sum(dim=-1).min())
         if free_count < q_len:
             self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
-            free = self._positions < 0
+            free = self._positions == -1
         slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
         self.store.write_slots(slots, keys, values)
         self._positions.scatter_(-1, slots, self._new_positions(q_len).expand_as(slots))
@@ -329,7 +334,7 @@ class CompressedLayer(CacheLayerMixin):
         last = int(torch.where(has_free, first_free, self.capacity).max())
         if last == self.capacity:  # some row or head has no free slot
             self._grow(self.capacity + max(1, self.capacity // 2))
-            first_free = (self._positions < 0).max(dim=-1, keepdim=True)[1]
+            first_free = (self._positions == -1).max(dim=-1, keepdim=True)[1]
             last = int(first_free.max())
         if first_free.numel() == 1:
             self.store.write_range(last, keys, values)
@@ -398,6 +403,7 @@ class CompressedLayer(CacheLayerMixin):
         try:
             if self._cache.evicts:
                 self._cache.evict(self)
+            self.store.settle(self._positions, self.seen)  # a quantized store quantizes its aged pages
         finally:
             self._view = None
 
@@ -421,6 +427,7 @@ class CompressedLayer(CacheLayerMixin):
         if not bool(drop.any()):
             return
         self._positions[..., : self.used].masked_fill_(drop, -1)
+        self.store.after_free(self._positions)
         self.dense, self.holes = False, True
         if bool(drop[..., -1].any()):  # the last attended slot was freed: trim the free tail off `used`
             filled = (self._positions[..., : self.used] >= 0).flatten(0, 1).any(dim=0)
@@ -439,6 +446,7 @@ class CompressedLayer(CacheLayerMixin):
         current = self._positions.gather(-1, slots)
         self._positions.scatter_(-1, slots, torch.where(where, -1, current))
         self.dense, self.holes = False, True
+        self.store.after_free(self._positions)
 
     def _compact(self, capacity: int) -> None:
         """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their
@@ -487,6 +495,26 @@ class CompressedCache(Cache):
     uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
     layout: str | None = None  # key/value storage (kvcompress.storage): "dense" or "paged"; None: storage_layout()
     page_size = 16  # slots per page of the paged layout
+    kv_bits: int | None = None  # quantized storage (`set_storage`): 8, 4 or 2 bits; None: the model's dtype
+    residual = 128  # quantized storage: newest tokens per lane kept in full precision
+    group = 32  # quantized storage: tokens per key group (= page), channels per value group
+
+    def __init_subclass__(cls, **kwargs):
+        """Every strategy's constructor also takes the storage options (`set_storage`: kv_bits, residual, group)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_takes_storage", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            storage = {name: kwargs.pop(name) for name in STORAGE_OPTIONS if name in kwargs}
+            init(self, *args, **kwargs)
+            if storage:
+                self.set_storage(**storage)
+
+        __init__._takes_storage = True
+        cls.__init__ = __init__
 
     def __init__(self, model: PreTrainedModel | None, *, positions: str = "original"):
         if positions not in POSITION_MODES:
@@ -548,18 +576,20 @@ class CompressedCache(Cache):
         return False
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
+    def for_budget(cls, model, tokenizer, budget: int | None, **storage) -> CompressedCache:
         """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).
 
         `budget` is validated here for every strategy: None or an integral number >= 1 (int, numpy integer, 0-d
         integer tensor; not bool, not a float, even 8.0: a kept fraction must be resolved to tokens first), else
         ValueError quoting `budget`. Then `_from_budget` (the per-strategy hook) maps the valid budget to the
         strategy's parameters. Strategies whose size is not a budget (`uses_budget = False`: full, anchors) ignore
-        it; those that cannot be built from a model alone (label words) raise ValueError.
+        it; those that cannot be built from a model alone (label words) raise ValueError. `storage` (kv_bits,
+        residual, group) goes to `set_storage`.
         """
         if budget is not None:
             budget = as_int(budget, "budget", minimum=1)
-        return cls._from_budget(model, tokenizer, budget)
+        cache = cls._from_budget(model, tokenizer, budget)
+        return cache.set_storage(**storage) if storage else cache
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> CompressedCache:
@@ -587,6 +617,31 @@ class CompressedCache(Cache):
         """Apply the strategy to `layer` after its attention: free every slot `select` does not keep. A strategy may
         override this with a faster path (e.g. for decode steps) that must free exactly what `select` would."""
         layer.keep_only(self.select(layer))
+
+    def set_storage(self, kv_bits: int | None = None, residual: int = 128, group: int = 32) -> CompressedCache:
+        """Key/value storage, before the cache's first forward (every strategy's constructor also takes these).
+
+        Args:
+            kv_bits: None (the model's dtype, the default), or 8, 4 or 2: keys quantized per channel and values per
+                token in groups (KIVI layout, `kvcompress.storage.QuantizedKV`), except each (row, kv head)'s newest
+                `residual` tokens; works with every strategy (eviction, per-head slots, beam search, clone, pickle).
+            residual: newest tokens kept in full precision per row and kv head (>= 0).
+            group: tokens per key quantization group, and channels per value group (>= 1; must divide the head
+                dimension).
+
+        Returns the cache. ValueError naming the parameter for bad values.
+        """
+        if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in QUANTIZED_BITS):
+            raise ValueError(f"kv_bits must be None or one of {QUANTIZED_BITS}, got {kv_bits!r}")
+        residual = as_int(residual, "residual", minimum=0)
+        group = as_int(group, "group", minimum=1)
+        if any(layer.is_initialized for layer in self.layers):
+            raise RuntimeError("set_storage must be called before the cache's first forward")
+        model = self._model_ref() if self._model_ref is not None else None
+        if kv_bits is not None and model is not None:
+            check_quantizable(model, group)
+        self.kv_bits, self.residual, self.group = kv_bits, residual, group
+        return self
 
     def storage_layout(self) -> str:
         """The key/value layout of the layers: `layout` when set, else the strategy's default ("dense"; strategies
@@ -770,8 +825,7 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            kept = layer.valid.sum() * (layer.store.heads // layer.positions.shape[1])
-            total += int(kept) * layer.store.pair_bytes()
+            total += layer.store.used_bytes(layer._positions)
         return total
 
     def kept_counts(self) -> torch.Tensor:
@@ -791,6 +845,22 @@ class CompressedCache(Cache):
 
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+QUANTIZED_BITS = (8, 4, 2)
+STORAGE_OPTIONS = ("kv_bits", "residual", "group")
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_quantizable(model, group: int) -> None:
+    """ValueError unless quantized storage can serve `model`: a float dtype the quantizer handles and a `group` that
+    divides the head dimension (value groups are channels of one head)."""
+    config = model.config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % group and group < head_dim:
+        raise ValueError(f"group ({group}) must divide the head dimension ({head_dim}) for quantized storage")
+    dtype = next(model.parameters()).dtype
+    if dtype not in QUANTIZABLE_DTYPES:
+        raise ValueError(f"quantized storage (kv_bits) supports models in {[str(d) for d in QUANTIZABLE_DTYPES]}, "
+                         f"this one is {dtype}")
 
 
 def check_causal_lm(model) -> None:

@@ -50,6 +50,12 @@ class DenseKV:
             self.values = torch.cat([self.values, self.values.new_zeros(*self.values.shape[:2], extra,
                                                                         self.values.shape[3])], 2)
 
+    def settle(self, positions: torch.Tensor, seen: int) -> None:
+        """Store hook after a forward's eviction (quantized stores quantize aged pages): nothing for dense."""
+
+    def after_free(self, positions: torch.Tensor) -> None:
+        """Store hook after slots were freed: nothing for dense."""
+
     def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys.narrow(2, start, keys.shape[2]).copy_(keys)
         self.values.narrow(2, start, values.shape[2]).copy_(values)
@@ -88,6 +94,10 @@ class DenseKV:
     def pair_bytes(self) -> int:
         """Bytes of one slot's key and value."""
         return (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
+
+    def used_bytes(self, positions: torch.Tensor) -> int:
+        """Bytes the kept pairs need (positions (B, Hp, C))."""
+        return int((positions >= 0).sum()) * (self.heads // positions.shape[1]) * self.pair_bytes()
 
     def clone(self) -> DenseKV:
         return DenseKV(self.keys.clone(), self.values.clone())
@@ -151,7 +161,7 @@ class PagedKV:
         """Give every lane a page for each of its logical `slots` (B, Hkv, q) that has none."""
         pages = slots // self.page
         owned = self.table.gather(-1, pages)
-        missing = owned < 0
+        missing = owned == -1
         if not bool(missing.any()):
             return
         # one new page per distinct (b, h, page number) that lacks one
@@ -185,12 +195,19 @@ class PagedKV:
             self.value_pool)
 
     def read(self, used: int) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = torch.arange(used, device=self.table.device).view(1, 1, -1).expand(*self.table.shape[:2], used)
-        owned = self.table.gather(-1, slots // self.page) >= 0
-        rows = torch.where(owned, self._physical(slots), 0)  # page 0 holds zeros
+        rows = self._physical(self._all_slots(used))  # a slot without a page reads the zero page
         keys = self.key_pool.view(-1, self.key_pool.shape[-1])[rows]
         values = self.value_pool.view(-1, self.value_pool.shape[-1])[rows]
         return keys, values
+
+    def _all_slots(self, used: int) -> torch.Tensor:
+        return torch.arange(used, device=self.table.device).view(1, 1, -1).expand(*self.table.shape[:2], used)
+
+    def settle(self, positions: torch.Tensor, seen: int) -> None:
+        """After a forward's eviction (positions (B, Hp, C)): nothing to do for full-precision pages."""
+
+    def after_free(self, positions: torch.Tensor) -> None:
+        """After slots were freed (positions set to -1): nothing to do for full-precision pages."""
 
     def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
         rows = self._physical(self._lanes(slots))
@@ -201,27 +218,42 @@ class PagedKV:
         self.key_pool.view(-1, self.key_pool.shape[-1])[rows] = keys.reshape(-1, keys.shape[-1])
 
     def map_rows(self, fn) -> None:
-        """Rows selected / repeated / reordered: lanes that end up sharing a page get their own copy."""
-        table = fn(self.table)
-        owned = table[table >= 0]
-        counts = torch.bincount(owned, minlength=self.key_pool.shape[0]) if owned.numel() else None
-        if counts is not None and bool((counts > 1).any()):
-            table = table.clone()
-            seen: set[int] = set()
-            flat = table.view(-1)
-            for i, page in enumerate(flat.tolist()):
-                if page < 0:
-                    continue
-                if page in seen:
-                    (copy,) = self._allocate(1).tolist()
-                    self.key_pool[copy] = self.key_pool[page]
-                    self.value_pool[copy] = self.value_pool[page]
-                    flat[i] = copy
-                else:
-                    seen.add(page)
-        dropped = set(self.table[self.table >= 0].tolist()) - set(table[table >= 0].tolist())
-        self.free.extend(sorted(dropped, reverse=True))
+        """Rows selected / repeated / reordered: a page that two lanes would share is copied (each lane owns its pages);
+        pages no lane keeps go back to the free lists."""
+        before = set(self.table.flatten().tolist()) - {-1}
+        table = fn(self.table).clone()
+        flat = table.view(-1)
+        seen: set[int] = set()
+        for i, entry in enumerate(flat.tolist()):
+            if entry == -1:
+                continue
+            if entry in seen:
+                flat[i] = self._copy_page(entry)
+            else:
+                seen.add(entry)
+        self._release(before - seen)
         self.table = table
+
+    def _copy_page(self, entry: int) -> int:
+        (copy,) = self._allocate(1).tolist()
+        self.key_pool[copy] = self.key_pool[entry]
+        self.value_pool[copy] = self.value_pool[entry]
+        return copy
+
+    def _release(self, entries: set[int]) -> None:
+        self.free.extend(sorted(entries, reverse=True))
+
+    def _shrink(self) -> None:
+        """Give memory back: when over a quarter of the pool's pages (and at least 4) are free, rebuild the pool with
+        the pages in use only (renumbered; the zero page stays page 0)."""
+        pages = self.key_pool.shape[0]
+        if len(self.free) < max(4, pages // 4):
+            return
+        used = self.table[self.table >= 0]
+        keep = torch.cat([used.new_zeros(1), used])
+        self.key_pool, self.value_pool = self.key_pool[keep], self.value_pool[keep]
+        self.table[self.table >= 0] = torch.arange(1, keep.shape[0], device=self.table.device)
+        self.free = []
 
     def compact(self, order: torch.Tensor, capacity: int, kept_per_lane: torch.Tensor) -> None:
         """Lane (b, h) keeps its logical slots order[b, h, :kept_per_lane[b, h]] at slots 0.. in a fresh pool that
@@ -256,6 +288,7 @@ class PagedKV:
         if bool(idle.any()):
             self.free.extend(sorted(self.table[idle].tolist(), reverse=True))
             self.table[idle] = -1
+            self._shrink()
 
     @property
     def heads(self) -> int:
@@ -271,5 +304,210 @@ class PagedKV:
         """Bytes of the pool (handed-out and free pages) plus the page table."""
         return self.key_pool.nbytes + self.value_pool.nbytes + self.table.nbytes
 
+    def used_bytes(self, positions: torch.Tensor) -> int:
+        """Bytes the kept pairs need (positions (B, Hp, C))."""
+        return int((positions >= 0).sum()) * (self.heads // positions.shape[1]) * self.pair_bytes()
+
     def pages_in_use(self) -> int:
         return int((self.table >= 0).sum())
+
+
+class QuantizedKV(PagedKV):
+    """`PagedKV` whose pages get quantized once they are old: KIVI's layout with eviction (`kvcompress.quantize`).
+
+    A page holds `page` (= the key group size G) consecutive logical slots of one lane. A full-precision page is
+    quantized when every slot in it holds a kept pair and all of them are older than the lane's newest `residual`
+    tokens (the full-precision window): keys per channel over the page's G tokens, values per token over groups of
+    `group` channels, `bits` bits each; the full-precision page goes back to the pool. New tokens are always
+    written into full-precision pages.
+
+    Eviction in a quantized page cannot be refilled (its key scales cover the tokens it was quantized with), so a
+    freed slot there becomes DEAD: position -2, neither kept nor free; a quantized page whose slots are all dead is
+    released. A compaction (after a long prefill or question) dequantizes what it moves, so those pairs are
+    quantized again later (a second rounding, within one more half step).
+
+    The table encodes a quantized page q as -(q + 2) (-1: no page). `read` dequantizes this layer's quantized pages
+    into a transient buffer (one layer at a time: the core asks per layer).
+    """
+
+    def __init__(self, key_pool, value_pool, table, free, page, bits, group, residual, quantized=None):
+        super().__init__(key_pool, value_pool, table, free, page)
+        self.bits, self.group, self.residual = bits, group, residual
+        # quantized pages: codes, scales and zero points; qfree: their free list
+        self.quantized = quantized or {"keys": None, "key_scale": None, "key_zero": None, "values": None,
+                                       "value_scale": None, "value_zero": None, "free": []}
+
+    @classmethod
+    def empty(cls, key_states, value_states, page: int = 32, bits: int = 4, group: int = 32,
+              residual: int = 128) -> QuantizedKV:
+        base = PagedKV.empty(key_states, value_states, page)
+        store = cls(base.key_pool, base.value_pool, base.table, base.free, page, bits, group, residual)
+        dim, vdim = key_states.shape[-1], value_states.shape[-1]
+        from .quantize import quantize_keys, quantize_values
+
+        empty_keys = key_states.new_zeros(0, page, dim)
+        empty_values = value_states.new_zeros(0, page, vdim)
+        q = store.quantized
+        q["keys"], q["key_scale"], q["key_zero"] = quantize_keys(empty_keys, bits)
+        q["values"], q["value_scale"], q["value_zero"] = quantize_values(empty_values, bits, group)
+        return store
+
+    # quantized pages ----------------------------------------------------------------------------------------------
+    def _q_allocate(self, count: int) -> torch.Tensor:
+        q = self.quantized
+        if len(q["free"]) < count:
+            have = q["keys"].shape[0]
+            extra = max(count - len(q["free"]), have // 16, 1)
+            for name in ("keys", "key_scale", "key_zero", "values", "value_scale", "value_zero"):
+                q[name] = torch.cat([q[name], q[name].new_zeros(extra, *q[name].shape[1:])])
+            q["free"].extend(range(have + extra - 1, have - 1, -1))
+        return torch.tensor([q["free"].pop() for _ in range(count)], dtype=torch.long, device=self.table.device)
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, page, d) keys and (Q, page, dv) values of every quantized page, in the pools' dtype."""
+        from .quantize import dequantize_keys, dequantize_values
+
+        q = self.quantized
+        keys = dequantize_keys(q["keys"], q["key_scale"], q["key_zero"], self.bits, self.key_pool.shape[-1],
+                               self.key_pool.dtype)
+        values = dequantize_values(q["values"], q["value_scale"], q["value_zero"], self.bits, self.group,
+                                   self.value_pool.dtype)
+        return keys, values
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Logical slots -> rows of cat([full-precision pool, dequantized pool]) (flattened)."""
+        entry = self.table.gather(-1, slots // self.page)
+        offset = slots % self.page
+        fp_rows = entry.clamp(min=0) * self.page + offset
+        q_rows = self.key_pool.shape[0] * self.page + (-entry - 2).clamp(min=0) * self.page + offset
+        return torch.where(entry <= -2, q_rows, fp_rows)
+
+    def read(self, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not bool((self.table <= -2).any()):
+            return super().read(used)
+        dq_keys, dq_values = self._dequantized()
+        keys = torch.cat([self.key_pool.view(-1, self.key_pool.shape[-1]), dq_keys.view(-1, dq_keys.shape[-1])])
+        values = torch.cat([self.value_pool.view(-1, self.value_pool.shape[-1]),
+                            dq_values.reshape(-1, dq_values.shape[-1])])
+        rows = self._rows(self._all_slots(used))
+        return keys[rows], values[rows]
+
+    def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """New tokens' keys (positions="cache" un-rotation): always in full-precision pages."""
+        return super().read_slots(slots)
+
+    def settle(self, positions: torch.Tensor, seen: int) -> None:
+        """Quantize every full-precision page that is full of kept pairs all older than its lane's newest
+        `residual` tokens."""
+        heads = self.table.shape[1]
+        pages = self.table.shape[-1]
+        if pages == 0:
+            return
+        lanes = positions.expand(-1, heads, -1)
+        grid = lanes[..., : pages * self.page].reshape(*self.table.shape, self.page)
+        newest = lanes.amax(dim=-1)  # (B, Hkv): each lane's newest kept position
+        old = grid.amax(dim=-1) <= (newest - self.residual).unsqueeze(-1)
+        full = (grid >= 0).all(dim=-1)
+        ready = full & old & (self.table >= 0)
+        if not bool(ready.any()):
+            return
+        from .quantize import quantize_keys, quantize_values
+
+        fp = self.table[ready]  # (n,) full-precision page numbers, in (b, h, page) order
+        q = self.quantized
+        numbers = self._q_allocate(fp.shape[0])
+        q["keys"][numbers], q["key_scale"][numbers], q["key_zero"][numbers] = quantize_keys(self.key_pool[fp],
+                                                                                              self.bits)
+        q["values"][numbers], q["value_scale"][numbers], q["value_zero"][numbers] = quantize_values(
+            self.value_pool[fp], self.bits, self.group)
+        self.free.extend(fp.tolist())
+        self.table[ready] = -numbers - 2
+        self._shrink()
+
+    def after_free(self, positions: torch.Tensor) -> None:
+        """Freed slots in quantized pages become dead (-2); quantized pages left with no kept pair are released and
+        their slots become free again (-1)."""
+        quantized = self.table <= -2
+        if not bool(quantized.any()):
+            return
+        heads, pages = self.table.shape[1], self.table.shape[-1]
+        if positions.shape[1] != heads:  # the shared layout: every head's pages follow the same slots
+            quantized = quantized.all(dim=1, keepdim=True)
+        grid = positions[..., : pages * self.page].view(*positions.shape[:2], pages, self.page)
+        grid.masked_fill_(quantized.unsqueeze(-1) & (grid == -1), -2)
+        empty = quantized & (grid == -2).all(dim=-1)
+        if bool(empty.any()):
+            lanes = empty.expand(-1, heads, -1) if empty.shape[1] != heads else empty
+            self.quantized["free"].extend((-self.table[lanes] - 2).tolist())
+            self.table[lanes] = -1
+            grid.masked_fill_(empty.unsqueeze(-1), -1)
+            self._shrink()
+
+    def write_slots(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if bool((self.table.gather(-1, self._lanes(slots) // self.page) <= -2).any()):
+            raise RuntimeError("a write landed in a quantized page (its free slots are dead, position -2)")
+        super().write_slots(slots, keys, values)
+
+    def compact(self, order: torch.Tensor, capacity: int, kept_per_lane: torch.Tensor) -> None:
+        """Dequantize every page (transient, this layer), then lay the kept pairs out in full-precision pages; `settle`
+        quantizes the aged ones again."""
+        if bool((self.table <= -2).any()):
+            keys, values = self.read(self.capacity)
+            q = self.quantized
+            for name in ("keys", "key_scale", "key_zero", "values", "value_scale", "value_zero"):
+                q[name] = q[name][:0]  # every quantized page is dequantized: the quantized pool goes
+            q["free"] = []
+            pool = PagedKV.empty(keys, values, self.page)
+            pool.grow(self.capacity)
+            pool.write_range(0, keys, values)
+            self.key_pool, self.value_pool, self.table, self.free = pool.key_pool, pool.value_pool, pool.table, pool.free
+        super().compact(order, capacity, kept_per_lane)
+
+    def _shrink(self) -> None:
+        """`PagedKV._shrink` for the full-precision pool, and the same for the quantized pages."""
+        super()._shrink()
+        q = self.quantized
+        pages = q["keys"].shape[0]
+        if len(q["free"]) < max(4, pages // 4):
+            return
+        quantized = self.table <= -2
+        used = -self.table[quantized] - 2
+        for name in ("keys", "key_scale", "key_zero", "values", "value_scale", "value_zero"):
+            q[name] = q[name][used]
+        self.table[quantized] = -torch.arange(used.shape[0], device=self.table.device) - 2
+        q["free"] = []
+
+    def _copy_page(self, entry: int) -> int:
+        if entry >= 0:
+            return super()._copy_page(entry)
+        (copy,) = self._q_allocate(1).tolist()
+        for name in ("keys", "key_scale", "key_zero", "values", "value_scale", "value_zero"):
+            self.quantized[name][copy] = self.quantized[name][-entry - 2]
+        return -copy - 2
+
+    def _release(self, entries: set[int]) -> None:
+        super()._release({e for e in entries if e >= 0})
+        self.quantized["free"].extend(sorted((-e - 2 for e in entries if e <= -2), reverse=True))
+
+    def clone(self) -> QuantizedKV:
+        quantized = {k: (v.clone() if isinstance(v, torch.Tensor) else list(v)) for k, v in self.quantized.items()}
+        return QuantizedKV(self.key_pool.clone(), self.value_pool.clone(), self.table.clone(), list(self.free),
+                           self.page, self.bits, self.group, self.residual, quantized)
+
+    def nbytes(self) -> int:
+        """Full-precision pool + quantized codes, scales and zero points + the page table."""
+        q = self.quantized
+        return super().nbytes() + sum(q[k].nbytes for k in ("keys", "key_scale", "key_zero", "values",
+                                                             "value_scale", "value_zero"))
+
+    def used_bytes(self, positions: torch.Tensor) -> int:
+        """Bytes the kept pairs need: full precision in full-precision pages; codes plus their share of scales and
+        zero points in quantized pages."""
+        heads, pages = self.table.shape[1], self.table.shape[-1]
+        kept = (positions.expand(-1, heads, -1)[..., : pages * self.page] >= 0).reshape(*self.table.shape, self.page)
+        in_quantized = int((kept & (self.table <= -2).unsqueeze(-1)).sum())
+        q = self.quantized
+        per_q_pair = (q["keys"][0].nbytes + q["values"][0].nbytes) / self.page + (
+            q["key_scale"][0].nbytes + q["key_zero"][0].nbytes) / self.page + (
+            q["value_scale"][0].nbytes + q["value_zero"][0].nbytes) / self.page if q["keys"].shape[0] else 0
+        return int((int(kept.sum()) - in_quantized) * self.pair_bytes() + in_quantized * per_q_pair)

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=None, help="default 4 on CPU, 1 on CUDA")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps in total (resume counts done ones)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    p.add_argument("--until", type=int, default=None, help="stop (and save) after this many steps; the learning-rate "
+                   "schedule still spans --steps (resume later to go on)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -264,7 +266,8 @@ def run(argv: list[str] | None = None) -> dict:
     start = time.monotonic()
     bar = tqdm(total=args.steps, initial=state["step"], disable=args.no_progress, desc="anchor training",
                unit="step")
-    while state["step"] < args.steps:
+    last = args.steps if args.until is None else min(args.until, args.steps)
+    while state["step"] < last:
         if args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes:
             break
         wall, cpu = time.monotonic(), time.process_time()
