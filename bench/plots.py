@@ -36,10 +36,10 @@ def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
         metric = stats.score_metric(cell)
         if metric is None or cell.get("kept_fraction") is None:
             continue
-        interval = cell.get("ci", {}).get(metric)
+        interval = cell.get("ci", {}).get(metric) or {}
         out.setdefault(cell["task"], {}).setdefault(cell["strategy"], []).append({
             "kept_fraction": cell["kept_fraction"], "score": cell[metric], "metric": metric, "budget": cell["budget"],
-            "low": None if interval is None else interval["low"], "high": None if interval is None else interval["high"]})
+            "low": interval.get("low"), "high": interval.get("high")})
     for by_strategy in out.values():
         for strategy in by_strategy:
             by_strategy[strategy].sort(key=lambda p: p["kept_fraction"])

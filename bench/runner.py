@@ -443,9 +443,9 @@ def _fmt(value, spec: str) -> str:
 INTERVAL_NOTE = (
     "[a, b]: 95% interval: Wilson for accuracies over right/wrong examples (needle, multiple choice, ICL, RULER "
     "tasks with one expected string), percentile bootstrap over samples for the other RULER tasks and over "
-    "windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples (Newcombe's paired interval "
-    "for right/wrong outcomes, else a paired bootstrap). No interval: the cell has no per-example data (written "
-    "by an older version) or too few examples (a bootstrap needs 2).")
+    "windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples "
+    "(Newcombe's paired interval for right/wrong outcomes, else a paired bootstrap). No interval: the cell has no "
+    "per-example data (written by an older version) or too few examples (a bootstrap needs 2).")
 
 
 def _n_label(cells: list[dict]) -> str:
@@ -510,11 +510,11 @@ def markdown_table(results: dict) -> str:
                 score += f" (norm {cell['accuracy_norm']:.3f})"
         else:
             score = "-"
-        diff = cell.get("vs_full", {}).get(metric)
+        diff = stats.difference_text(cell.get("vs_full", {}).get(metric), ".2f" if metric == "perplexity" else ".3f")
         kv = cell.get("kv_bytes")
         lines.append(
-            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | "
-            f"{stats.difference_text(diff, '.2f' if metric == 'perplexity' else '.3f')} | {_fmt(cell.get('n_examples'), 'd')} | "
+            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | {diff} | "
+            f"{_fmt(cell.get('n_examples'), 'd')} | "
             f"{_fmt(cell.get('kept_fraction'), '.3f')} | {_fmt(None if kv is None else kv / 2**20, '.2f')} | "
             f"{_fmt(cell.get('kv_bytes_fraction'), '.3f')} | {_fmt(cell.get('prefill_seconds'), '.2f')} | "
             f"{_fmt(cell.get('decode_tokens_per_s'), '.1f')} | {_fmt(cell.get('peak_memory_mb'), '.0f')} |"

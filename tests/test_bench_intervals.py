@@ -13,8 +13,9 @@ import pytest
 from kvcompress.bench import cli, leaderboard, plots, runner, stats, tasks
 from test_bench import _run_cli, tiny_dir  # noqa: F401  (fixture: a saved tiny random Llama with a BPE tokenizer)
 
-TIMING = {"rank", "seconds", "cpu_seconds", "prefill_seconds", "decode_tokens_per_s", "answer_seconds", "speedup_vs_full",
-          "started_at", "peak_memory_mb", "peak_memory_kind", "peak_memory_total_mb", "process_maxrss_mb"}
+TIMING = {"rank", "seconds", "cpu_seconds", "prefill_seconds", "decode_tokens_per_s", "answer_seconds",
+          "speedup_vs_full", "started_at", "peak_memory_mb", "peak_memory_kind", "peak_memory_total_mb",
+          "process_maxrss_mb"}
 PER_EXAMPLE = ("example_correct", "example_loyal", "window_nll", "window_tokens", "answers")
 
 
