@@ -21,6 +21,7 @@ import pathlib
 import statistics
 
 from . import stats
+from .plots import error_bars
 from .ruler import KINDS
 
 _SHORT = {"niah_single_number": "s-num", "niah_single_word": "s-word", "niah_single_uuid": "s-uuid",
@@ -111,14 +112,11 @@ def leaderboard_table(results: dict) -> str:
 # Ties at a budget
 
 
-def _better(metric: str):
-    """Sort key: the best score first (perplexity: lowest; otherwise highest)."""
-    return (lambda score: score) if metric == "perplexity" else (lambda score: -score)
-
-
 def _rank_group(task: str, budget: str, metric: str, entries: list[tuple[str, float, object]], pair) -> dict:
-    """entries: (strategy, score, per-example data); pair(a, b) -> paired difference a - b or None."""
-    entries = sorted(entries, key=lambda e: (_better(metric)(e[1]), e[0]))
+    """entries: (strategy, score, per-example data); pair(a, b) -> paired difference a - b or None. The best score
+    first (perplexity: the lowest), ties of the score broken by name."""
+    sign = 1 if metric == "perplexity" else -1
+    entries = sorted(entries, key=lambda e: (sign * e[1], e[0]))
     best_name, best_score, best_data = entries[0]
     tied, below, unpaired = [], [], []
     for name, score, data in entries[1:]:
@@ -222,8 +220,11 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
             if series:
                 xs = [r["kept_fraction"] for r in series]
                 ys = [100 * r["average"] for r in series]
-                ax.errorbar(xs, ys, yerr=_error_bars(series), fmt=style, marker="o", color=colors[strategy],
-                            capsize=2, label=f"{strategy} ({query})")
+                bars = error_bars([{"score": 100 * r["average"],
+                                    "low": None if r["ci"] is None else 100 * r["ci"]["low"],
+                                    "high": None if r["ci"] is None else 100 * r["ci"]["high"]} for r in series])
+                ax.errorbar(xs, ys, yerr=bars, fmt=style, marker="o", color=colors[strategy], capsize=2,
+                            label=f"{strategy} ({query})")
     lengths = sorted({r["length"] for r in rows})
     n_tasks = min(len(r["averaged"]) for r in rows)
     ax.set_title(f"RULER average ({n_tasks} tasks) vs KV kept, 95% intervals\n"
@@ -238,8 +239,3 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     plt.close(fig)
     return path
 
-
-def _error_bars(rows: list[dict]) -> list[list[float]]:
-    """matplotlib's yerr (2, points) in %, from each row's `ci` (0 where a row has none)."""
-    return [[0.0 if r["ci"] is None else max(0.0, 100 * (r["average"] - r["ci"]["low"])) for r in rows],
-            [0.0 if r["ci"] is None else max(0.0, 100 * (r["ci"]["high"] - r["average"])) for r in rows]]

@@ -1,5 +1,6 @@
-"""PNG plots of a results dict: score vs KV kept fraction per task with 95% error bars, decode tokens/s vs context
-length."""
+"""PNG plots of a results dict: score vs KV kept fraction per task with 95% error bars (each strategy's points moved
+sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide each other's bars), decode
+tokens/s vs context length."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def _colors(cells: list[dict]) -> dict[str, str]:
 
     palette = matplotlib.colormaps["tab20"]
     return {s: palette(i % 20) for i, s in enumerate(strategies)}
+
+
+DODGE = 0.03  # strategies' points spread over +-DODGE/2 of kept fraction so equal budgets do not hide error bars
 
 
 def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
@@ -74,7 +78,8 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         strategies = sorted({s for by_strategy in scores.values() for s in by_strategy})
         for ax, task in zip(axes.flat, tasks):
             for strategy, points in scores[task].items():
-                ax.errorbar([p["kept_fraction"] for p in points], [p["score"] for p in points],
+                shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
+                ax.errorbar([p["kept_fraction"] + shift for p in points], [p["score"] for p in points],
                             yerr=error_bars(points), marker="o", capsize=2, color=colors[strategy], label=strategy)
             metric = next(iter(scores[task].values()))[0]["metric"]
             ax.set_title(task)

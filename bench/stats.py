@@ -28,8 +28,9 @@ the interval of the score (`ci`); the paired difference to another cell on the s
   would give a zero-width interval, which is not an answer).
 - Perplexity is bootstrapped over WINDOWS, not tokens: the tokens of one window share its text and, through the
   cache, every earlier eviction decision, so they are far from independent; resampling tokens makes the interval
-  too narrow (SmolLM2-135M, full cache, 16 windows of 512 tokens: [23.8, 30.6] by window, [25.5, 28.9] by token). The statistic is the cell's own: exp(sum of NLL / sum of predicted tokens)
-  over the resampled windows (a ratio estimator, not a mean of per-window perplexities).
+  too narrow (SmolLM2-135M, full cache, 16 windows of 512 tokens: [23.8, 30.6] by window, [25.5, 28.9] by
+  token). The statistic is the cell's own: exp(sum of NLL / sum of predicted tokens) over the resampled windows (a
+  ratio estimator, not a mean of per-window perplexities).
 
 Every interval is pointwise: no multiple-comparison correction across cells or strategies.
 """
@@ -137,24 +138,22 @@ def bootstrap(strata: Sequence[np.ndarray], statistic: Statistic, *, resamples: 
     return float(low), float(high)
 
 
-def _column(data: np.ndarray, j: int) -> np.ndarray:
-    return data[..., j]
+def mean_statistic(strata: list[np.ndarray]) -> np.ndarray:
+    """The mean of column 0 of the one stratum: (R, n, columns) -> (R,)."""
+    return strata[0][..., 0].mean(-1)
 
 
-def _mean(strata: list[np.ndarray]) -> np.ndarray:
-    return _column(strata[0], 0).mean(-1)
-
-
-def _perplexity(strata: list[np.ndarray], first: int = 0) -> np.ndarray:
-    nll, tokens = _column(strata[0], first), _column(strata[0], first + 1)
-    return np.exp(nll.sum(-1) / tokens.sum(-1))
+def perplexity_statistic(strata: list[np.ndarray]) -> np.ndarray:
+    """exp(sum of column 0 (NLL) / sum of column 1 (tokens)) of the one stratum: (R, n, 2) -> (R,)."""
+    windows = strata[0]
+    return np.exp(windows[..., 0].sum(-1) / windows[..., 1].sum(-1))
 
 
 def mean_interval(values: Sequence[float], **options) -> tuple[float, float] | None:
     """Bootstrap interval of the mean of per-example scores; None with fewer than MIN_BOOTSTRAP examples."""
     if len(values) < MIN_BOOTSTRAP:
         return None
-    return bootstrap([np.asarray(values, dtype=float)[:, None]], _mean, **options)
+    return bootstrap([np.asarray(values, dtype=float)[:, None]], mean_statistic, **options)
 
 
 def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int],
@@ -162,7 +161,7 @@ def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int
     """Bootstrap interval of exp(sum NLL / sum tokens) over resampled windows; None with too few windows."""
     if len(window_nll) < MIN_BOOTSTRAP:
         return None
-    return bootstrap([np.column_stack([window_nll, window_tokens]).astype(float)], _perplexity, **options)
+    return bootstrap([np.column_stack([window_nll, window_tokens]).astype(float)], perplexity_statistic, **options)
 
 
 def paired_bootstrap(first: np.ndarray, second: np.ndarray, statistic: Statistic,
@@ -261,7 +260,7 @@ def examples(cell: dict, metric: str) -> Examples | None:
 
 
 def _statistic(kind: str) -> Statistic:
-    return _perplexity if kind == "windows" else _mean
+    return perplexity_statistic if kind == "windows" else mean_statistic
 
 
 def interval(data: Examples, confidence: float = CONFIDENCE) -> dict | None:

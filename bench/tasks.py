@@ -11,7 +11,7 @@ compressible context. The compressible context is:
   on a copy of that cache, so the test input attends to everything the cache kept plus itself. Score: the summed
   log-likelihood of the answer tokens (lm-eval-harness `acc`, the number AnLLM's harness reports); the
   byte-length-normalised score (`acc_norm`) is reported beside it as `accuracy_norm`.
-- `ppl@L`: L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
+- `ppl@L`: disjoint L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
   after every chunk; perplexity over all predicted tokens.
 - `needle@L`: an L-token haystack of essays with one sentence "The special magic number is N." inserted at
   several depths; the haystack is prefilled (then compressed), the question is fed, and the greedy answer is

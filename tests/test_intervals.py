@@ -185,9 +185,9 @@ def test_perplexity_interval_resamples_windows_as_a_ratio():
 
 def test_paired_bootstrap_on_identical_examples_is_exactly_zero():
     values = np.asarray([[0.25], [1.0], [0.5], [0.0]])
-    assert stats.paired_bootstrap(values, values, stats._mean) == (0.0, 0.0, 0.0)
+    assert stats.paired_bootstrap(values, values, stats.mean_statistic) == (0.0, 0.0, 0.0)
     windows = np.asarray([[200.0, 100], [260.0, 100], [150.0, 50]])
-    assert stats.paired_bootstrap(windows, windows, stats._perplexity) == (0.0, 0.0, 0.0)
+    assert stats.paired_bootstrap(windows, windows, stats.perplexity_statistic) == (0.0, 0.0, 0.0)
 
 
 def test_paired_bootstrap_uses_the_pairing():
@@ -195,7 +195,7 @@ def test_paired_bootstrap_uses_the_pairing():
     unpaired resampling would spread it)."""
     rng = random.Random(5)
     base = np.asarray([[rng.random()] for _ in range(40)])
-    difference, low, high = stats.paired_bootstrap(base + 0.1, base, stats._mean)
+    difference, low, high = stats.paired_bootstrap(base + 0.1, base, stats.mean_statistic)
     assert (difference, low, high) == pytest.approx((0.1, 0.1, 0.1), abs=1e-12)
 
 
@@ -263,5 +263,5 @@ def test_binary_differences_use_newcombe_not_the_bootstrap():
     diff = stats.difference(stats.Examples("binary", first), stats.Examples("binary", second))
     assert diff["method"] == "newcombe_paired" and stats.contains_zero(diff)
     bootstrapped = stats.paired_bootstrap(np.asarray(first, float)[:, None], np.asarray(second, float)[:, None],
-                                          stats._mean)
+                                          stats.mean_statistic)
     assert bootstrapped[1] > 0  # what the bootstrap would have said
