@@ -11,7 +11,7 @@ compressible context. The compressible context is:
   on a copy of that cache, so the test input attends to everything the cache kept plus itself. Score: the summed
   log-likelihood of the answer tokens (lm-eval-harness `acc`, the number AnLLM's harness reports); the
   byte-length-normalised score (`acc_norm`) is reported beside it as `accuracy_norm`.
-- `ppl@L`: L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
+- `ppl@L`: disjoint L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
   after every chunk; perplexity over all predicted tokens.
 - `needle@L`: an L-token haystack of essays with one sentence "The special magic number is N." inserted at
   several depths; the haystack is prefilled (then compressed), the question is fed, and the greedy answer is
@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from . import floor, metrics, ruler
+from .stats import flags
 
 MakeCache = Callable[[int], object]  # context tokens -> a fresh cache with the cell's budget
 
@@ -167,19 +168,20 @@ class MultipleChoice(Task):
             _, seconds = metrics.prefill(model, cache, prefix)
             times.append(seconds)
         stats = metrics.kv_stats(cache, model, prefix.shape[1])
-        correct = correct_norm = 0
+        correct, correct_norm = [], []
         for query, conts, nbytes, answer in prepared["items"]:
             scores = metrics.continuation_logprobs(model, cache, [query] * len(conts), conts)
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+            correct.append(max(range(len(scores)), key=scores.__getitem__) == answer)
             normed = [s / n for s, n in zip(scores, nbytes)]
-            correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == answer)
+            correct_norm.append(max(range(len(normed)), key=normed.__getitem__) == answer)
             if progress:
                 progress()
         n = len(prepared["items"])
         return {
-            "accuracy": correct / n if n else None,
-            "accuracy_norm": correct_norm / n if n else None,
+            "accuracy": sum(correct) / n if n else None,
+            "accuracy_norm": sum(correct_norm) / n if n else None,
             "n_examples": n,
+            "example_correct": flags(correct),  # per question, for the intervals (bench/stats.py)
             "context_tokens": prefix.shape[1],
             "prefill_seconds": metrics.median(times),
             "shots": prepared["shots"],
@@ -211,12 +213,15 @@ class Perplexity(Task):
         samples = limit or int(options.get("ppl_samples", self.samples))
         ids = _essay_ids(tokenizer, length * (samples + 1))
         rng = random.Random(seed)
-        starts = sorted(rng.sample(range(0, len(ids) - length), samples)) if samples > 1 else [0]
+        # disjoint windows (whole slots of `length` tokens): the perplexity interval resamples windows as
+        # independent examples, which overlapping windows are not
+        starts = [length * slot for slot in sorted(rng.sample(range(len(ids) // length), samples))] \
+            if samples > 1 else [0]
         return {"segments": [torch.tensor([ids[s : s + length]]) for s in starts],
                 "chunk": int(options.get("ppl_chunk", self.chunk))}
 
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        nll = count = 0.0
+        window_nll, window_tokens = [], []
         stats, times = [], []
         for segment in prepared["segments"]:
             cache = make_cache(segment.shape[1])
@@ -224,15 +229,18 @@ class Perplexity(Task):
                 total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"])
             metrics.sync(model.device)
             times.append(elapsed[0])
-            nll, count = nll + total, count + n
+            window_nll.append(total)
+            window_tokens.append(n)
             stats.append(metrics.kv_stats(cache, model, segment.shape[1]))
             if progress:
                 progress()
         import math
 
         return {
-            "perplexity": math.exp(nll / count),
+            "perplexity": math.exp(sum(window_nll) / sum(window_tokens)),
             "n_examples": len(prepared["segments"]),
+            "window_nll": window_nll,  # per window, for the intervals (bench/stats.py)
+            "window_tokens": window_tokens,
             "context_tokens": prepared["segments"][0].shape[1],
             "chunk": prepared["chunk"],
             "prefill_seconds": metrics.median(times),

@@ -295,7 +295,7 @@ def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys
     after, before = cells["ruler_vt@512|sink_window|0.5"], cells["ruler_vt@512:before|sink_window|0.5"]
     assert before["context_tokens"] > after["context_tokens"]
     assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
-    assert "RULER avg, query after | RULER avg, query before" in captured.out
+    assert "RULER avg, query after [95% CI] | RULER avg, query before [95% CI]" in captured.out
     assert (out / "leaderboard.png").is_file()
 
 
