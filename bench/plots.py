@@ -1,5 +1,5 @@
-"""PNG plots of a results dict: score vs KV kept fraction per task with 95% error bars (each strategy's points moved
-sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide each other's bars), decode
+"""PNG plots of a results dict: score vs KV bytes (relative to a full cache) per task with 95% error bars (each
+strategy's points moved sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide each other's bars), decode
 tokens/s vs context length."""
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ def _colors(cells: list[dict]) -> dict[str, str]:
     return {s: palette(i % 20) for i, s in enumerate(strategies)}
 
 
-DODGE = 0.03  # strategies' points spread over +-DODGE/2 of kept fraction so equal budgets do not hide error bars
+DODGE = 0.03  # strategies' points spread over +-DODGE/2 of the x axis so equal budgets do not hide error bars
 
 
 def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
-    """What the score plot draws: {task: {strategy: points sorted by kept fraction}}, each point {"kept_fraction",
-    "score", "low", "high" (its 95% interval; None when the cell has none), "metric", "budget"}."""
+    """What the score plot draws: {task: {strategy: points sorted by x}}, each point {"x" (KV bytes held relative to
+    a full cache, `kv_bytes_fraction`: the one axis on which evicted and quantized caches compare; the kept fraction
+    for cells without it), "kept_fraction", "score", "low", "high" (its 95% interval; None when the cell has none),
+    "metric", "budget"}."""
     out: dict[str, dict[str, list[dict]]] = {}
     for cell in _ok(results):
         metric = stats.score_metric(cell)
@@ -42,11 +44,12 @@ def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
             continue
         interval = cell.get("ci", {}).get(metric) or {}
         out.setdefault(cell["task"], {}).setdefault(cell["strategy"], []).append({
-            "kept_fraction": cell["kept_fraction"], "score": cell[metric], "metric": metric, "budget": cell["budget"],
+            "x": cell.get("kv_bytes_fraction", cell["kept_fraction"]), "kept_fraction": cell["kept_fraction"],
+            "score": cell[metric], "metric": metric, "budget": cell["budget"],
             "low": interval.get("low"), "high": interval.get("high")})
     for by_strategy in out.values():
         for strategy in by_strategy:
-            by_strategy[strategy].sort(key=lambda p: p["kept_fraction"])
+            by_strategy[strategy].sort(key=lambda p: p["x"])
     return {task: dict(sorted(by_strategy.items())) for task, by_strategy in out.items()}
 
 
@@ -79,11 +82,11 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         for ax, task in zip(axes.flat, tasks):
             for strategy, points in scores[task].items():
                 shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
-                ax.errorbar([p["kept_fraction"] + shift for p in points], [p["score"] for p in points],
+                ax.errorbar([p["x"] + shift for p in points], [p["score"] for p in points],
                             yerr=error_bars(points), marker="o", capsize=2, color=colors[strategy], label=strategy)
             metric = next(iter(scores[task].values()))[0]["metric"]
             ax.set_title(task)
-            ax.set_xlabel("KV kept fraction")
+            ax.set_xlabel("KV bytes / full cache")
             ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:

@@ -103,7 +103,7 @@ def grid(tasks: list[tuple[str, Task, int | None]], strategies: list[str], budge
     cells = []
     for label, task, length in tasks:
         for name in strategies:
-            for budget in budgets if registry.get(name).uses_budget else [NO_BUDGET]:
+            for budget in budgets if registry.resolve(name)[0].uses_budget else [NO_BUDGET]:
                 cells.append(Cell(label, task, length, name, budget))
     return cells
 
@@ -165,7 +165,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             if isinstance(prepared[cell.task_label], PrepareError):  # the task's data could not be prepared
                 done[cell.key] = prepared[cell.task_label].cell(cell)
             else:
-                done[cell.key] = run_cell(cell, registry.get(cell.strategy), model, tokenizer,
+                done[cell.key] = run_cell(cell, registry.resolve(cell.strategy), model, tokenizer,
                                           prepared[cell.task_label], config)
             done[cell.key]["rank"] = rank  # the process that ran it (0 without torchrun)
             results["environment"]["finished_at"] = _now()
@@ -277,16 +277,19 @@ class NotApplicable(Exception):
     """The strategy cannot be built for this task (its `for_budget` refused with a ValueError)."""
 
 
-def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> dict:
-    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised.
+def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared, config: RunConfig) -> dict:
+    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised. `strategy`: the
+    cache class and its options (`registry.resolve` of the cell's strategy spec, e.g. "kvzip:allocation=layer").
 
     Status: "ok"; "n/a" when the strategy's `for_budget` refuses (e.g. label_words outside ICL tasks: it is built
     from an ICL prompt, not a budget); "error" with the message otherwise.
     """
 
+    cls, options = strategy
+
     def make_cache(context_tokens: int):
         try:
-            return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens))
+            return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens), **options)
         except ValueError as error:
             raise NotApplicable(str(error)) from error
 

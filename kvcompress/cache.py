@@ -576,19 +576,23 @@ class CompressedCache(Cache):
         return False
 
     @classmethod
-    def for_budget(cls, model, tokenizer, budget: int | None, **storage) -> CompressedCache:
+    def for_budget(cls, model, tokenizer, budget: int | None, **options) -> CompressedCache:
         """A cache for the bench: keep at most `budget` tokens per row (None: the strategy's own default).
 
         `budget` is validated here for every strategy: None or an integral number >= 1 (int, numpy integer, 0-d
         integer tensor; not bool, not a float, even 8.0: a kept fraction must be resolved to tokens first), else
         ValueError quoting `budget`. Then `_from_budget` (the per-strategy hook) maps the valid budget to the
         strategy's parameters. Strategies whose size is not a budget (`uses_budget = False`: full, anchors) ignore
-        it; those that cannot be built from a model alone (label words) raise ValueError. `storage` (kv_bits,
-        residual, group) goes to `set_storage`.
+        it; those that cannot be built from a model alone (label words) raise ValueError. `options`: the storage
+        options (kv_bits, residual, group) go to `set_storage`; the others to the strategy's `_from_budget` when it
+        takes keyword options (e.g. KVzip's `allocation`), else ValueError naming them.
         """
         if budget is not None:
             budget = as_int(budget, "budget", minimum=1)
-        cache = cls._from_budget(model, tokenizer, budget)
+        storage = {k: options.pop(k) for k in STORAGE_OPTIONS if k in options}
+        if options and not _takes_options(cls._from_budget):
+            raise ValueError(f"{cls.__name__} takes no options {sorted(options)} with a budget")
+        cache = cls._from_budget(model, tokenizer, budget, **options)
         return cache.set_storage(**storage) if storage else cache
 
     @classmethod
@@ -848,6 +852,12 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 QUANTIZED_BITS = (8, 4, 2)
 STORAGE_OPTIONS = ("kv_bits", "residual", "group")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _takes_options(function) -> bool:
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
 
 
 def check_quantizable(model, group: int) -> None:

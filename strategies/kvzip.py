@@ -103,8 +103,10 @@ class KVzipCache(CompressedCache):
         self._next_position: torch.Tensor | None = None  # (B,) RoPE position the next token of each row gets
 
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None) -> KVzipCache:
-        return cls(model, tokenizer) if budget is None else cls(model, tokenizer, budget=budget)
+    def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> KVzipCache:
+        """`budget` pairs per layer and kv head (global: that many on average); `options`: the constructor's
+        (allocation, chunk, value_norm, n_sink, overlap)."""
+        return cls(model, tokenizer, **options) if budget is None else cls(model, tokenizer, budget=budget, **options)
 
     def storage_layout(self) -> str:
         return self.layout or ("paged" if self.allocation == "global" else "dense")  # global: heads keep unequal counts
