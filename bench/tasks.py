@@ -319,6 +319,85 @@ class Needle(Task):
         }
 
 
+NEEDLE_KEYS = ("apple", "river", "candle", "violin", "harbor", "meadow", "lantern", "copper")
+KEYED_NEEDLE = "\nThe special magic number for {key} is {number}.\n"
+KEYED_QUESTION = "\n\nQuestion: What is the special magic number for {key} mentioned in the text above?\n" \
+    "Answer: The special magic number for {key} is"
+
+
+@dataclass
+class ManyNeedles(Task):
+    """`needles@L`: compress once, ask many (the KVzip paper's multi-query evaluation). Each of `limit` contexts (an
+    L-token stretch of the essays, a different stretch each) holds `needles` keyed needles ("The special magic number
+    for apple is 31415.") at evenly spread depths; the context is prefilled once into a fresh cache (which compresses
+    it), then each question ("... the special magic number for apple ...") is answered greedily from its OWN clone of
+    that compressed cache (`CompressedCache.clone`): the cache never sees the question before compressing. Score:
+    the fraction of questions whose answer contains the number (questions of one context share it, so they are not
+    independent samples). Cost: `prefill_seconds` per context (for KVzip, reconstruction included) and
+    `answer_seconds` per question (clone, question forward, greedy decoding)."""
+
+    needles: int = 4
+    contexts: int = 3
+    answer_tokens: int = 8
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        rng = random.Random(seed)
+        contexts = limit or int(options.get("needles_contexts", self.contexts))
+        count = int(options.get("needles_per_context", self.needles))
+        if not 1 <= count <= len(NEEDLE_KEYS):
+            raise ValueError(f"needles_per_context must be in 1..{len(NEEDLE_KEYS)}, got {count}")
+        stream = _essay_ids(tokenizer, length * (contexts + 1))
+        samples = []
+        for c in range(contexts):
+            keys = rng.sample(NEEDLE_KEYS, count)
+            needles = [(key, str(rng.randrange(10000, 100000))) for key in keys]
+            inserts = [_encode(tokenizer, KEYED_NEEDLE.format(key=k, number=n)) for k, n in needles]
+            body = stream[c * length : (c + 1) * length][: length - sum(len(i) for i in inserts)]
+            ids, last = [], 0
+            for i, insert in enumerate(inserts):
+                at = int((i + 1) / (count + 1) * len(body))
+                ids += body[last:at] + insert
+                last = at
+            ids += body[last:]
+            questions = [(key, number, torch.tensor([_encode(tokenizer, KEYED_QUESTION.format(key=key))]))
+                         for key, number in needles]
+            samples.append({"prefix": torch.tensor([ids]), "questions": questions})
+        return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        answers, stats, prefill_times, answer_times = [], [], [], []
+        for index, sample in enumerate(prepared["samples"]):
+            prefix = sample["prefix"]
+            compressed = make_cache(prefix.shape[1])
+            _, seconds = metrics.prefill(model, compressed, prefix)
+            prefill_times.append(seconds)
+            stats.append(metrics.kv_stats(compressed, model, prefix.shape[1]))
+            for key, number, question in sample["questions"]:
+                start = time.perf_counter()
+                cache = compressed.clone()
+                logits, _ = metrics.prefill(model, cache, question)
+                tokens, _ = metrics.greedy_decode(model, cache, logits, prepared["answer_tokens"] - 1)
+                answer_times.append(time.perf_counter() - start)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                hit = number in re.sub(r"[\s,]", "", text)
+                answers.append({"context": index, "key": key, "number": number, "answer": text, "correct": hit})
+            if progress:
+                progress()
+        n = len(answers)
+        return {
+            "accuracy": sum(a["correct"] for a in answers) / n if n else None,
+            "n_examples": n,
+            "contexts": len(prepared["samples"]),
+            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
+            "prefill_seconds": metrics.median(prefill_times),
+            "answer_seconds": metrics.median(answer_times),
+            "decode_tokens_per_s": None,
+            "query": "after",
+            "answers": answers,
+            **metrics.mean_stats(stats),
+        }
+
+
 @dataclass
 class Speed(Task):
     decode_tokens: int = 16
@@ -477,6 +556,8 @@ TASKS: dict[str, Task] = {
                       description="perplexity on Paul Graham essays, streamed in chunks"),
     "needle": Needle("needle", needs_length=True, query="after",
                      description="needle-in-a-haystack retrieval in essays"),
+    "needles": ManyNeedles("needles", needs_length=True,
+                           description="compress once, ask many: keyed needles, one question per clone of the cache"),
     "speed": Speed("speed", metric="decode_tokens_per_s", needs_length=True,
                    description="greedy decode tokens/s after an L-token prefill"),
 }
