@@ -8,7 +8,7 @@ from attention_reference import check_top_k, reference_probabilities, teacher_fo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcompress import FullCache, TOVACache, registry
+from kvcompress import FullCache, TOVACache, attention, registry
 from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama, tiny_qwen2
 
 # initializer_range 0.2: peaked attention (the default 0.02 gives near-uniform probabilities, a weak test of choice)
@@ -25,12 +25,12 @@ def _example(lengths=(13, 6), steps=4, seed=0):
 
 
 # --- (a) the choice: kept = top-budget of the last query's attention averaged over query heads -------------------
-def check_choice(cache_cls, budget, ids, mask, continuation):
+def check_choice(cache_cls, budget, ids, mask, continuation, model=MODEL):
     """After the prefill and every decode step, each layer and row keeps exactly a top-`budget` of the tokens it
     held, scored by the attention probability of the forward's last query averaged over all query heads, computed
-    by transformers' eager attention over the same visible keys."""
-    run = teacher_forced(MODEL, cache_cls(MODEL, budget=budget), ids, mask, continuation)
-    probs = reference_probabilities(MODEL, run["fed"], run["fed_mask"], run["visible"])
+    by transformers' eager attention over the same visible keys (with the model's own scale and masks)."""
+    run = teacher_forced(model, cache_cls(model, budget=budget), ids, mask, continuation)
+    probs = reference_probabilities(model, run["fed"], run["fed_mask"], run["visible"])
     visible = run["visible"]
     assert visible.dim() == 4, "TOVA keeps one set per layer (no kv-head axis)"
     for forward, last in enumerate(run["ends"]):
@@ -71,6 +71,33 @@ def test_choice_check_catches_planted_bugs(planted):
     rows, ids, mask, continuation = _example()
     with pytest.raises(AssertionError, match="dropped position"):
         check_choice(planted, 5, ids, mask, continuation)
+
+
+# Gemma 3: softmax scale 1/8 (query_pre_attn_scalar 64; head_dim 16 would give 1/4) and sliding-window layers
+GEMMA3 = tiny_gemma3(seed=1, initializer_range=0.2)
+
+
+def _observation_without_the_models_scale(monkeypatch):
+    """Planted core bug: the observation's probabilities are computed with head_dim ** -0.5 (the kernel keeps the
+    model's scale). Only Gemma 3 among the test models has another scale."""
+    real = attention.observe
+    monkeypatch.setattr(attention, "observe", lambda cache, query, key, mask, scaling, probs=None:
+                        real(cache, query, key, mask, None, None))
+
+
+@pytest.mark.parametrize("budget", [4, 7])
+def test_kept_set_on_gemma3_is_top_k_under_the_models_own_scale(budget):
+    """Issue 20 (fragile catch 1): a second test, independent of tests/test_observation.py, that the probabilities
+    strategies observe use the model's softmax scale: TOVA's choice against transformers' eager attention on Gemma 3."""
+    rows, ids, mask, continuation = _example()
+    check_choice(TOVACache, budget, ids, mask, continuation, model=GEMMA3)
+
+
+def test_gemma3_choice_check_catches_an_observation_without_the_models_scale(monkeypatch):
+    rows, ids, mask, continuation = _example()
+    _observation_without_the_models_scale(monkeypatch)
+    with pytest.raises(AssertionError, match="dropped position"):
+        check_choice(TOVACache, 4, ids, mask, continuation, model=GEMMA3)
 
 
 # --- (b) exactness against a cache-free forward with an explicit mask per layer ---------------------------------
