@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import attention
+from . import attention, registry
 from .rope import RotaryPositions
 from .validate import as_int
 
@@ -436,7 +436,8 @@ class CompressedCache(Cache):
         model: a decoder-only causal LM (`AutoModelForCausalLM`) using transformers' AttentionInterface.
         positions: "original" (keys keep the RoPE rotation of their text position; default) or "cache" (keys are
             re-rotated at their rank among the kept tokens, as in StreamingLLM, so text longer than the model's
-            context can be streamed).
+            context can be streamed; refused with a ValueError by strategies that keep different tokens per kv
+            head, `supports_cache_positions = False`).
     """
 
     evicts = True  # False: never call `select` (FullCache)
@@ -446,17 +447,29 @@ class CompressedCache(Cache):
     observe_received = False  # attention each slot received, summed over the forward's queries (B, Hq, S)
     needs_token_ids = False  # True: record the input ids of every forward (anchors, label words)
     uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
+    # False for strategies that keep different tokens per kv head: positions="cache" re-rotates one token set
+    # shared by every kv head (a rank within the cache per row), so they accept only positions="original"
+    supports_cache_positions = True
 
     def __init__(self, model: PreTrainedModel, *, positions: str = "original"):
         check_causal_lm(model)
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions == "cache" and not self.supports_cache_positions:
+            supporting = ", ".join(n for n in registry.available() if registry.get(n).supports_cache_positions)
+            raise ValueError(
+                f"{getattr(type(self), 'strategy_name', type(self).__name__)} does not support positions='cache': it "
+                "keeps different tokens per kv head, and positions='cache' re-rotates one token set shared by all "
+                f"kv heads; use positions='original' (the default). Strategies that support positions='cache': "
+                f"{supporting}"
+            )
         self.position_mode = positions
         self.rope = RotaryPositions(model) if positions == "cache" else None
         config = model.config.get_text_config(decoder=True)
         super().__init__(layers=[CompressedLayer(self, i) for i in range(config.num_hidden_layers)])
         self.token_ids: torch.Tensor | None = None  # (B, seen) when needs_token_ids
         self._forward_ids: torch.Tensor | None = None
+        self._owner_forward = False  # set by the model's pre-hook when its forward uses this cache
         self._model_ref = weakref.ref(model)
         self._hooks = _install_hooks(model, self)
         attention.enable(model)
@@ -540,7 +553,7 @@ class CompressedCache(Cache):
         """Everything but the link to the model (weak reference, hooks, rotary module): a pickled or
         `torch.save`d cache comes back detached; `attach(model)` reconnects it before use."""
         state = dict(vars(self))
-        state.update(_model_ref=None, _hooks=[], rope=None, _forward_ids=None)
+        state.update(_model_ref=None, _hooks=[], rope=None, _forward_ids=None, _owner_forward=False)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -567,10 +580,19 @@ class CompressedCache(Cache):
         return self
 
     def _check_attached(self) -> None:
+        """Called at the start of every forward through this cache (layer 0's update): the cache must be attached,
+        and the forward must be its model's (whose pre-hook marked it), not another model's."""
         if self._model_ref is None:
             raise RuntimeError(
                 f"this {type(self).__name__} was unpickled (or torch.load-ed) without its model; call "
                 "cache.attach(model) before using it"
+            )
+        owner_forward, self._owner_forward = self._owner_forward, False
+        if not owner_forward:
+            raise ValueError(
+                f"this {type(self).__name__} belongs to another model: it was built for (or attached to) a different "
+                "model instance than the one running this forward, and its hooks (input checks, token ids) sit on "
+                "that model. Build a new cache for this model, or move this one with cache.attach(model)"
             )
 
     # batch rows ------------------------------------------------------------------------------------------------
@@ -621,6 +643,13 @@ class CompressedCache(Cache):
         its tail, which looks like a continuation; the ids of the rest never reach the model), and direct calls
         with neither attention_mask nor position_ids.
         """
+        if kwargs.get("use_cache") is False:
+            raise ValueError(
+                f"use_cache=False with a {type(self).__name__}: the model still writes every forward into the cache, "
+                "while generate() then assumes no cache and feeds the whole sequence again at every step (the second "
+                "token would attend to the prompt twice). Pass use_cache=True (the default) to use the cache, or no "
+                "cache with use_cache=False"
+            )
         ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = ids if ids is not None else kwargs.get("inputs_embeds")
         if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
@@ -749,7 +778,8 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
         target = cache_ref()
         if target is not None:
             target._forward_ids = None
-            if any(kwargs.get(name) is target for name in ("past_key_values", "cache")):
+            target._owner_forward = any(kwargs.get(name) is target for name in ("past_key_values", "cache"))
+            if target._owner_forward:
                 target._check_forward_input(args, kwargs)
 
     def record(module, args):

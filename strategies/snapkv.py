@@ -70,11 +70,14 @@ class SnapKVCache(CompressedCache):
         window: observation window (>= 1, <= budget): queries that score, and recent tokens always kept.
         kernel: pooling kernel size (odd, >= 1; 1 = no pooling).
         pooling: "avg" or "max".
+        positions: only "original" (keeps different tokens per kv head; "cache" raises ValueError).
     """
 
     uses_budget = True
+    supports_cache_positions = False
 
-    def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg"):
+    def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
+                 positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
         window = as_int(window, "window", minimum=1)
         kernel = as_int(kernel, "kernel", minimum=1)
@@ -87,7 +90,7 @@ class SnapKVCache(CompressedCache):
             raise ValueError(f"kernel must be odd (pooling is centred on each token), got {kernel}")
         if not isinstance(pooling, str) or pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        super().__init__(model)
+        super().__init__(model, positions=positions)
         self.budget, self.window, self.kernel, self.pooling = budget, window, kernel, pooling
         self.observe_window = window
 

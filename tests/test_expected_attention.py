@@ -127,19 +127,21 @@ def _expected_kept(model, proj, fed_mask, prompt_len, budget, n_sink, future, us
     return out
 
 
-def check_choice(cache_cls, model, budget=6, n_sink=2, future=512, use_cov=True, use_vnorm=True, steps=5):
+def check_choice(cache_cls, model, budget=6, n_sink=2, future=512, use_cov=True, use_vnorm=True, steps=5,
+                 epsilon=0.0):
     """After the prefill and every decoding step, each (layer, row, kv head) keeps exactly the reference's choice."""
     ids, mask = left_padded(ROWS)
     continuation = torch.arange(100, 100 + 2 * steps).view(2, steps)
     cache = cache_cls(model, budget=budget, n_sink=n_sink, n_future_positions=future, use_covariance=use_cov,
-                      use_vnorm=use_vnorm)
+                      use_vnorm=use_vnorm, epsilon=epsilon)
     with capture() as records:
         _, kept = teacher_forced(model, cache, ids, mask, continuation)
     fed = torch.cat([ids, continuation], dim=1)
     fed_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
     visible = visibility_from_records(records, 2, fed.shape[1])
     proj = _projections(model, fed, fed_mask, visible)
-    expected = _expected_kept(model, proj, fed_mask, ids.shape[1], budget, n_sink, future, use_cov, use_vnorm)
+    expected = _expected_kept(model, proj, fed_mask, ids.shape[1], budget, n_sink, future, use_cov, use_vnorm,
+                              epsilon)
     assert len(kept) == len(expected) == steps + 1
     for step, (got, want) in enumerate(zip(kept, expected)):
         assert got == want, f"forward {step}"
@@ -185,6 +187,9 @@ class _IgnoresValueNorm(ExpectedAttentionCache):
         (tiny_gemma3, {"use_vnorm": False}),
         (tiny_gemma3, {"budget": 5, "n_sink": 1, "future": 64, "use_cov": False, "use_vnorm": False}),
         (tiny_gemma3, {}),
+        (tiny_llama, {"epsilon": 0.05}),
+        # an epsilon far above every probability ranks by the value norm alone; 1e39 overflows float32
+        (tiny_llama, {"epsilon": 1e39}),
     ],
 )
 def test_kept_set_is_the_top_k_of_expected_attention(make_model, kwargs):
@@ -426,8 +431,8 @@ def test_clone_and_reset_carry_or_drop_the_statistics():
         ({"n_sink": -1}, ValueError, "n_sink must be an integer >= 0"),
         ({"use_covariance": 1}, TypeError, "use_covariance must be a bool"),
         ({"use_vnorm": "yes"}, TypeError, "use_vnorm must be a bool"),
-        ({"epsilon": -0.1}, ValueError, "epsilon must be a number >= 0"),
-        ({"epsilon": float("nan")}, ValueError, "epsilon must be a number >= 0"),
+        ({"epsilon": -0.1}, ValueError, "epsilon must be a finite number >= 0"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon must be a finite number >= 0"),
         ({"positions": "cache"}, ValueError, "positions='original'"),
     ],
 )

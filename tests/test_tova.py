@@ -7,6 +7,7 @@ import torch
 from attention_reference import check_top_k, reference_probabilities, teacher_forced
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvcompress import FullCache, TOVACache, attention, registry
 from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama, tiny_qwen2
@@ -244,3 +245,50 @@ def test_model_whose_attention_the_core_cannot_see_is_refused():
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
     with pytest.raises(TypeError, match="AttentionInterface"):
         TOVACache(mamba, budget=4)
+
+
+# --- positions="cache" (issue 20, item 9: TOVA keeps one set for every kv head, so it supports it) -------------------
+def _layer0_last_step_error(cache):
+    """Max |layer-0 attention output - its definition| at the last of four decode steps after a 10-token prefill:
+    pre-RoPE q/k/v of the tokens held before the step plus the new one, rotated at their rank in the cache.
+    Layer 0 sees only token embeddings, so its inputs do not depend on what the cache kept."""
+    model = MODEL
+    tokens = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(1))
+    attn = model.model.layers[0].self_attn
+    outputs = []
+    hook = attn.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    try:
+        with torch.no_grad():
+            model(tokens[:, :10], past_key_values=cache)
+            for t in range(10, 14):
+                held = cache.kept_positions(0)[0]
+                model(tokens[:, t : t + 1], past_key_values=cache)
+    finally:
+        hook.remove()
+    kept = held + [13]
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(tokens))
+        shape = (1, 14, -1, attn.head_dim)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2)[:, :, kept] for proj in (attn.q_proj, attn.k_proj,
+                                                                                      attn.v_proj))
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(len(kept)).view(1, -1))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        groups = attn.num_key_value_groups
+        probs = ((q[:, :, -1:] @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * attn.scaling).softmax(-1)
+        expected = attn.o_proj((probs @ v.repeat_interleave(groups, 1)).transpose(1, 2).reshape(1, 1, -1))
+    return (outputs[-1] - expected).abs().max().item()
+
+
+def test_cache_positions_rotate_at_the_rank_among_the_kept_tokens():
+    cache = TOVACache(MODEL, budget=5, positions="cache")
+    assert _layer0_last_step_error(cache) < 1e-5
+    assert len(cache.kept_positions(0)[0]) == 5
+    # the check can fail: the same run with text positions is not this definition
+    assert _layer0_last_step_error(TOVACache(MODEL, budget=5)) > 1e-3
+
+
+def test_cache_positions_with_a_budget_covering_everything_equal_full_cache():
+    rows, ids, mask, continuation = _example()
+    got = teacher_forced(MODEL, TOVACache(MODEL, budget=64, positions="cache"), ids, mask, continuation)["logits"]
+    expected = teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)["logits"]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
