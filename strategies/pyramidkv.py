@@ -64,7 +64,7 @@ class PyramidKVCache(SnapKVCache):
 
     Args:
         model, budget, window, kernel, pooling, positions: as `SnapKVCache` (`budget` is the MEAN per-layer
-            budget).
+            budget; `for_budget` picks the window by SnapKVCache's rule: 64 above a budget of 64, else half).
         beta: steepness (a number >= 1): the last layer keeps (budget - window) / beta scored tokens; 1 = uniform.
             Default 20 (paper's code and kvpress).
     """
