@@ -724,6 +724,26 @@ class CompressedCache(Cache):
 
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# Architectures whose attention does what the core cannot follow and no config field tells (config.model_type ->
+# why), found by the architecture sweep (`python -m kvcompress.architectures`, docs/architectures.md).
+UNSERVED_ARCHITECTURES = {
+    "diffllama": "its differential attention calls the attention function twice per cache update (the core evicts "
+                 "after the first call)",
+    "doge": "its attention builds its own dynamic mask from the values and the mask it receives (the core builds "
+            "masks from the positions the cache kept)",
+    "dory": "it runs its layers in loops over shared or per-loop copies of their KV (cache slots other than the "
+            "attention modules' layer_idx)",
+    "jetmoe": "its mixture of attention heads repeats the cached kv heads after the cache update, so per-kv-head "
+              "slots and masks no longer line up with the heads attending",
+}
+
+
+def outside_attention_interface(name: str) -> str:
+    """Why a model class without `_supports_attention_backend` is refused (also decided per class, without a model,
+    by `kvcompress.architectures`)."""
+    return (f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
+            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
+            "caches cannot drive it")
 
 
 def check_causal_lm(model) -> None:
@@ -733,7 +753,10 @@ def check_causal_lm(model) -> None:
     transformers' AttentionInterface (Mamba and other state-space models, older architectures); hybrid models
     whose `config.layer_types` include anything but full and sliding-window attention (linear attention, conv,
     chunked, indexed ...); attention-logit soft-capping (Gemma 2), which the core's kernels do not apply; layers
-    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing).
+    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing); learned attention sinks (gpt-oss); cross-attention
+    layers (Mllama, BERT-style decoders with `add_cross_attention`); bidirectional attention (`is_causal` False: a
+    BERT-style model without `is_decoder=True`); attention modules that do not map one to one to the cache's layers
+    (recurrent or looped layers); the architectures of `UNSERVED_ARCHITECTURES`.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
@@ -742,11 +765,7 @@ def check_causal_lm(model) -> None:
     if model.config.is_encoder_decoder or name not in causal_classes:
         raise TypeError(f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {name}")
     if not getattr(model, "_supports_attention_backend", False):
-        raise TypeError(
-            f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
-            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
-            "caches cannot drive it"
-        )
+        raise TypeError(outside_attention_interface(name))
     config = model.config.get_text_config(decoder=True)
     other_types = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
     if other_types:
@@ -761,15 +780,37 @@ def check_causal_lm(model) -> None:
         )
     if getattr(config, "num_kv_shared_layers", 0) or "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
         raise TypeError(f"{name} shares KV between layers, which kvcompress caches do not support")
+    if config.model_type in UNSERVED_ARCHITECTURES:
+        raise TypeError(f"{name} cannot be served by kvcompress caches: {UNSERVED_ARCHITECTURES[config.model_type]}")
+    if getattr(config, "cross_attention_layers", None) or getattr(config, "add_cross_attention", False):
+        raise TypeError(f"{name} has cross-attention layers, which kvcompress caches do not support")
+    # attention modules: a layer index and a softmax scale (decoder layers have the index only)
+    attentions = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "scaling")]
+    if any(getattr(m, "sinks", None) is not None for m in attentions):
+        raise TypeError(
+            f"{name} has learned attention sinks (an extra softmax logit per head, `s_aux`), which the kvcompress "
+            "core does not apply, so its results would be wrong"
+        )
+    if any(getattr(m, "is_causal", True) is False for m in attentions):
+        raise TypeError(
+            f"{name} attends bidirectionally (is_causal False; a BERT-style model needs config.is_decoder=True to "
+            "generate), which kvcompress caches do not support"
+        )
+    if sorted(m.layer_idx for m in attentions) != list(range(config.num_hidden_layers)):
+        raise TypeError(
+            f"{name}'s attention modules do not map one to one to its {config.num_hidden_layers} cache layers "
+            "(recurrent or looped layers), which kvcompress caches do not support"
+        )
 
 
 def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
     """Hooks tying `cache` to the forwards of `model`; removed when the cache is garbage-collected.
 
-    - A forward pre-hook on `model.base_model` (the module owning the input embeddings, so a direct call of the
-      base model is covered too): at the start of EVERY forward it drops ids recorded by an earlier forward (ids
-      belong to the forward that uses them: a forward with `inputs_embeds` then fails with "pass input_ids"), and
-      when the forward uses this cache it checks the input (`_check_forward_input`).
+    - A forward pre-hook on `model` and on `model.base_model` (the module owning the input embeddings, so a direct
+      call of the base model is covered too): at the start of EVERY forward it drops ids recorded by an earlier
+      forward (ids belong to the forward that uses them: a forward with `inputs_embeds` then fails with "pass
+      input_ids"), marks whether the forward uses this cache (a cache used by another model's forward is refused
+      in `_check_attached`), and if so checks the input (`_check_forward_input`).
     - `needs_token_ids`: a forward pre-hook on the input embeddings handing the forward's input ids to `cache`.
     """
     cache_ref = weakref.ref(cache)
@@ -787,7 +828,10 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
         if target is not None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             target._forward_ids = args[0]
 
-    handles = [model.base_model.register_forward_pre_hook(start, with_kwargs=True)]
+    # on the model AND its base model: a direct call of the base model is covered, and so are causal LMs whose
+    # forward bypasses the base model's own (OPT calls its decoder directly)
+    owners = [model] if model.base_model is model else [model, model.base_model]
+    handles = [owner.register_forward_pre_hook(start, with_kwargs=True) for owner in owners]
     if cache.needs_token_ids:
         handles.append(model.get_input_embeddings().register_forward_pre_hook(record))
     for handle in handles:

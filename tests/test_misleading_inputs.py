@@ -133,3 +133,30 @@ def test_the_positions_tables_cover_the_registry():
     assert set(MINIMAL) <= set(registry.available())
     assert SUPPORTS_CACHE_POSITIONS <= set(registry.available())
     assert {n for n in registry.available() if registry.get(n).supports_cache_positions} == SUPPORTS_CACHE_POSITIONS
+
+
+# found by the architecture sweep (item 10): a forward that fails midway ------------------------------------------
+def test_a_forward_that_failed_midway_blocks_its_own_cache_not_the_next_one(tiny_model, monkeypatch):
+    """Before the fix, a forward that raised between layer 0's cache update and the core (Dory's own code did, in the
+    sweep) left that layer pending in the core, and the next forward of ANY cache (a fresh one, on any model)
+    raised "layer 0 of a kvcompress cache was updated but not followed by the kvcompress attention core". Now only
+    the failed cache refuses (reset() clears it)."""
+    from kvcompress import attention
+
+    broken = FullCache(tiny_model)
+    real = attention._take_layer
+
+    def fail(*args):
+        raise RuntimeError("planted failure after the cache update, before the core takes the layer")
+
+    monkeypatch.setattr(attention, "_take_layer", fail)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        tiny_model(PROMPT, past_key_values=broken)
+    monkeypatch.setattr(attention, "_take_layer", real)
+    fresh = FullCache(tiny_model)
+    tiny_model.generate(PROMPT, past_key_values=fresh, max_new_tokens=2, **GREEDY)  # unaffected
+    assert fresh.get_seq_length() == 7
+    with pytest.raises(RuntimeError, match=r"call cache\.reset\(\)"):
+        tiny_model(PROMPT, past_key_values=broken)
+    broken.reset()
+    tiny_model(PROMPT, past_key_values=broken)
