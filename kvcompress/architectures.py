@@ -15,9 +15,10 @@ The list comes from transformers itself: every model type of `MODEL_FOR_CAUSAL_L
   passes both checks on a left-padded batch of two prompts longer than the tiny sliding window (8):
   greedy generation with `FullCache` gives the logits of transformers' `DynamicCache()` (on the model's SDPA path,
   eager where it has none; built without the config, so it keeps every token as FullCache does: built from a
-  config with a `sliding_window` it drops old keys even where the model's masks do not, e.g. Moshi), and `SnapKVCache` (per-kv-head eviction, observation window) gives, at every step,
-  the logits of one cache-free forward through the model's own eager attention under an explicit per-layer mask
-  of the keys each query saw (`kvcompress.testing.max_step_error`). Both within `TOLERANCE`.
+  config with a `sliding_window` it drops old keys even where the model's masks do not, e.g. Moshi), and
+  `SnapKVCache` (per-kv-head eviction, observation window) gives, at every step, the logits of one cache-free
+  forward through the model's own eager attention under an explicit per-layer mask of the keys each query saw
+  (`kvcompress.testing.max_step_error`). Both within `TOLERANCE`.
 - wrong: served, but a check fails. A bug: the architecture must be fixed in the core or refused up front (the
   tests assert there is none).
 - not checked: no tiny model could be built from the config (the reason says why: composite multimodal configs,
@@ -39,7 +40,7 @@ import transformers
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .cache import check_causal_lm, outside_attention_interface
+from .cache import cache_arg, check_causal_lm, outside_attention_interface
 from .testing import left_padded, max_step_error
 
 # float32, as the rest of the suite: the core (SDPA) and the references (SDPA / eager) differ by rounding, ~1e-7;
@@ -118,7 +119,7 @@ def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
 
 
 def _greedy_logits(model, cache, ids, mask) -> torch.Tensor:
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+    out = model.generate(ids, attention_mask=mask, **cache_arg(cache), max_new_tokens=NEW_TOKENS,
                          min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
                          pad_token_id=0)
     return torch.stack(out.logits, 1)

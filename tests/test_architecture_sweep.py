@@ -31,6 +31,7 @@ SAMPLE = {
     "deepseek_v3": ("served", ""),  # multi-head latent attention
     "mixtral": ("served", ""),  # mixture of experts
     "bert": ("served", ""),  # a BERT-style decoder (is_decoder=True)
+    "moshi": ("served", ""),  # its config has a sliding_window its masks ignore
     "mamba": ("refused", "does not run its attention through transformers' AttentionInterface"),
     "gemma2": ("refused", "attn_logit_softcapping"),
     "llama4_text": ("refused", "chunked_attention"),

@@ -160,3 +160,15 @@ def test_a_forward_that_failed_midway_blocks_its_own_cache_not_the_next_one(tiny
         tiny_model(PROMPT, past_key_values=broken)
     broken.reset()
     tiny_model(PROMPT, past_key_values=broken)
+
+
+def test_the_masked_reference_of_a_float64_model_is_finite_with_padding():
+    """kvcompress.testing hid keys with the dtype's minimum; transformers' eager attention takes its softmax in
+    float32, where float64's minimum is -inf, so a padded row (a query seeing no key) turned NaN and spread through
+    0 * NaN into every row of the batch (found while trying the architecture sweep in float64)."""
+    from kvcompress.testing import left_padded, max_step_error
+
+    model = tiny_llama().double()
+    ids, mask = left_padded([[5, 9, 17, 33, 41, 8], [7, 3]])
+    error, _, _ = max_step_error(model, SinkWindowCache(model, n_sink=1, window=2), ids, mask, max_new_tokens=3)
+    assert error < 1e-6  # not NaN
