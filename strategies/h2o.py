@@ -57,7 +57,7 @@ class H2OCache(CompressedCache):
 
     uses_budget = True
     observe_received = True
-    supports_cache_positions = False
+    supports_cache_positions = False  # per-kv-head eviction
 
     def __init__(self, model, heavy: int = 512, recent: int = 512, positions: str = "original"):
         heavy, recent = as_int(heavy, "heavy", minimum=0), as_int(recent, "recent", minimum=0)

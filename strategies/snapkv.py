@@ -79,7 +79,7 @@ class SnapKVCache(CompressedCache):
     """
 
     uses_budget = True
-    supports_cache_positions = False
+    supports_cache_positions = False  # per-kv-head eviction
 
     def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
                  positions: str = "original"):

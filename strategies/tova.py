@@ -40,8 +40,7 @@ class TOVACache(CompressedCache):
         model: the causal LM this cache serves.
         budget: the most tokens each row keeps per layer (>= 1).
         positions: "original" (default) or "cache" (see `CompressedCache`: keys and queries rotated at their rank
-            among the kept tokens; TOVA keeps one set for every kv head, so it can). The paper's code keeps the
-            original positions.
+            among the kept tokens; TOVA keeps one set for every kv head, so it can).
     """
 
     uses_budget = True

@@ -145,10 +145,11 @@ def check_clone_is_independent_of_the_original(model, make_cache, check_tensors=
     with torch.no_grad():
         model(PROMPT, **cache_arg(cache))
     twin = cache.clone()
-    snapshot = _owned_tensors(twin) if check_tensors else {}
+    snapshot = _owned_tensors(twin)
     _feed(model, cache, ORIGINAL_GOES_ON)
-    for key, tensor in (_owned_tensors(twin) if check_tensors else {}).items():
-        assert torch.equal(tensor, snapshot[key]), f"the original's decoding changed the clone's {key}"
+    if check_tensors:
+        for key, tensor in _owned_tensors(twin).items():
+            assert torch.equal(tensor, snapshot[key]), f"the original's decoding changed the clone's {key}"
     got_logits, got_kept = _feed(model, twin, CLONE_GOES_ON)
     fresh = make_cache(model)
     with torch.no_grad():
