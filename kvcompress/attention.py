@@ -76,8 +76,9 @@ def enable(model: PreTrainedModel) -> None:
 def serve_layer(layer: CompressedLayer) -> None:
     """Called by `CompressedLayer.update`: the next attention call for this layer index belongs to `layer`.
 
-    Raises RuntimeError if the previously served layer never reached the core (the model runs another attention
-    implementation), before any wrong output is produced.
+    Raises RuntimeError if the previously served layer of the same cache never reached the core (the model runs
+    another attention implementation), before any wrong output is produced. A layer left pending by ANOTHER cache
+    (whose forward failed midway) is dropped: that cache refuses its next update itself (`awaiting_attention`).
     """
     pending = getattr(_state, "layer", None)
     if pending is not None and pending.awaiting_attention and _same_cache(pending, layer):
@@ -173,6 +174,8 @@ def kvcompress_attention(
     """
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("the kvcompress core does not apply attention-logit soft-capping (softcap)")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the kvcompress core does not apply learned attention sinks (s_aux)")
     q_len = query.shape[-2]
     layer = _take_layer(getattr(module, "layer_idx", None))
     kv_positions = None

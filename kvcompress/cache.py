@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import attention
+from . import attention, registry
 from .rope import RotaryPositions
 from .storage import DenseKV, PagedKV, QuantizedKV
 from .validate import as_int
@@ -482,7 +482,8 @@ class CompressedCache(Cache):
         model: a decoder-only causal LM (`AutoModelForCausalLM`) using transformers' AttentionInterface.
         positions: "original" (keys keep the RoPE rotation of their text position; default) or "cache" (keys are
             re-rotated at their rank among the kept tokens, as in StreamingLLM, so text longer than the model's
-            context can be streamed).
+            context can be streamed; refused with a ValueError by strategies that keep different tokens per kv
+            head, `supports_cache_positions = False`).
     """
 
     evicts = True  # False: never call `select` (FullCache)
@@ -498,6 +499,9 @@ class CompressedCache(Cache):
     kv_bits: int | None = None  # quantized storage (`set_storage`): 8, 4 or 2 bits; None: the model's dtype
     residual = 128  # quantized storage: newest tokens per lane kept in full precision
     group = 32  # quantized storage: tokens per key group (= page), channels per value group
+    # False for strategies that keep different tokens per kv head: positions="cache" re-rotates one token set
+    # shared by every kv head (a rank within the cache per row), so they accept only positions="original"
+    supports_cache_positions = True
 
     def __init_subclass__(cls, **kwargs):
         """Every strategy's constructor also takes the storage options (`set_storage`: kv_bits, residual, group)."""
@@ -519,10 +523,19 @@ class CompressedCache(Cache):
     def __init__(self, model: PreTrainedModel | None, *, positions: str = "original"):
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions == "cache" and not self.supports_cache_positions:
+            supporting = ", ".join(n for n in registry.available() if registry.get(n).supports_cache_positions)
+            raise ValueError(
+                f"{getattr(type(self), 'strategy_name', type(self).__name__)} does not support positions='cache': it "
+                "keeps different tokens per kv head, and positions='cache' re-rotates one token set shared by all "
+                f"kv heads; use positions='original' (the default). Strategies that support positions='cache': "
+                f"{supporting}"
+            )
         self.position_mode = positions
         self.token_ids: torch.Tensor | None = None  # (B, seen) when needs_token_ids
         self._forward_ids: torch.Tensor | None = None
         self._in_forward = False  # a forward of the model using this cache is running (set by the hooks)
+        self._owner_forward = False  # set by the model's pre-hook when its forward uses this cache
         self._model_ref, self._hooks, self.rope = None, [], None
         if model is None:  # unbound: layers are made when a prepared model first uses it (`attach`)
             super().__init__(layers=[])
@@ -695,7 +708,7 @@ class CompressedCache(Cache):
         """Everything but the link to the model (weak reference, hooks, rotary module): a pickled or
         `torch.save`d cache comes back detached; `attach(model)` reconnects it before use."""
         state = dict(vars(self))
-        state.update(_model_ref=None, _hooks=[], rope=None, _forward_ids=None)
+        state.update(_model_ref=None, _hooks=[], rope=None, _forward_ids=None, _owner_forward=False)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -724,10 +737,19 @@ class CompressedCache(Cache):
         return self
 
     def _check_attached(self) -> None:
+        """Called at the start of every forward through this cache (layer 0's update): the cache must be attached,
+        and the forward must be its model's (whose pre-hook marked it), not another model's."""
         if self._model_ref is None:
             raise RuntimeError(
                 f"this {type(self).__name__} was unpickled (or torch.load-ed) without its model; call "
                 "cache.attach(model) before using it"
+            )
+        owner_forward, self._owner_forward = self._owner_forward, False
+        if not owner_forward:
+            raise ValueError(
+                f"this {type(self).__name__} belongs to another model: it was built for (or attached to) a different "
+                "model instance than the one running this forward, and its hooks (input checks, token ids) sit on "
+                "that model. Build a new cache for this model, or move this one with cache.attach(model)"
             )
 
     # batch rows ------------------------------------------------------------------------------------------------
@@ -778,6 +800,13 @@ class CompressedCache(Cache):
         its tail, which looks like a continuation; the ids of the rest never reach the model), and direct calls
         with neither attention_mask nor position_ids.
         """
+        if kwargs.get("use_cache") is False:
+            raise ValueError(
+                f"use_cache=False with a {type(self).__name__}: the model still writes every forward into the cache, "
+                "while generate() then assumes no cache and feeds the whole sequence again at every step (the second "
+                "token would attend to the prompt twice). Pass use_cache=True (the default) to use the cache, or no "
+                "cache with use_cache=False"
+            )
         ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = ids if ids is not None else kwargs.get("inputs_embeds")
         if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2:
@@ -873,6 +902,28 @@ def check_quantizable(model, group: int) -> None:
                          f"this one is {dtype}")
 
 
+# Architectures whose attention does what the core cannot follow and no config field tells (config.model_type ->
+# why), found by the architecture sweep (`python -m kvcompress.architectures`, docs/architectures.md).
+UNSERVED_ARCHITECTURES = {
+    "diffllama": "its differential attention calls the attention function twice per cache update (the core evicts "
+                 "after the first call)",
+    "doge": "its attention builds its own dynamic mask from the values and the mask it receives (the core builds "
+            "masks from the positions the cache kept)",
+    "dory": "it runs its layers in loops over shared or per-loop copies of their KV (cache slots other than the "
+            "attention modules' layer_idx)",
+    "jetmoe": "its mixture of attention heads repeats the cached kv heads after the cache update, so per-kv-head "
+              "slots and masks no longer line up with the heads attending",
+}
+
+
+def outside_attention_interface(name: str) -> str:
+    """Why a model class without `_supports_attention_backend` is refused (also decided per class, without a model,
+    by `kvcompress.architectures`)."""
+    return (f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
+            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
+            "caches cannot drive it")
+
+
 def check_causal_lm(model) -> None:
     """Raise TypeError unless the kvcompress core can serve every layer of `model` exactly.
 
@@ -880,7 +931,10 @@ def check_causal_lm(model) -> None:
     transformers' AttentionInterface (Mamba and other state-space models, older architectures); hybrid models
     whose `config.layer_types` include anything but full and sliding-window attention (linear attention, conv,
     chunked, indexed ...); attention-logit soft-capping (Gemma 2), which the core's kernels do not apply; layers
-    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing).
+    that reuse another layer's KV (Gemma 3n / Gemma 4 KV sharing); learned attention sinks (gpt-oss); cross-attention
+    layers (Mllama, BERT-style decoders with `add_cross_attention`); bidirectional attention (`is_causal` False: a
+    BERT-style model without `is_decoder=True`); attention modules that do not map one to one to the cache's layers
+    (recurrent or looped layers); the architectures of `UNSERVED_ARCHITECTURES`.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
@@ -889,11 +943,7 @@ def check_causal_lm(model) -> None:
     if model.config.is_encoder_decoder or name not in causal_classes:
         raise TypeError(f"kvcompress caches need a decoder-only causal LM (AutoModelForCausalLM); got {name}")
     if not getattr(model, "_supports_attention_backend", False):
-        raise TypeError(
-            f"{name} does not run its attention through transformers' AttentionInterface (state-space models such as "
-            "Mamba keep no per-token KV cache; older architectures have their own attention code), so kvcompress "
-            "caches cannot drive it"
-        )
+        raise TypeError(outside_attention_interface(name))
     config = model.config.get_text_config(decoder=True)
     other_types = sorted(set(getattr(config, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
     if other_types:
@@ -908,6 +958,27 @@ def check_causal_lm(model) -> None:
         )
     if getattr(config, "num_kv_shared_layers", 0) or "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
         raise TypeError(f"{name} shares KV between layers, which kvcompress caches do not support")
+    if config.model_type in UNSERVED_ARCHITECTURES:
+        raise TypeError(f"{name} cannot be served by kvcompress caches: {UNSERVED_ARCHITECTURES[config.model_type]}")
+    if getattr(config, "cross_attention_layers", None) or getattr(config, "add_cross_attention", False):
+        raise TypeError(f"{name} has cross-attention layers, which kvcompress caches do not support")
+    # attention modules: a layer index and a softmax scale (decoder layers have the index only)
+    attentions = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "scaling")]
+    if any(getattr(m, "sinks", None) is not None for m in attentions):
+        raise TypeError(
+            f"{name} has learned attention sinks (an extra softmax logit per head, `s_aux`), which the kvcompress "
+            "core does not apply, so its results would be wrong"
+        )
+    if any(getattr(m, "is_causal", True) is False for m in attentions):
+        raise TypeError(
+            f"{name} attends bidirectionally (is_causal False; a BERT-style model needs config.is_decoder=True to "
+            "generate), which kvcompress caches do not support"
+        )
+    if sorted(m.layer_idx for m in attentions) != list(range(config.num_hidden_layers)):
+        raise TypeError(
+            f"{name}'s attention modules do not map one to one to its {config.num_hidden_layers} cache layers "
+            "(recurrent or looped layers), which kvcompress caches do not support"
+        )
 
 
 PREPARED = "_kvcompress_binds_caches"
@@ -929,14 +1000,15 @@ def prepare(model: PreTrainedModel) -> PreTrainedModel:
                 cache.attach(model)
                 _start_forward(cache, args, kwargs)  # its own pre-hook was added during this call: not run now
 
-    model.base_model.register_forward_pre_hook(bind, with_kwargs=True)
+    for owner in [model] if model.base_model is model else [model, model.base_model]:
+        owner.register_forward_pre_hook(bind, with_kwargs=True)
     setattr(model, PREPARED, True)
     return model
 
 
 def _start_forward(cache: CompressedCache, args: tuple, kwargs: dict) -> None:
     cache._forward_ids = None
-    cache._in_forward = any(kwargs.get(name) is cache for name in ("past_key_values", "cache"))
+    cache._in_forward = cache._owner_forward = any(kwargs.get(name) is cache for name in ("past_key_values", "cache"))
     if cache._in_forward:
         cache._check_forward_input(args, kwargs)
         cache.before_forward(args, kwargs)
@@ -945,10 +1017,12 @@ def _start_forward(cache: CompressedCache, args: tuple, kwargs: dict) -> None:
 def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
     """Hooks tying `cache` to the forwards of `model`; removed when the cache is garbage-collected.
 
-    - A forward pre-hook on `model.base_model` (the module owning the input embeddings, so a direct call of the
-      base model is covered too): at the start of EVERY forward it drops ids recorded by an earlier forward (ids
-      belong to the forward that uses them: a forward with `inputs_embeds` then fails with "pass input_ids"), and
-      when the forward uses this cache it checks the input (`_check_forward_input`) and calls `before_forward`.
+    - A forward pre-hook on `model` and on `model.base_model` (the module owning the input embeddings, so a direct
+      call of the base model is covered too, and so are causal LMs whose forward bypasses the base model's): at the
+      start of EVERY forward it drops ids recorded by an earlier forward (ids belong to the forward that uses them:
+      a forward with `inputs_embeds` then fails with "pass input_ids"), marks whether the forward uses this cache (a
+      cache used by another model's forward is refused in `_check_attached`), and if so checks the input
+      (`_check_forward_input`) and calls `before_forward`.
     - A forward hook on `model.base_model` calling `after_forward` after a forward that used this cache (only for
       strategies that override `after_forward`).
     - `needs_token_ids`: a forward pre-hook on the input embeddings handing the forward's input ids to `cache`.
@@ -971,7 +1045,10 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
         if target is not None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             target._forward_ids = args[0]
 
-    handles = [model.base_model.register_forward_pre_hook(start, with_kwargs=True)]
+    # on the model AND its base model: a direct call of the base model is covered, and so are causal LMs whose
+    # forward bypasses the base model's own (OPT calls its decoder directly)
+    owners = [model] if model.base_model is model else [model, model.base_model]
+    handles = [owner.register_forward_pre_hook(start, with_kwargs=True) for owner in owners]
     if type(cache).after_forward is not CompressedCache.after_forward:
         handles.append(model.base_model.register_forward_hook(finish))
     if cache.needs_token_ids:

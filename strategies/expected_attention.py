@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import einsum, rearrange
 
@@ -28,7 +30,8 @@ class ExpectedAttentionCache(CompressedCache):
             (the model's own cos/sin: R_t x = x cos_t + rotate_half(x) sin_t; n = the next token's position);
         z_h(k) = s (R mu_h) . k + s^2 / 2 k^T (R Sigma_h R^T) k   (log E[exp(s q.k)] for q ~ N(R mu, R Sigma R^T));
         p_h = softmax of z_h over the row's kept and new tokens except the sinks;
-        score(k) = (mean of p_h over the kv group's query heads + epsilon) * ||v||   (times ||v||: `use_vnorm`).
+        score(k) = (mean of p_h over the kv group's query heads + epsilon) * ||v||   (times ||v||: `use_vnorm`;
+            computed divided by 1 + epsilon, the same ranking, so that a large epsilon cannot overflow).
     Without `use_covariance` the quadratic term is dropped.
 
     Per forward of a layer (after its attention, `observe_queries`): (1) the forward's real queries (pads and the
@@ -70,10 +73,12 @@ class ExpectedAttentionCache(CompressedCache):
         n_future_positions: T, positions averaged in R (>= 1).
         n_sink: first real tokens always kept, and whose queries are left out of the statistics (>= 0).
         use_covariance, use_vnorm: as above (bool). epsilon: added to the probability before the value-norm
-            rescaling (float >= 0).
+            rescaling (a finite float >= 0; infinity would make every score infinite, i.e. keep the oldest tokens;
+            a large epsilon ranks by the value norm alone).
     """
 
     uses_budget = True
+    supports_cache_positions = False  # per-kv-head eviction
     observe_queries = True
 
     def __init__(
@@ -95,13 +100,8 @@ class ExpectedAttentionCache(CompressedCache):
         for name, flag in (("use_covariance", use_covariance), ("use_vnorm", use_vnorm)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r} ({type(flag).__name__})")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
-        if positions != "original":
-            raise ValueError(
-                f"ExpectedAttentionCache supports only positions='original', got positions={positions!r}: it keeps "
-                "different tokens per kv head, and positions='cache' re-rotates one token set shared by all heads"
-            )
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
+            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
         try:
             RotaryPositions(model)
         except ValueError as error:
@@ -220,8 +220,11 @@ class ExpectedAttentionCache(CompressedCache):
         logits = logits.squeeze(-2).masked_fill(~candidates[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
-            probs = (probs + self.epsilon) * torch.linalg.vector_norm(layer.values[:, :, : layer.used], dim=-1,
-                                                                      dtype=dtype)
+            # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon, and
+            # exactly p ||v|| at epsilon = 0
+            weight, offset = 1.0 / (1.0 + self.epsilon), self.epsilon / (1.0 + self.epsilon)
+            norms = torch.linalg.vector_norm(layer.values[:, :, : layer.used], dim=-1, dtype=dtype)
+            probs = (probs * weight + offset) * norms
         return probs.masked_fill(~candidates, 0.0)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:

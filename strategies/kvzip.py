@@ -77,6 +77,7 @@ class KVzipCache(CompressedCache):
     uses_budget = True
     needs_token_ids = True
     observe_max_received = True
+    supports_cache_positions = False  # kv heads keep different pairs
 
     def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "layer", chunk: int = 2048,
                  value_norm: bool = False, n_sink: int = 4, overlap: int = 8, positions: str = "original"):
@@ -87,12 +88,9 @@ class KVzipCache(CompressedCache):
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if not isinstance(value_norm, bool):
             raise TypeError(f"value_norm must be True or False, got {value_norm!r}")
-        if positions != "original":
-            raise ValueError(f"KVzipCache keeps different pairs per kv head, so it supports positions='original' only, "
-                             f"got {positions!r}")
         if tokenizer is None:
             raise ValueError("KVzipCache needs the tokenizer (tokenizer=...) to encode its repeat prompts")
-        super().__init__(model)
+        super().__init__(model, positions=positions)
         self.budget, self.allocation, self.chunk = budget, allocation, chunk
         self.value_norm, self.n_sink, self.overlap = value_norm, n_sink, overlap
         self.prompt_first = tokenizer.encode(REPEAT_FIRST, add_special_tokens=False)

@@ -11,6 +11,7 @@ from ..selection import per_kv_head, recent, top_k
 from ..validate import as_int
 
 POOLINGS = ("avg", "max")
+KVPRESS_WINDOW = 64  # kvpress's SnapKVPress window_size (and this strategy's default)
 
 
 @register("snapkv")
@@ -57,6 +58,10 @@ class SnapKVCache(CompressedCache):
     - kvpress compresses after the prefill only, to int(n * (1 - ratio)) tokens, and asserts the prompt is longer
       than the window; here a fixed token budget, enforced after every forward, and a layer at or under budget is
       left as it is (no assertion: a short prompt is simply kept).
+    - Window from a budget (`for_budget`, what the bench uses): kvpress's 64 whenever the budget exceeds 64 (with
+      window 64 the prefill kept kvpress's sets exactly at 102 of 1,024 essay tokens, docs/peer_kvpress.md, and at
+      69 of 700 BoolQ tokens in an independent rerun); at a budget <= 64, where kvpress's window would take the
+      whole budget (a recency window, no scored token), half the budget (at least 1).
     - kvpress assumes one row; here each row pools over its own real tokens (pads never enter the pooled sequence),
       so a padded batch equals each row run alone. kvpress recomputes the window queries' attention from the
       hidden states; here the core hands the probabilities it applied (same mask and scale; on Gemma 3's sliding
@@ -70,11 +75,14 @@ class SnapKVCache(CompressedCache):
         window: observation window (>= 1, <= budget): queries that score, and recent tokens always kept.
         kernel: pooling kernel size (odd, >= 1; 1 = no pooling).
         pooling: "avg" or "max".
+        positions: only "original" (keeps different tokens per kv head; "cache" raises ValueError).
     """
 
     uses_budget = True
+    supports_cache_positions = False  # per-kv-head eviction
 
-    def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg"):
+    def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
+                 positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
         window = as_int(window, "window", minimum=1)
         kernel = as_int(kernel, "kernel", minimum=1)
@@ -87,17 +95,19 @@ class SnapKVCache(CompressedCache):
             raise ValueError(f"kernel must be odd (pooling is centred on each token), got {kernel}")
         if not isinstance(pooling, str) or pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        super().__init__(model)
+        super().__init__(model, positions=positions)
         self.budget, self.window, self.kernel, self.pooling = budget, window, kernel, pooling
         self.observe_window = window
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> SnapKVCache:
-        """`budget` tokens with kvpress's window of 64 when it leaves at least half the budget to scored tokens
-        (budget >= 128), else a window of max(1, budget // 2); default (None): budget 1024, window 64."""
+        """`budget` tokens with kvpress's window of 64 whenever it leaves at least one scored token (budget > 64),
+        as kvpress's SnapKVPress keeps at every kept count above its window; at budget <= 64 a window of
+        max(1, budget // 2) (kvpress's 64-token window would then fill the whole budget: a recency window with no
+        scored token). Default (None): budget 1024, window 64."""
         if budget is None:
             return cls(model)
-        return cls(model, budget=budget, window=min(64, max(1, budget // 2)))
+        return cls(model, budget=budget, window=KVPRESS_WINDOW if budget > KVPRESS_WINDOW else max(1, budget // 2))
 
     def layer_budget(self, layer_idx: int) -> int:
         """Tokens kept per row and kv head in layer `layer_idx` (the same for every layer here)."""

@@ -489,7 +489,7 @@ def test_registered_with_budget_and_defaults():
     (dict(allocation="foo"), ValueError, r"allocation must be one of \('layer', 'global'\), got 'foo'"),
     (dict(budget=0), ValueError, r"budget must be an integer >= 1, got 0"),
     (dict(value_norm=1), TypeError, r"value_norm must be True or False"),
-    (dict(positions="cache"), ValueError, r"positions='original' only"),
+    (dict(positions="cache"), ValueError, r"kvzip does not support positions='cache'"),
 ])
 def test_bad_input_names_the_parameter(options, error, message):
     with pytest.raises(error, match=message):
