@@ -1,6 +1,6 @@
 """PNG plots of a results dict: score vs KV bytes (relative to a full cache) per task with 95% error bars (each
-strategy's points moved sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide each other's bars), decode
-tokens/s vs context length."""
+strategy's points moved sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide
+each other's bars), decode tokens/s vs context length."""
 
 from __future__ import annotations
 

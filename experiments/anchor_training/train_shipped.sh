@@ -8,8 +8,9 @@ set -euo pipefail
 out=${1:-runs/anchor}
 RANK=${RANK:-8}
 LR=${LR:-5e-4}
-for mode in ac ep; do
+MODES=${MODES:-ac ep}
+for mode in $MODES; do
   python -m kvcompress.train --output "$out/$mode" --mode "$mode" --lora-rank "$RANK" --lr "$LR" --steps 520 \
-      --warmup 10 --seq-len 512 --save-every 10 --threads 2 --no-progress --resume
+      --warmup 10 --seq-len 512 --save-every 10 --threads "${THREADS:-2}" --no-progress --resume
   python experiments/anchor_training/ship_adapter.py "$out/$mode" "kvcompress/anchors/smollm2-135m-anchor-$mode"
 done
