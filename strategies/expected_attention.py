@@ -8,8 +8,21 @@ from einops import einsum, rearrange
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
 from ..rope import RotaryPositions, serving_layer
-from ..selection import first, top_k
+from ..selection import (
+    STREAM_RANK,
+    decode_stream_rank,
+    first,
+    free_one,
+    lowest,
+    record_stream_rank,
+    redefines,
+    slot_norms,
+    top_k,
+)
 from ..validate import as_int
+
+
+VALUE_NORMS = "value_norm"  # per-slot state: ||v|| of each slot's value, computed once per token
 
 
 @register("expected_attention")
@@ -120,6 +133,7 @@ class ExpectedAttentionCache(CompressedCache):
         self._rotary: RotaryPositions | None = None
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
         self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), (d, d) mean rotation)
+        self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> ExpectedAttentionCache:
@@ -135,11 +149,18 @@ class ExpectedAttentionCache(CompressedCache):
         return self._rotary
 
     def pre_rope_queries(self, layer: CompressedLayer, queries: torch.Tensor) -> torch.Tensor:
-        """(B, Hq, q, d) observed queries un-rotated at their stream positions (see the class docstring)."""
+        """(B, Hq, q, d) observed queries un-rotated at their stream positions (see the class docstring); their
+        cos/sin are computed once per forward and RoPE table (every layer of a table un-rotates the same
+        positions)."""
         start = layer.seen - layer.new_tokens
         positions = torch.arange(start, layer.seen, device=queries.device).expand(queries.shape[0], -1)
         with serving_layer(layer.layer_idx):
-            return self.rotary().unrotate(queries, positions)
+            rotary = self.rotary()
+            key = (rotary.layer_type(), layer.seen, tuple(positions.shape), queries.dtype, queries.device)
+            memo = self._unrotation_memo
+            if memo.get(key[0], (None,))[0] != key:
+                memo[key[0]] = (key, rotary.cos_sin(queries, positions))
+            return rotary.unrotate(queries, positions, cos_sin=memo[key[0]][1])
 
     def future_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
         """(d, d) float64: the mean of the RoPE matrices of stream positions seen .. seen + T - 1 (computed once per
@@ -169,6 +190,8 @@ class ExpectedAttentionCache(CompressedCache):
         """(B, q) bool: which of the forward's q tokens (in stream order) are real; pads are free slots by now."""
         q_len, start = layer.new_tokens, layer.seen - layer.new_tokens
         positions = layer.positions[:, 0]  # (B, S); new tokens are written into every kv head
+        if q_len == 1:  # a decode step
+            return (positions == start).any(dim=-1, keepdim=True)
         hits = torch.zeros(positions.shape[0], q_len, dtype=torch.long, device=positions.device)
         hits.scatter_add_(1, (positions - start).clamp(min=0), (positions >= start).long())
         return hits > 0
@@ -204,7 +227,7 @@ class ExpectedAttentionCache(CompressedCache):
         promoted to at least float32 (the O(Hq S d^2) part)."""
         keys = layer.keys[:, :, : layer.used]
         dtype = torch.promote_types(keys.dtype, torch.float32)
-        keys = keys.to(dtype)  # (B, Hkv, S, d)
+        keys = keys if keys.dtype == dtype else keys.to(dtype)  # (B, Hkv, S, d)
         count = stats["count"].clamp(min=1)[:, None, None]
         mean = stats["s1"] / count  # (B, Hq, d) float64
         rotation = self.future_rotation(layer, keys)
@@ -217,15 +240,24 @@ class ExpectedAttentionCache(CompressedCache):
             quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h g d e", g=groups)
             projected = keys.unsqueeze(2) @ quadratic.to(dtype)  # (B, Hkv, g, S, d)
             logits = logits + (projected * keys.unsqueeze(2)).sum(dim=-1).unsqueeze(-2)
-        logits = logits.squeeze(-2).masked_fill(~candidates[:, :, None], float("-inf"))  # (B, Hkv, g, S)
+        others = ~candidates
+        logits = logits.squeeze(-2).masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
-            probs = (probs + self.epsilon) * torch.linalg.vector_norm(layer.values[:, :, : layer.used], dim=-1,
-                                                                      dtype=dtype)
-        return probs.masked_fill(~candidates, 0.0)
+            if self.epsilon:  # (p + 0.0 is p: skipped)
+                probs = probs + self.epsilon
+            probs = probs * layer.slot_state(VALUE_NORMS, heads=keys.shape[1], dtype=dtype)[..., : layer.used]
+        return probs.masked_fill(others, 0.0)
+
+    def value_norms(self, layer: CompressedLayer) -> torch.Tensor:
+        """(B, Hkv, S) ||v|| per slot, kept in per-slot state (computed for the slots the last forward wrote;
+        `selection.slot_norms`). Called on every forward (before `scores`, which reads the state)."""
+        return slot_norms(layer, VALUE_NORMS, layer.values)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         stats = self._update_statistics(layer)
+        if self.use_vnorm:
+            self.value_norms(layer)
         valid = layer.valid
         if not bool((valid.sum(dim=-1) > self.budget).any()):
             return valid
@@ -234,6 +266,38 @@ class ExpectedAttentionCache(CompressedCache):
         candidates = valid.expand(-1, heads, -1) & ~sinks
         room = self.budget - sinks.sum(dim=-1, keepdim=True)
         return sinks | top_k(self.scores(layer, stats, candidates), candidates, room)
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step frees exactly what `select` would, without sorting: each row and kv head held at most
+        `budget` tokens and got one, so over budget it drops its lowest-scored non-sink token (`lowest`: ties to
+        the higher slot, as `top_k` keeps the lower). Sinks are read from the stream rank kept in per-slot state
+        (`decode_stream_rank`), not from a ranking. Incremental: the query statistics (the step's query only), the
+        new value's norm, the rank. Not incremental, by definition: the score of every kept key, recomputed when a
+        row is over budget (mu, Sigma and the averaged rotation R all change every step, and z_h(k) depends on
+        them through k^T (R Sigma R^T) k: O(Hq S d^2)). tests/test_decode_fast_paths.py holds this equal to
+        `select`."""
+        per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
+        if layer.new_tokens != 1 or redefines(self, ExpectedAttentionCache, "select") or not per_head \
+                or (self.n_sink and STREAM_RANK not in layer.state):
+            super().evict(layer)
+            if self.n_sink:
+                record_stream_rank(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        stats = self._update_statistics(layer)
+        if self.use_vnorm:
+            self.value_norms(layer)
+        valid = layer.valid  # (B, Hkv, S)
+        count = valid.sum(dim=-1, keepdim=True)
+        candidates, rank = valid, None
+        if self.n_sink:
+            rank = decode_stream_rank(layer, count)
+            candidates = valid & (rank >= self.n_sink)
+        over = count > self.budget
+        if bool(over.any()):
+            free_one(layer, lowest(self.scores(layer, stats, candidates), candidates), over, rank)
 
     # per-row state --------------------------------------------------------------------------------------------------
     def _reindex_rows(self, index: torch.Tensor) -> None:
@@ -244,7 +308,7 @@ class ExpectedAttentionCache(CompressedCache):
 
     def reset(self) -> None:
         super().reset()
-        self._stats, self._rotation_memo = {}, {}
+        self._stats, self._rotation_memo, self._unrotation_memo = {}, {}, {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
