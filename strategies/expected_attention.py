@@ -237,9 +237,12 @@ class ExpectedAttentionCache(CompressedCache):
         logits = linear.unsqueeze(-2) @ keys.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, g, 1, d) x (B, Hkv, 1, d, S)
         if self.use_covariance:
             cov = stats["s2"] / count[..., None] - einsum(mean, mean, "b h d, b h e -> b h d e")
-            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h g d e", g=groups)
-            projected = keys.unsqueeze(2) @ quadratic.to(dtype)  # (B, Hkv, g, S, d)
-            logits = logits + (projected * keys.unsqueeze(2)).sum(dim=-1).unsqueeze(-2)
+            # the g quadratic forms of a kv head side by side, (B, Hkv, d, g * d): one product with the keys, which
+            # are not copied g times (bitwise the per-head products)
+            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h d (g e)", g=groups)
+            projected = (keys @ quadratic.to(dtype)).unflatten(-1, (groups, -1))  # (B, Hkv, S, g, d)
+            quadratic_term = (projected * keys.unsqueeze(-2)).sum(dim=-1).transpose(-1, -2)  # (B, Hkv, g, S)
+            logits = logits + quadratic_term.unsqueeze(-2)
         others = ~candidates
         logits = logits.squeeze(-2).masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
