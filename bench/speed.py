@@ -43,13 +43,13 @@ def build_cache(name: str, model, tokenizer, length: int, fraction: float):
 
     if name == "dynamic":
         return DynamicCache(config=model.config)
-    cls = registry.get(name)
+    cls, options = registry.resolve(name)
     tokens = max(1, math.ceil(fraction * length)) if cls.uses_budget else None
     beyond_context = length > getattr(model.config, "max_position_embeddings", length)
-    if cls is SinkWindowCache and beyond_context:
+    if cls is SinkWindowCache and beyond_context and not options:
         n_sink = min(4, tokens - 1)
         return SinkWindowCache(model, n_sink=n_sink, window=tokens - n_sink, positions="cache")
-    return cls.for_budget(model, tokenizer, tokens)
+    return cls.for_budget(model, tokenizer, tokens, **options)
 
 
 def _attention_for(name: str) -> str:
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import _essay_ids
 
     names = [n.strip() for n in args.caches.split(",") if n.strip()]
-    unknown = [n for n in names if n != "dynamic" and n not in registry.available()]
+    unknown = [n for n in names if n != "dynamic" and n.split(":")[0] not in registry.available()]
     if not names or unknown:
         raise SystemExit(f"--caches: unknown {unknown}; use dynamic or one of {', '.join(registry.available())}")
     try:

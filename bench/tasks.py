@@ -11,7 +11,7 @@ compressible context. The compressible context is:
   on a copy of that cache, so the test input attends to everything the cache kept plus itself. Score: the summed
   log-likelihood of the answer tokens (lm-eval-harness `acc`, the number AnLLM's harness reports); the
   byte-length-normalised score (`acc_norm`) is reported beside it as `accuracy_norm`.
-- `ppl@L`: L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
+- `ppl@L`: disjoint L-token windows of the Paul Graham essays, fed in chunks of `chunk` tokens; the cache compresses
   after every chunk; perplexity over all predicted tokens.
 - `needle@L`: an L-token haystack of essays with one sentence "The special magic number is N." inserted at
   several depths; the haystack is prefilled (then compressed), the question is fed, and the greedy answer is
@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from . import floor, metrics, ruler
+from .stats import flags
 
 MakeCache = Callable[[int], object]  # context tokens -> a fresh cache with the cell's budget
 
@@ -167,19 +168,20 @@ class MultipleChoice(Task):
             _, seconds = metrics.prefill(model, cache, prefix)
             times.append(seconds)
         stats = metrics.kv_stats(cache, model, prefix.shape[1])
-        correct = correct_norm = 0
+        correct, correct_norm = [], []
         for query, conts, nbytes, answer in prepared["items"]:
             scores = metrics.continuation_logprobs(model, cache, [query] * len(conts), conts)
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == answer)
+            correct.append(max(range(len(scores)), key=scores.__getitem__) == answer)
             normed = [s / n for s, n in zip(scores, nbytes)]
-            correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == answer)
+            correct_norm.append(max(range(len(normed)), key=normed.__getitem__) == answer)
             if progress:
                 progress()
         n = len(prepared["items"])
         return {
-            "accuracy": correct / n if n else None,
-            "accuracy_norm": correct_norm / n if n else None,
+            "accuracy": sum(correct) / n if n else None,
+            "accuracy_norm": sum(correct_norm) / n if n else None,
             "n_examples": n,
+            "example_correct": flags(correct),  # per question, for the intervals (bench/stats.py)
             "context_tokens": prefix.shape[1],
             "prefill_seconds": metrics.median(times),
             "shots": prepared["shots"],
@@ -202,6 +204,14 @@ def _essay_ids(tokenizer, tokens: int) -> list[int]:
     return ids
 
 
+def _inserted_anchors(tokenizer) -> list[int]:
+    """Ids of the anchor token an AC model's tokenizer inserts into plain text (`anchor_tokens.insert_anchors`):
+    fed, not scored."""
+    if not getattr(tokenizer, "insert_anchors", False):
+        return []
+    return [tokenizer.convert_tokens_to_ids(tokenizer.anchor_token)]
+
+
 @dataclass
 class Perplexity(Task):
     samples: int = 2
@@ -211,28 +221,34 @@ class Perplexity(Task):
         samples = limit or int(options.get("ppl_samples", self.samples))
         ids = _essay_ids(tokenizer, length * (samples + 1))
         rng = random.Random(seed)
-        starts = sorted(rng.sample(range(0, len(ids) - length), samples)) if samples > 1 else [0]
+        # disjoint windows (whole slots of `length` tokens): the perplexity interval resamples windows as
+        # independent examples, which overlapping windows are not
+        starts = [length * slot for slot in sorted(rng.sample(range(len(ids) // length), samples))] \
+            if samples > 1 else [0]
         return {"segments": [torch.tensor([ids[s : s + length]]) for s in starts],
                 "chunk": int(options.get("ppl_chunk", self.chunk))}
 
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        nll = count = 0.0
+        window_nll, window_tokens = [], []
         stats, times = [], []
         for segment in prepared["segments"]:
             cache = make_cache(segment.shape[1])
             with metrics.stopwatch() as elapsed:
-                total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"])
+                total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"], _inserted_anchors(tokenizer))
             metrics.sync(model.device)
             times.append(elapsed[0])
-            nll, count = nll + total, count + n
+            window_nll.append(total)
+            window_tokens.append(n)
             stats.append(metrics.kv_stats(cache, model, segment.shape[1]))
             if progress:
                 progress()
         import math
 
         return {
-            "perplexity": math.exp(nll / count),
+            "perplexity": math.exp(sum(window_nll) / sum(window_tokens)),
             "n_examples": len(prepared["segments"]),
+            "window_nll": window_nll,  # per window, for the intervals (bench/stats.py)
+            "window_tokens": window_tokens,
             "context_tokens": prepared["segments"][0].shape[1],
             "chunk": prepared["chunk"],
             "prefill_seconds": metrics.median(times),
@@ -306,6 +322,85 @@ class Needle(Task):
             "prefill_seconds": metrics.median(prefill_times),
             "decode_tokens_per_s": metrics.median(decode_rates),
             "query": self.query,
+            "answers": answers,
+            **metrics.mean_stats(stats),
+        }
+
+
+NEEDLE_KEYS = ("apple", "river", "candle", "violin", "harbor", "meadow", "lantern", "copper")
+KEYED_NEEDLE = "\nThe special magic number for {key} is {number}.\n"
+KEYED_QUESTION = "\n\nQuestion: What is the special magic number for {key} mentioned in the text above?\n" \
+    "Answer: The special magic number for {key} is"
+
+
+@dataclass
+class ManyNeedles(Task):
+    """`needles@L`: compress once, ask many (the KVzip paper's multi-query evaluation). Each of `limit` contexts (an
+    L-token stretch of the essays, a different stretch each) holds `needles` keyed needles ("The special magic number
+    for apple is 31415.") at evenly spread depths; the context is prefilled once into a fresh cache (which compresses
+    it), then each question ("... the special magic number for apple ...") is answered greedily from its OWN clone of
+    that compressed cache (`CompressedCache.clone`): the cache never sees the question before compressing. Score:
+    the fraction of questions whose answer contains the number (questions of one context share it, so they are not
+    independent samples). Cost: `prefill_seconds` per context (for KVzip, reconstruction included) and
+    `answer_seconds` per question (clone, question forward, greedy decoding)."""
+
+    needles: int = 4
+    contexts: int = 3
+    answer_tokens: int = 8
+
+    def prepare(self, tokenizer, *, limit, seed, length, options):
+        rng = random.Random(seed)
+        contexts = limit or int(options.get("needles_contexts", self.contexts))
+        count = int(options.get("needles_per_context", self.needles))
+        if not 1 <= count <= len(NEEDLE_KEYS):
+            raise ValueError(f"needles_per_context must be in 1..{len(NEEDLE_KEYS)}, got {count}")
+        stream = _essay_ids(tokenizer, length * (contexts + 1))
+        samples = []
+        for c in range(contexts):
+            keys = rng.sample(NEEDLE_KEYS, count)
+            needles = [(key, str(rng.randrange(10000, 100000))) for key in keys]
+            inserts = [_encode(tokenizer, KEYED_NEEDLE.format(key=k, number=n)) for k, n in needles]
+            body = stream[c * length : (c + 1) * length][: length - sum(len(i) for i in inserts)]
+            ids, last = [], 0
+            for i, insert in enumerate(inserts):
+                at = int((i + 1) / (count + 1) * len(body))
+                ids += body[last:at] + insert
+                last = at
+            ids += body[last:]
+            questions = [(key, number, torch.tensor([_encode(tokenizer, KEYED_QUESTION.format(key=key))]))
+                         for key, number in needles]
+            samples.append({"prefix": torch.tensor([ids]), "questions": questions})
+        return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        answers, stats, prefill_times, answer_times = [], [], [], []
+        for index, sample in enumerate(prepared["samples"]):
+            prefix = sample["prefix"]
+            compressed = make_cache(prefix.shape[1])
+            _, seconds = metrics.prefill(model, compressed, prefix)
+            prefill_times.append(seconds)
+            stats.append(metrics.kv_stats(compressed, model, prefix.shape[1]))
+            for key, number, question in sample["questions"]:
+                start = time.perf_counter()
+                cache = compressed.clone()
+                logits, _ = metrics.prefill(model, cache, question)
+                tokens, _ = metrics.greedy_decode(model, cache, logits, prepared["answer_tokens"] - 1)
+                answer_times.append(time.perf_counter() - start)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                hit = number in re.sub(r"[\s,]", "", text)
+                answers.append({"context": index, "key": key, "number": number, "answer": text, "correct": hit})
+            if progress:
+                progress()
+        n = len(answers)
+        return {
+            "accuracy": sum(a["correct"] for a in answers) / n if n else None,
+            "n_examples": n,
+            "contexts": len(prepared["samples"]),
+            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
+            "prefill_seconds": metrics.median(prefill_times),
+            "answer_seconds": metrics.median(answer_times),
+            "decode_tokens_per_s": None,
+            "query": "after",
             "answers": answers,
             **metrics.mean_stats(stats),
         }
@@ -469,6 +564,8 @@ TASKS: dict[str, Task] = {
                       description="perplexity on Paul Graham essays, streamed in chunks"),
     "needle": Needle("needle", needs_length=True, query="after",
                      description="needle-in-a-haystack retrieval in essays"),
+    "needles": ManyNeedles("needles", needs_length=True,
+                           description="compress once, ask many: keyed needles, one question per clone of the cache"),
     "speed": Speed("speed", metric="decode_tokens_per_s", needs_length=True,
                    description="greedy decode tokens/s after an L-token prefill"),
 }

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from kvcompress.anchor_tokens import sentence_end_ids
+from kvcompress.anchor_model import anchor_config
+from kvcompress.anchor_tokens import format_with_anchor, sentence_end_ids
 from kvcompress.cache import cache_arg
 from kvcompress.models import load_model
 from kvcompress.strategies import AnchorCache, FullCache
@@ -53,10 +54,13 @@ def make_cache(kind, model, anchor_ids):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter):
+def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter, ac=False):
+    """AC models read the essays with <AC> after every sentence; <AC> itself is never scored (its targets are
+    skipped), so the perplexity is over the same text tokens as for EP and base models."""
     nll, count = 0.0, 0
     for path in heldout_files():
-        ids = tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)[:tokens]
+        text = path.read_text(encoding="utf-8")
+        ids = tokenizer.encode(format_with_anchor(text) if ac else text, add_special_tokens=False)[:tokens]
         ids = torch.tensor([ids])
         cache = make_cache(kind, model, anchor_ids)
         previous = None  # last logits of the previous chunk (B, V)
@@ -66,8 +70,9 @@ def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter):
             meter.add(cache)
             preds = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
             targets = piece[0, 1:] if previous is None else piece[0]
-            nll += torch.nn.functional.cross_entropy(preds, targets, reduction="sum").item()
-            count += targets.numel()
+            scored = ~torch.isin(targets, anchor_ids) if ac else torch.ones_like(targets, dtype=torch.bool)
+            nll += torch.nn.functional.cross_entropy(preds[scored], targets[scored], reduction="sum").item()
+            count += int(scored.sum())
             previous = logits[-1:]
     return float(torch.exp(torch.tensor(nll / count))), count
 
@@ -127,16 +132,19 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
     model, tokenizer = load_model(args.model)
-    anchor_ids = sentence_end_ids(tokenizer)
+    config = anchor_config(model)
+    ac = config is not None and config["mode"] == "ac"
+    anchor_ids = torch.tensor(config["anchor_ids"]) if config else torch.tensor(sentence_end_ids(tokenizer))
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update({"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids)})
+    results.update({"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids),
+                    "mode": config["mode"] if config else "ep (untrained)"})
     for kind in args.kinds.split(","):
         for task in args.tasks.split(","):
             t0 = time.time()
             meter = Meter()
             if task == "ppl":
-                value, n = perplexity(model, tokenizer, kind, anchor_ids, args.ppl_tokens, args.chunk, meter)
+                value, n = perplexity(model, tokenizer, kind, anchor_ids, args.ppl_tokens, args.chunk, meter, ac)
             else:
                 value, n = qa(task, model, tokenizer, kind, anchor_ids, args.qa, meter)
             row = {"value": value, "n": n, "kv_reduction": meter.reduction, "seconds": round(time.time() - t0, 1)}

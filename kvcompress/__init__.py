@@ -2,13 +2,14 @@
 
 from . import registry
 from .attention import attend, capture, enable, set_backend
-from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg
+from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg, prepare
 from .strategies import (
     AnchorCache,
     ExpectedAttentionCache,
     FullCache,
     H2OCache,
     KnormCache,
+    KVzipCache,
     LabelWordCache,
     PyramidKVCache,
     RandomKeepCache,
@@ -25,6 +26,7 @@ __all__ = [
     "FullCache",
     "H2OCache",
     "KnormCache",
+    "KVzipCache",
     "LabelWordCache",
     "PyramidKVCache",
     "RandomKeepCache",
@@ -36,6 +38,7 @@ __all__ = [
     "cache_arg",
     "capture",
     "enable",
+    "prepare",
     "registry",
     "set_backend",
 ]

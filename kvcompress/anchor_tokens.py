@@ -88,3 +88,53 @@ def format_with_anchor(text: str, token: str = AC_TOKEN) -> str:
     """`text` with `token` appended right after every sentence end: a run of ".", "!" or "?" (plus closing
     quotes or brackets) followed by whitespace or the end of the text. "It is. Yes!" -> "It is.<AC> Yes!<AC>"."""
     return _SENTENCE_END.sub(lambda m: m.group(1) + token, text)
+
+
+class InsertsAnchors:
+    """Mixin for a tokenizer of an AC-trained model: `tokenizer(text)` and `tokenizer.encode(text)` insert `<AC>` after
+    every sentence of plain text (`format_with_anchor`) before tokenizing, so an AC model gets its anchors without
+    the user writing them. `decode(..., skip_special_tokens=True)` hides them again (`<AC>` is a special token).
+    Text that already holds the token, pre-split words and token ids are left as they are; set
+    `tokenizer.insert_anchors = False` to turn it off. Applied by `insert_anchors(tokenizer)`."""
+
+    insert_anchors = True
+    anchor_token = AC_TOKEN
+
+    def _with_anchors(self, text):
+        if not self.insert_anchors:
+            return text
+        if isinstance(text, str):
+            return text if self.anchor_token in text else format_with_anchor(text, self.anchor_token)
+        if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+            return [self._with_anchors(t) for t in text]
+        return text
+
+    def __call__(self, text=None, *args, **kwargs):
+        if not kwargs.get("is_split_into_words"):
+            text = self._with_anchors(text)
+        return super().__call__(text, *args, **kwargs)
+
+    def encode(self, text, *args, **kwargs):
+        if not kwargs.get("is_split_into_words"):
+            text = self._with_anchors(text)
+        return super().encode(text, *args, **kwargs)
+
+    def save_pretrained(self, *args, **kwargs):
+        """Saved as the plain tokenizer class (reloadable with AutoTokenizer; `insert_anchors` is not saved)."""
+        cls = type(self)
+        self.__class__ = cls.__mro__[2]
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = cls
+
+
+def insert_anchors(tokenizer, token: str = AC_TOKEN):
+    """Make `tokenizer` (in place; it must already know `token`) insert `token` after every sentence of the plain text
+    it tokenizes (`InsertsAnchors`). Returns the tokenizer."""
+    anchor_token_id(tokenizer, token)
+    if not isinstance(tokenizer, InsertsAnchors):
+        base = type(tokenizer)
+        tokenizer.__class__ = type(f"AnchorInserting{base.__name__}", (InsertsAnchors, base), {})
+    tokenizer.anchor_token = token
+    return tokenizer

@@ -10,7 +10,8 @@
 4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
    model asks for `output_attentions`;
 5. computes what an attention-aware strategy declared it observes (`Observation`: the queries, the
-   probabilities of the last w queries, the attention each slot received) with the same mask and scale;
+   probabilities of the last w queries, the attention each slot received, summed or its max) with the same mask
+   and scale; a pad query observes nothing (its row is all zeros);
 6. tells the cache layer the forward is done, so it evicts (after attention, never before).
 """
 
@@ -75,14 +76,24 @@ def enable(model: PreTrainedModel) -> None:
 def serve_layer(layer: CompressedLayer) -> None:
     """Called by `CompressedLayer.update`: the next attention call for this layer index belongs to `layer`.
 
-    Raises RuntimeError if the previously served layer never reached the core (the model runs another attention
-    implementation), before any wrong output is produced.
+    Raises RuntimeError if the previously served layer of the same cache never reached the core (the model runs
+    another attention implementation), before any wrong output is produced. A layer left pending by ANOTHER cache
+    (whose forward failed midway) is dropped: that cache refuses its next update itself (`awaiting_attention`).
     """
     pending = getattr(_state, "layer", None)
-    if pending is not None and pending.awaiting_attention:
+    if pending is not None and pending.awaiting_attention and _same_cache(pending, layer):
         _state.layer = None
         raise not_served_error(pending.layer_idx)
     _state.layer = layer
+
+
+def _same_cache(a: CompressedLayer, b: CompressedLayer) -> bool:
+    """Whether two layers belong to one cache (a forward that failed midway leaves its own cache inconsistent, not
+    every other cache of the thread)."""
+    try:
+        return a._cache == b._cache
+    except ReferenceError:  # the failed forward's cache is gone
+        return False
 
 
 def not_served_error(layer_idx: int) -> RuntimeError:
@@ -121,6 +132,18 @@ def capture() -> Iterator[list[dict]]:
         _state.captures = previous
 
 
+@contextmanager
+def capture_paused() -> Iterator[None]:
+    """Inside the block, `capture()` records nothing (a strategy's own internal forwards, e.g. KVzip's context
+    reconstruction, are not part of what the caller's queries saw)."""
+    previous = getattr(_state, "captures", None)
+    _state.captures = None
+    try:
+        yield
+    finally:
+        _state.captures = previous
+
+
 def kvcompress_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -151,12 +174,14 @@ def kvcompress_attention(
     """
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("the kvcompress core does not apply attention-logit soft-capping (softcap)")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the kvcompress core does not apply learned attention sinks (s_aux)")
     q_len = query.shape[-2]
     layer = _take_layer(getattr(module, "layer_idx", None))
     kv_positions = None
     spec = attention_mask if isinstance(attention_mask, MaskSpec) else None
+    new_padding = None
     if layer is not None:
-        new_padding = None
         if spec is not None and spec.padding is not None:
             new_padding = spec.padding[:, spec.q_offset : spec.q_offset + q_len]
         with serving_layer(layer.layer_idx):  # RoPE tables per layer type (positions="cache")
@@ -186,7 +211,12 @@ def kvcompress_attention(
     if kwargs.get("output_attentions", getattr(module.config, "output_attentions", False)):
         weights = (probs if probs is not None else attention_probs(query, key, mask, scaling)).to(query.dtype)
     if layer is not None:
-        layer.observation = observe(layer._cache, query, key, mask, scaling, probs)
+        observed = mask
+        if new_padding is not None and isinstance(mask, torch.Tensor) and not bool(new_padding.all()):
+            observed = mask & new_padding.to(mask.device).view(mask.shape[0], 1, q_len, 1)  # pads observe nothing
+        layer.observation = observe(layer._cache, query, key, observed, scaling, probs)
+        if layer.observation is not None and key.shape[-2] > layer.used:  # demoted pairs: not the strategy's slots
+            layer.observation = layer.observation.narrow(layer.used)
         try:
             layer.finish_forward()
         finally:
@@ -356,6 +386,25 @@ def attention_received(
     return total
 
 
+def attention_max_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor | bool | BlockMask | None,
+    scaling: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The largest attention probability each key received from any of the Q queries:
+    `attention_probs(...).amax(dim=2)`, computed block by block (never Q x K probabilities at once; KVzip's score).
+
+    Args: as `attention_probs`. Returns: (B, Hq, K) float32 (float64 for float64 inputs); 0 for a key no query sees.
+    """
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    best = torch.zeros(*query.shape[:2], key.shape[-2], dtype=dtype, device=query.device)
+    for _, _, block in _probability_blocks(query, key, mask, scaling, 0, block_size):
+        torch.maximum(best, block.amax(dim=2), out=best)
+    return best
+
+
 def _probability_blocks(query, key, mask, scaling, first: int, block_size: int | None):
     """Yield (start, stop, probs (B, Hq, stop - start, K)) for queries first..Q-1, `block_size` queries at a time."""
     batch, heads, q_len, dim = query.shape
@@ -403,17 +452,26 @@ class Observation:
             as the kernel applied them (same mask and scale), or None.
         received: (B, Hq, S) float32 attention each slot received, summed over all q queries of the forward, or
             None.
+        max_received: (B, Hq, S) float32 largest attention probability each slot received from any of the
+            forward's q queries, or None.
     """
 
     queries: torch.Tensor | None = None
     probs: torch.Tensor | None = None
     received: torch.Tensor | None = None
+    max_received: torch.Tensor | None = None
+
+    def narrow(self, slots: int) -> Observation:
+        """The observation of the first `slots` keys only (the layer's own slots; demoted pairs come after them)."""
+        cut = (lambda t: None if t is None else t[..., :slots])
+        return Observation(queries=self.queries, probs=cut(self.probs), received=cut(self.received),
+                           max_received=cut(self.max_received))
 
 
 def observes(cache) -> bool:
     """Whether `cache` declares any observation."""
     return bool(getattr(cache, "observe_window", 0) or getattr(cache, "observe_queries", False)
-                or getattr(cache, "observe_received", False))
+                or getattr(cache, "observe_received", False) or getattr(cache, "observe_max_received", False))
 
 
 def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None) -> Observation | None:
@@ -424,12 +482,16 @@ def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None)
     window = getattr(cache, "observe_window", 0)
     if window:
         last = probs[:, :, -window:] if probs is not None else attention_probs(query, key, mask, scaling, last=window)
+    received = best = None
     if getattr(cache, "observe_received", False):
         received = probs.sum(dim=2) if probs is not None else attention_received(query, key, mask, scaling)
+    if getattr(cache, "observe_max_received", False):
+        best = probs.amax(dim=2) if probs is not None else attention_max_received(query, key, mask, scaling)
     return Observation(
         queries=query if getattr(cache, "observe_queries", False) else None,
         probs=last if window else None,
-        received=received if getattr(cache, "observe_received", False) else None,
+        received=received,
+        max_received=best,
     )
 
 

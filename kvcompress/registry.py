@@ -37,3 +37,40 @@ def get(name: str) -> type:
 def build(name: str, model, **options):
     """A new cache of strategy `name` for `model`."""
     return get(name)(model, **options)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """A strategy with options, as the bench and the speed runs take it: "name" or "name:key=value[:key=value...]"
+    (values: integers, floats, true/false, none, else strings), e.g. "kvzip:allocation=layer",
+    "snapkv:kv_bits=4". The bench also takes `model=ALIAS` (that row runs on another model, e.g. an anchor-trained
+    one: "anchor:model=smollm2-135m-anchor-ac"). Returns (name, options); KeyError for an unknown name, ValueError
+    for a malformed option."""
+    name, *parts = spec.strip().split(":")
+    get(name)
+    options = {}
+    for part in parts:
+        key, sep, text = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"bad option {part!r} in strategy {spec!r}: expected key=value")
+        options[key.strip()] = _value(text.strip())
+    return name, options
+
+
+def resolve(spec: str) -> tuple[type, dict]:
+    """(cache class, options) of a strategy spec (`parse_spec`)."""
+    name, options = parse_spec(spec)
+    return get(name), options
+
+
+def _value(text: str):
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

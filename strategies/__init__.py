@@ -5,6 +5,7 @@ from .expected_attention import ExpectedAttentionCache
 from .full import FullCache
 from .h2o import H2OCache
 from .knorm import KnormCache
+from .kvzip import KVzipCache
 from .label_words import LabelWordCache
 from .pyramidkv import PyramidKVCache
 from .random_keep import RandomKeepCache
@@ -18,6 +19,7 @@ __all__ = [
     "FullCache",
     "H2OCache",
     "KnormCache",
+    "KVzipCache",
     "LabelWordCache",
     "PyramidKVCache",
     "RandomKeepCache",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..anchor_model import anchor_config
 from ..anchor_tokens import AC_TOKEN, anchor_token_id, sentence_end_ids
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
@@ -24,13 +25,22 @@ class AnchorCache(CompressedCache):
     a forward; the AnSAN mask is for training, `kvcompress.ansan`). The choice is by position, so every layer
     keeps the same tokens. Keys keep their original RoPE positions by default, as in the official code.
 
+    Which tokens are anchors, in order of precedence: `anchor_ids`; the anchor configuration an anchor-trained model
+    carries (`kvcompress.anchor_model.anchor_config`: mode and ids saved by `kvcompress-train-anchor`, e.g. the
+    aliases `smollm2-135m-anchor-ep` / `-ac`); the tokenizer's defaults for `mode` (EP: sentence ends; AC: `<AC>`).
+
+    `AnchorCache()` with no model: the cache binds to the model of the first forward that uses it (models from
+    `kvcompress.models.load_model`, or `kvcompress.prepare(model)`), which must carry an anchor configuration:
+    `model.generate(input_ids, past_key_values=AnchorCache())`.
+
     Args:
-        model: the causal LM this cache serves (its input embeddings get a pre-hook recording token ids).
-        tokenizer: needed for the default anchors (EP: `anchor_tokens.sentence_end_ids`; AC: the `<AC>` id).
-        anchor_ids: explicit anchor token ids (override the tokenizer's defaults): one integer (Python, numpy or
-            0-d torch), a 1-D integer tensor / numpy array, or a list of integers; non-empty, all < vocab size.
+        model: the causal LM this cache serves (its input embeddings get a pre-hook recording token ids), or None.
+        tokenizer: needed for the default anchors of an untrained model (EP: `anchor_tokens.sentence_end_ids`; AC:
+            the `<AC>` id); for an anchor-trained model it is checked against the model's configuration.
+        anchor_ids: explicit anchor token ids: one integer (Python, numpy or 0-d torch), a 1-D integer tensor /
+            numpy array, or a list of integers; non-empty, all < vocab size.
         mode: "ep" (anchors are sentence ends; deviation: the official EP models use only ".") or "ac" (the
-            dedicated token added by `anchor_tokens.add_anchor_token`).
+            dedicated token added by `anchor_tokens.add_anchor_token`); default: the model's configuration, else "ep".
         keep_first: number of first real tokens always kept (attention-sink style); 0 as in the paper.
         positions: "original" (default) or "cache" (see `CompressedCache`).
     """
@@ -39,36 +49,70 @@ class AnchorCache(CompressedCache):
 
     def __init__(
         self,
-        model,
+        model=None,
         tokenizer=None,
         anchor_ids=None,
-        mode: str = "ep",
+        mode: str | None = None,
         keep_first: int = 0,
         ac_token: str = AC_TOKEN,
         positions: str = "original",
     ):
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         keep_first = as_int(keep_first, "keep_first", minimum=0)
-        vocab = model.get_input_embeddings().weight.shape[0]
+        if anchor_ids is not None:
+            anchor_ids = sorted(set(as_token_ids(anchor_ids, "anchor_ids")))
+            if not anchor_ids:
+                raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
+        self._options = dict(tokenizer=tokenizer, anchor_ids=anchor_ids, mode=mode, ac_token=ac_token)
+        self.keep_first = keep_first
+        self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
+        if model is not None:
+            self._bind(model)
+        super().__init__(model, positions=positions)
+
+    def _bind(self, model) -> None:
+        """Resolve mode and anchor ids for `model` (see the class docstring); ValueError when they conflict or
+        cannot be found."""
+        tokenizer, anchor_ids, mode, ac_token = (self._options[k] for k in ("tokenizer", "anchor_ids", "mode",
+                                                                             "ac_token"))
+        config = anchor_config(model)
+        if config is not None:
+            if mode is not None and mode != config["mode"]:
+                raise ValueError(f"this model was anchor-trained in {config['mode'].upper()} mode but "
+                                 f"AnchorCache(mode={mode!r}) asks for {mode.upper()} anchors; omit mode (or pass "
+                                 f"mode={config['mode']!r})")
+            mode = config["mode"]
+            if tokenizer is not None and mode == "ac":
+                token_id = anchor_token_id(tokenizer, config.get("ac_token", ac_token))
+                if [token_id] != list(config["anchor_ids"]):
+                    raise ValueError(f"the tokenizer gives {config.get('ac_token', ac_token)!r} the id {token_id} but "
+                                     f"the model was trained with anchor id {config['anchor_ids']}: use the tokenizer "
+                                     "saved with the model")
+            anchor_ids = anchor_ids or sorted(config["anchor_ids"])
+        mode = mode or "ep"
         if anchor_ids is None:
             if tokenizer is None:
-                raise ValueError("AnchorCache needs anchor_ids or a tokenizer to derive them from")
+                raise ValueError(
+                    f"{type(model).__name__} carries no anchor configuration (it was not trained with "
+                    "kvcompress-train-anchor), so AnchorCache needs its anchors: AnchorCache(model, tokenizer) for "
+                    "the tokenizer's sentence ends (EP), or anchor_ids=[...]; or load an anchor-trained model "
+                    "(load_model('smollm2-135m-anchor-ep'))"
+                )
             anchor_ids = sentence_end_ids(tokenizer) if mode == "ep" else [anchor_token_id(tokenizer, ac_token)]
-        anchor_ids = sorted(set(as_token_ids(anchor_ids, "anchor_ids")))
-        if not anchor_ids:
-            raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
+            anchor_ids = sorted(set(anchor_ids))
+        vocab = model.get_input_embeddings().weight.shape[0]
         outside = [i for i in anchor_ids if not 0 <= i < vocab]
         if outside:
             raise ValueError(f"anchor_ids {outside[:5]} are outside the model's vocabulary [0, {vocab})")
-        super().__init__(model, positions=positions)
-        self.mode, self.keep_first = mode, keep_first
+        self.mode = mode
         self.anchor_ids = torch.tensor(anchor_ids, dtype=torch.long)
-        self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
+        self._options = None  # resolved; the tokenizer is not kept (clones and pickles stay small)
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None) -> AnchorCache:
-        """EP mode with the tokenizer's sentence-end anchors; its size follows the text, not `budget`."""
+        """The model's own anchors when it is anchor-trained, else EP mode with the tokenizer's sentence ends; its size
+        follows the text, not `budget`."""
         return cls(model, tokenizer=tokenizer)
 
     def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import einsum, rearrange
 
@@ -10,6 +12,8 @@ from ..registry import register
 from ..rope import RotaryPositions, serving_layer
 from ..selection import (
     STREAM_RANK,
+    adaptive_top_k,
+    check_allocation,
     decode_stream_rank,
     first,
     free_one,
@@ -41,7 +45,8 @@ class ExpectedAttentionCache(CompressedCache):
             (the model's own cos/sin: R_t x = x cos_t + rotate_half(x) sin_t; n = the next token's position);
         z_h(k) = s (R mu_h) . k + s^2 / 2 k^T (R Sigma_h R^T) k   (log E[exp(s q.k)] for q ~ N(R mu, R Sigma R^T));
         p_h = softmax of z_h over the row's kept and new tokens except the sinks;
-        score(k) = (mean of p_h over the kv group's query heads + epsilon) * ||v||   (times ||v||: `use_vnorm`).
+        score(k) = (mean of p_h over the kv group's query heads + epsilon) * ||v||   (times ||v||: `use_vnorm`;
+            computed divided by 1 + epsilon, the same ranking, so that a large epsilon cannot overflow).
     Without `use_covariance` the quadratic term is dropped.
 
     Per forward of a layer (after its attention, `observe_queries`): (1) the forward's real queries (pads and the
@@ -83,10 +88,17 @@ class ExpectedAttentionCache(CompressedCache):
         n_future_positions: T, positions averaged in R (>= 1).
         n_sink: first real tokens always kept, and whose queries are left out of the statistics (>= 0).
         use_covariance, use_vnorm: as above (bool). epsilon: added to the probability before the value-norm
-            rescaling (float >= 0).
+            rescaling (a finite float >= 0; infinity would make every score infinite, i.e. keep the oldest tokens;
+            a large epsilon ranks by the value norm alone).
+        allocation: "head" (every kv head keeps `budget`) or "adakv" (AdaKV, Feng et al. 2024, kvpress's
+            AdaKVPress(ExpectedAttentionPress): a row's `(budget - n_sink) x kv heads` scored pairs are the best over
+            all its kv heads together, each keeping at least floor(alpha x (budget - n_sink)); stored in pages per kv
+            head, so the memory follows the unequal counts).
+        alpha: AdaKV's safeguard fraction in [0, 1].
     """
 
     uses_budget = True
+    supports_cache_positions = False  # per-kv-head eviction
     observe_queries = True
 
     def __init__(
@@ -99,8 +111,11 @@ class ExpectedAttentionCache(CompressedCache):
         use_vnorm: bool = True,
         epsilon: float = 0.0,
         positions: str = "original",
+        allocation: str = "head",
+        alpha: float = 0.2,
     ):
         budget = as_int(budget, "budget", minimum=1)
+        check_allocation(allocation, alpha)
         n_future_positions = as_int(n_future_positions, "n_future_positions", minimum=1)
         n_sink = as_int(n_sink, "n_sink", minimum=0)
         if n_sink >= budget:
@@ -108,13 +123,8 @@ class ExpectedAttentionCache(CompressedCache):
         for name, flag in (("use_covariance", use_covariance), ("use_vnorm", use_vnorm)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r} ({type(flag).__name__})")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
-        if positions != "original":
-            raise ValueError(
-                f"ExpectedAttentionCache supports only positions='original', got positions={positions!r}: it keeps "
-                "different tokens per kv head, and positions='cache' re-rotates one token set shared by all heads"
-            )
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 <= epsilon < math.inf:
+            raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
         try:
             RotaryPositions(model)
         except ValueError as error:
@@ -124,6 +134,7 @@ class ExpectedAttentionCache(CompressedCache):
             ) from None
         super().__init__(model, positions=positions)
         self.budget, self.n_future_positions, self.n_sink = budget, n_future_positions, n_sink
+        self.allocation, self.alpha = allocation, float(alpha)
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, float(epsilon)
         self._scaling = {  # layer -> the softmax scale of its attention module
             m.layer_idx: m.scaling
@@ -136,11 +147,12 @@ class ExpectedAttentionCache(CompressedCache):
         self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
 
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None) -> ExpectedAttentionCache:
-        """kvpress's defaults; the budget includes the sinks (4, or budget - 1 when budget <= 4)."""
+    def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> ExpectedAttentionCache:
+        """kvpress's defaults; the budget includes the sinks (4, or budget - 1 when budget <= 4); `options`: the
+        constructor's (e.g. allocation="adakv")."""
         if budget is None:
-            return cls(model)
-        return cls(model, budget=budget, n_sink=min(4, budget - 1))
+            return cls(model, **options)
+        return cls(model, budget=budget, n_sink=min(4, budget - 1), **options)
 
     # query statistics ---------------------------------------------------------------------------------------------
     def rotary(self) -> RotaryPositions:
@@ -247,28 +259,46 @@ class ExpectedAttentionCache(CompressedCache):
         logits = logits.squeeze(-2).masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
-            if self.epsilon:  # (p + 0.0 is p: skipped)
-                probs = probs + self.epsilon
-            probs = probs * layer.slot_state(VALUE_NORMS, heads=keys.shape[1], dtype=dtype)[..., : layer.used]
+            if self.epsilon:
+                # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon
+                # (at epsilon = 0, p x 1 + 0 is p: skipped)
+                probs = probs * (1.0 / (1.0 + self.epsilon)) + self.epsilon / (1.0 + self.epsilon)
+            probs = probs * self.value_norms(layer, update=False)
         return probs.masked_fill(others, 0.0)
 
-    def value_norms(self, layer: CompressedLayer) -> torch.Tensor:
-        """(B, Hkv, S) ||v|| per slot, kept in per-slot state (computed for the slots the last forward wrote;
-        `selection.slot_norms`). Called on every forward (before `scores`, which reads the state)."""
-        return slot_norms(layer, VALUE_NORMS, layer.values)
+    def value_norms(self, layer: CompressedLayer, update: bool = True) -> torch.Tensor:
+        """(B, Hkv, S) ||v|| per slot, kept in per-slot state (fp32, fp64 for fp64 caches): computed for the slots
+        the last forward wrote (`selection.slot_norms`), so this runs on every forward with `update` (before
+        `scores`, which reads the state)."""
+        if update:
+            return slot_norms(layer, VALUE_NORMS, layer.values)
+        values = layer.values
+        return layer.slot_state(VALUE_NORMS, heads=values.shape[1],
+                                dtype=torch.promote_types(values.dtype, torch.float32))[..., : layer.used]
+
+    def storage_layout(self) -> str:
+        return self.layout or ("paged" if self.allocation == "adakv" else "dense")  # AdaKV: heads keep unequal counts
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         stats = self._update_statistics(layer)
         if self.use_vnorm:
             self.value_norms(layer)
         valid = layer.valid
-        if not bool((valid.sum(dim=-1) > self.budget).any()):
-            return valid
         heads = layer.keys.shape[1]
+        if self.allocation == "adakv":  # the row's budget is shared by its heads
+            over = valid.sum(dim=(1, 2)) * (heads // valid.shape[1]) > self.budget * heads
+        else:
+            over = valid.sum(dim=-1) > self.budget
+        if not bool(over.any()):
+            return valid
         sinks = first(layer, self.n_sink).expand(-1, heads, -1)
         candidates = valid.expand(-1, heads, -1) & ~sinks
+        scores = self.scores(layer, stats, candidates)
+        if self.allocation == "adakv":
+            keep = sinks | adaptive_top_k(scores, candidates, self.budget - self.n_sink, self.alpha)
+            return torch.where(over.view(-1, 1, 1), keep, valid.expand_as(keep))
         room = self.budget - sinks.sum(dim=-1, keepdim=True)
-        return sinks | top_k(self.scores(layer, stats, candidates), candidates, room)
+        return sinks | top_k(scores, candidates, room)
 
     def evict(self, layer: CompressedLayer) -> None:
         """A decode step frees exactly what `select` would, without sorting: each row and kv head held at most

@@ -14,12 +14,14 @@ class FullCache(CompressedCache):
 
     Args:
         model: the causal LM this cache serves.
+        positions: "original" (default) or "cache" (see `CompressedCache`; with nothing evicted, a token's rank in
+            the cache is its position among the row's real tokens, so both give the same logits).
     """
 
     evicts = False
 
-    def __init__(self, model):
-        super().__init__(model)
+    def __init__(self, model, positions: str = "original"):
+        super().__init__(model, positions=positions)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         return layer.valid

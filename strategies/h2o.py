@@ -52,17 +52,19 @@ class H2OCache(CompressedCache):
         model: the causal LM this cache serves.
         heavy: heavy-hitter tokens kept per row, layer and kv head (>= 0).
         recent: most recent tokens kept per row, layer and kv head (>= 0); `heavy + recent` must be >= 1.
+        positions: only "original" (keeps different tokens per kv head; "cache" raises ValueError).
     """
 
     uses_budget = True
     observe_received = True
+    supports_cache_positions = False  # per-kv-head eviction
 
-    def __init__(self, model, heavy: int = 512, recent: int = 512):
+    def __init__(self, model, heavy: int = 512, recent: int = 512, positions: str = "original"):
         heavy, recent = as_int(heavy, "heavy", minimum=0), as_int(recent, "recent", minimum=0)
         if heavy + recent < 1:
             raise ValueError("heavy + recent must be >= 1 (the cache must keep at least one token), got heavy=0, "
                              "recent=0")
-        super().__init__(model)
+        super().__init__(model, positions=positions)
         self.heavy, self.recent = heavy, recent
 
     @classmethod

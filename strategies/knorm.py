@@ -60,6 +60,7 @@ class KnormCache(CompressedCache):
     """
 
     uses_budget = True
+    supports_cache_positions = False  # per-kv-head eviction
 
     def __init__(self, model, budget: int = 1024, n_sink: int = 0, window: int = 0, positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
@@ -68,11 +69,6 @@ class KnormCache(CompressedCache):
         if n_sink + window > budget:
             raise ValueError(
                 f"budget ({budget}) must be at least n_sink + window ({n_sink} + {window} = {n_sink + window})"
-            )
-        if positions != "original":
-            raise ValueError(
-                f"KnormCache supports only positions='original', got positions={positions!r}: it keeps different "
-                "tokens per kv head, and positions='cache' re-rotates one token set shared by all heads"
             )
         super().__init__(model, positions=positions)
         self.budget, self.n_sink, self.window = budget, n_sink, window

@@ -63,16 +63,18 @@ class PyramidKVCache(SnapKVCache):
     does, so the pyramid applies at every budget.
 
     Args:
-        model, budget, window, kernel, pooling: as `SnapKVCache` (`budget` is the MEAN per-layer budget).
+        model, budget, window, kernel, pooling, positions: as `SnapKVCache` (`budget` is the MEAN per-layer
+            budget; `for_budget` picks the window by SnapKVCache's rule: 64 above a budget of 64, else half).
         beta: steepness (a number >= 1): the last layer keeps (budget - window) / beta scored tokens; 1 = uniform.
             Default 20 (paper's code and kvpress).
     """
 
     def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
-                 beta: float = 20):
+                 beta: float = 20, positions: str = "original", allocation: str = "head", alpha: float = 0.2):
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 1:
             raise ValueError(f"beta must be a finite number >= 1, got {beta!r}")
-        super().__init__(model, budget=budget, window=window, kernel=kernel, pooling=pooling)
+        super().__init__(model, budget=budget, window=window, kernel=kernel, pooling=pooling, positions=positions,
+                         allocation=allocation, alpha=alpha)
         self.beta = beta
         self.layer_budgets = pyramid_budgets(self.budget, self.window, len(self.layers), beta)
 

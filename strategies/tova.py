@@ -39,14 +39,16 @@ class TOVACache(CompressedCache):
     Args:
         model: the causal LM this cache serves.
         budget: the most tokens each row keeps per layer (>= 1).
+        positions: "original" (default) or "cache" (see `CompressedCache`: keys and queries rotated at their rank
+            among the kept tokens; TOVA keeps one set for every kv head, so it can).
     """
 
     uses_budget = True
     observe_window = 1
 
-    def __init__(self, model, budget: int = 1024):
+    def __init__(self, model, budget: int = 1024, positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
-        super().__init__(model)
+        super().__init__(model, positions=positions)
         self.budget = budget
 
     @classmethod

@@ -234,6 +234,42 @@ def test_kv_stats_equal_kept_tokens():
     assert stats["kv_bytes"] == 10 * metrics.kv_bytes_per_token(model) and stats["kv_bytes_fraction"] == 0.25
 
 
+def test_kv_stats_average_layers_that_keep_different_counts():
+    """Issue 20, item 3: pyramidkv keeps 30 / 20 / 10 tokens in layers 0 / 1 / 2 at a mean budget of 20, so the kept
+    fraction of a 40-token context is 60 / (3 x 40) = 0.5 (the max over layers would report 0.75)."""
+    from kvcompress.strategies import PyramidKVCache
+
+    model = tiny_llama(vocab_size=VOCAB)
+    cache = PyramidKVCache(model, budget=20, window=10)
+    metrics.prefill(model, cache, torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2)))
+    assert cache.kept_counts()[:, 0].tolist() == cache.layer_budgets == [30, 20, 10]
+    stats = metrics.kv_stats(cache, model, 40)
+    assert stats["kv_tokens_kept"] == 20 and stats["kept_fraction"] == 0.5
+    assert stats["kv_bytes"] == 60 * metrics.kv_bytes_per_token(model) // 3 and stats["kv_bytes_fraction"] == 0.5
+
+
+def test_pyramidkv_cell_reports_the_mean_over_layers(tiny_dir, tmp_path, capsys):
+    """The same through the CLI: a cell of a strategy whose layers keep different counts reports the mean over
+    layers, and its kept fraction equals its KV-bytes fraction."""
+    out = tmp_path / "run"
+    code, _ = _run_cli(["--model", str(tiny_dir), "--strategies", "pyramidkv", "--tasks", "speed@40", "--budgets",
+                        "0.5", "--repeats", "1", "--decode-tokens", "2", "--out", str(out), "--no-progress",
+                        "--no-plots"], capsys)
+    assert code == 0
+    cell = json.loads((out / "results.json").read_text())["cells"]["speed@40|pyramidkv|0.5"]
+    assert cell["status"] == "ok", cell.get("error")
+    assert cell["budget_tokens"] == 20 and cell["kv_tokens_kept"] == 20 and cell["kept_fraction"] == 0.5
+    assert cell["kv_bytes"] == 20 * 768 and cell["kv_bytes_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("fraction, context, tokens", [(0.5, 41, 21), (0.1, 1024, 103), (0.25, 10, 3),
+                                                       (0.3, 7, 3), (0.001, 40, 1), (1.0, 41, 41)])
+def test_a_kept_fraction_resolves_to_whole_tokens_rounding_up(fraction, context, tokens):
+    """ceil(fraction x context), at least 1: a budget never keeps less than the fraction asked for (rounding down
+    would give 20 of 41 at 0.5 and 102 of 1,024 at 0.1). Independent of the CLI tests, whose contexts may be even."""
+    assert runner.Budget(str(fraction), fraction=fraction).resolve(context) == tokens
+
+
 def test_icl_task_cells(tiny_dir, tmp_path, capsys):
     """sst2 through kvcompress.bench.icl: its own construction for label_words, the budget path for sink_window."""
     out = tmp_path / "run"
@@ -295,7 +331,7 @@ def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys
     after, before = cells["ruler_vt@512|sink_window|0.5"], cells["ruler_vt@512:before|sink_window|0.5"]
     assert before["context_tokens"] > after["context_tokens"]
     assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
-    assert "RULER avg, query after | RULER avg, query before" in captured.out
+    assert "RULER avg, query after [95% CI] | RULER avg, query before [95% CI]" in captured.out
     assert (out / "leaderboard.png").is_file()
 
 

@@ -3,10 +3,14 @@
 import copy
 import gc
 
+import pytest
 import torch
 
-from kvcompress import CompressedCache, FullCache, SinkWindowCache
-from kvcompress.testing import left_padded, max_step_error
+from kvcompress import CompressedCache, FullCache, H2OCache, SinkWindowCache, registry
+from kvcompress.cache import cache_arg
+from kvcompress.testing import CharTokenizer, left_padded, max_step_error, tiny_llama
+
+from kept_sets import kept_sets
 
 
 class _KeepEvenIds(CompressedCache):
@@ -104,3 +108,80 @@ def test_the_original_still_works_after_its_clone_is_gone(tiny_model):
         gc.collect()
         tiny_model(torch.tensor([[10]]), past_key_values=cache)
     assert cache.get_seq_length() == 7 and cache.kept_positions(0) == [[0, 3, 4, 5, 6]]
+
+
+# --- issue 20, item 4: a clone owns its per-slot strategy state ----------------------------------------------------
+# initializer_range 0.2: peaked, content-dependent attention. With the default init attention is near uniform, so
+# H2O's accumulated scores fall with a token's age and it keeps the oldest tokens whatever its state holds.
+PEAKED = tiny_llama(seed=0, initializer_range=0.2)
+PROMPT = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+ORIGINAL_GOES_ON = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(8))
+CLONE_GOES_ON = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+
+
+def _feed(model, cache, tokens):
+    """Feed `tokens` (1, T) one at a time; returns the logits of every step (T, V) and the kept sets after each."""
+    logits, kept = [], []
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            logits.append(model(tokens[:, t : t + 1], **cache_arg(cache)).logits[0, -1])
+            kept.append(kept_sets(cache))
+    return torch.stack(logits), kept
+
+
+def _owned_tensors(cache):
+    """Every tensor a cache's layers hold (keys, values, slot table, per-slot state), by name, copied."""
+    return {(i, name): tensor.clone() for i, layer in enumerate(cache.layers)
+            for name, tensor in [("keys", layer.keys), ("values", layer.values), ("positions", layer.positions),
+                                 *layer.state.items()]}
+
+
+def check_clone_is_independent_of_the_original(model, make_cache, check_tensors=True):
+    """A clone taken after the prefill is left bitwise unchanged while the original goes on with other tokens
+    (`check_tensors`), then gives the logits and kept tokens of a fresh cache fed the prompt and the clone's tokens:
+    nothing the original does after `clone()` reaches the clone (H2O's accumulated attention is per-slot state
+    updated in place)."""
+    cache = make_cache(model)
+    with torch.no_grad():
+        model(PROMPT, **cache_arg(cache))
+    twin = cache.clone()
+    snapshot = _owned_tensors(twin)
+    _feed(model, cache, ORIGINAL_GOES_ON)
+    if check_tensors:
+        for key, tensor in _owned_tensors(twin).items():
+            assert torch.equal(tensor, snapshot[key]), f"the original's decoding changed the clone's {key}"
+    got_logits, got_kept = _feed(model, twin, CLONE_GOES_ON)
+    fresh = make_cache(model)
+    with torch.no_grad():
+        model(PROMPT, **cache_arg(fresh))
+    expected_logits, expected_kept = _feed(model, fresh, CLONE_GOES_ON)
+    assert got_kept == expected_kept, "the clone kept other tokens than a fresh cache fed the same tokens"
+    torch.testing.assert_close(got_logits, expected_logits, atol=1e-6, rtol=0)
+
+
+class _StateSharingClone(H2OCache):
+    """Planted bug (issue 20, item 4): clone() copies the per-slot state dict but shares its tensors with the
+    original (`twin.state = dict(layer.state)`)."""
+
+    def clone(self):
+        new = super().clone()
+        for layer, twin in zip(self.layers, new.layers):
+            twin.state = dict(layer.state)
+        return new
+
+
+@pytest.mark.parametrize("name", [n for n in registry.available() if registry.get(n).uses_budget])
+def test_a_clone_does_not_depend_on_what_the_original_does_afterwards(name):
+    tokenizer = CharTokenizer()  # a tokenizer for the strategies that encode text (KVzip's repeat prompt)
+    check_clone_is_independent_of_the_original(PEAKED, lambda m: registry.get(name).for_budget(m, tokenizer, 8))
+
+
+def test_planted_state_sharing_clone_is_caught():
+    """Caught twice: by the snapshot (the clone's state changes) and, without it, by the clone's choices."""
+    h2o = lambda m: H2OCache(m, heavy=6, recent=2)  # noqa: E731
+    planted = lambda m: _StateSharingClone(m, heavy=6, recent=2)  # noqa: E731
+    check_clone_is_independent_of_the_original(PEAKED, h2o)
+    with pytest.raises(AssertionError, match="changed the clone's"):
+        check_clone_is_independent_of_the_original(PEAKED, planted)
+    with pytest.raises(AssertionError, match="the clone kept other tokens"):
+        check_clone_is_independent_of_the_original(PEAKED, planted, check_tensors=False)

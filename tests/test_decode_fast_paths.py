@@ -212,12 +212,8 @@ class _KnormNewNormMissed(KnormCache):
 class _EAStaleValueNorms(ExpectedAttentionCache):
     """Planted: the decode step does not compute the new value's norm (its slot keeps the evicted token's)."""
 
-    def _evict_decode_step(self, layer):
-        self.value_norms = lambda layer: None  # shadows the method for this step
-        try:
-            super()._evict_decode_step(layer)
-        finally:
-            del self.value_norms
+    def value_norms(self, layer, update=True):
+        return super().value_norms(layer, update=update and layer.new_tokens > 1)
 
 
 class _EAStatisticsSkipped(ExpectedAttentionCache):

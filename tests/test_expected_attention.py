@@ -3,6 +3,8 @@ float64 from the model's own projections (prefill and decoding, planted twins), 
 hypothesis invariants (each also run on a planted bug), per-row statistics follow their row, bad input."""
 
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,10 +32,21 @@ ROWS = [[5, 9, 17, 33, 41, 8, 12, 99, 4, 7, 3, 50, 61, 70], [7, 3, 90, 11, 12, 1
 
 
 # --- the independent reference ---------------------------------------------------------------------------------
+def _rope_tables(model):
+    """Per layer: a function positions (B, N) -> (cos, sin) (B, N, d) of THAT layer's RoPE table, from the model's
+    rotary module (Gemma 3: the local table on sliding layers, the global one on full layers)."""
+    rotary = model.model.rotary_emb
+    config = model.config.get_text_config(decoder=True)
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return [lambda x, positions: rotary(x, positions)] * config.num_hidden_layers
+    return [lambda x, positions, kind=kind: rotary(x, positions, kind) for kind in config.layer_types]
+
+
 def _projections(model, fed, fed_mask, visible):
     """Per layer: pre-RoPE queries (B, Hq, N, d), RoPE-rotated keys and values (B, Hkv, N, d), float64, from the
     hidden states entering each attention in ONE cache-free forward (the model's eager attention under the
-    visibility the cache produced), projected here with the layers' weights; keys rotated at generate's positions."""
+    visibility the cache produced), projected here with the layers' weights (and q/k norms where the model has
+    them, Gemma 3); keys rotated at generate's positions with the layer's own RoPE table."""
     captured = {}
     attns = [layer.self_attn for layer in model.model.layers]
     hooks = [a.register_forward_pre_hook(lambda m, args, kw, l=l: captured.__setitem__(l, kw["hidden_states"]),
@@ -45,25 +58,30 @@ def _projections(model, fed, fed_mask, visible):
             h.remove()
     position_ids = (fed_mask.long().cumsum(-1) - 1).masked_fill(fed_mask == 0, 1)
     out = []
-    for l, attn in enumerate(attns):
+    for l, (attn, table) in enumerate(zip(attns, _rope_tables(model))):
         h = captured[l].double()
 
-        def project(linear):
+        def project(linear, norm=None):
             bias = None if linear.bias is None else linear.bias.double()
-            return F.linear(h, linear.weight.double(), bias).view(*fed.shape, -1, attn.head_dim).transpose(1, 2)
+            x = F.linear(h, linear.weight.double(), bias).view(*fed.shape, -1, attn.head_dim)
+            if norm is not None:
+                x = norm(x.float()).double()  # the model's own q/k norm module (fp32 weights)
+            return x.transpose(1, 2)
 
-        q, k, v = project(attn.q_proj), project(attn.k_proj), project(attn.v_proj)
-        cos, sin = model.model.rotary_emb(h.float(), position_ids)
+        q = project(attn.q_proj, getattr(attn, "q_norm", None))
+        k = project(attn.k_proj, getattr(attn, "k_norm", None))
+        v = project(attn.v_proj)
+        cos, sin = table(h.float(), position_ids)
         _, k = apply_rotary_pos_emb(k, k, cos.double(), sin.double())
         out.append((q, k, v))
     return out
 
 
-def _mean_rope_matrix(model, start, count, dim):
-    """(d, d) float64 mean over positions start .. start + count - 1 of the RoPE matrix cos I + sin P, P x =
-    rotate_half(x)."""
+def _mean_rope_matrix(table, start, count, dim):
+    """(d, d) float64 mean over positions start .. start + count - 1 of the RoPE matrix cos I + sin P of `table`
+    (one entry of `_rope_tables`), P x = rotate_half(x)."""
     positions = torch.arange(start, start + count)[None]
-    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    cos, sin = table(torch.zeros(1, dtype=torch.float32), positions)
     cos, sin = cos[0].double(), sin[0].double()  # (T, d)
     p = rotate_half(torch.eye(dim, dtype=torch.float64)).T  # column i = rotate_half(e_i)
     return torch.stack([torch.diag(c) + torch.diag(s) @ p for c, s in zip(cos, sin)]).mean(0)
@@ -73,7 +91,9 @@ def _expected_kept(model, proj, fed_mask, prompt_len, budget, n_sink, future, us
     """Simulate the paper's rule forward by forward. Returns [forward][layer][row][kv head] -> set."""
     batch, total = fed_mask.shape
     hq, hkv, dim = proj[0][0].shape[1], proj[0][1].shape[1], proj[0][0].shape[-1]
-    groups, scale = hq // hkv, dim**-0.5
+    groups = hq // hkv
+    scales = [layer.self_attn.scaling for layer in model.model.layers]  # the model's own softmax scale per layer
+    tables = _rope_tables(model)
     bounds = [(0, prompt_len)] + [(p, p + 1) for p in range(prompt_len, total)]
     kept = [[[set() for _ in range(hkv)] for _ in range(batch)] for _ in proj]
     out = []
@@ -81,7 +101,8 @@ def _expected_kept(model, proj, fed_mask, prompt_len, budget, n_sink, future, us
         for l, (q, k, v) in enumerate(proj):
             for b in range(batch):
                 real = [p for p in range(stop) if fed_mask[b, p]]
-                rotation = _mean_rope_matrix(model, len(real), future, dim)  # next position = real tokens so far
+                rotation = _mean_rope_matrix(tables[l], len(real), future, dim)  # next position = real tokens so far
+                scale = scales[l]
                 queries = q[b][:, real[n_sink:]]  # (Hq, m, d): sink queries left out
                 mean = queries.mean(dim=1)  # (Hq, d)
                 centered = queries - mean[:, None]
@@ -106,19 +127,21 @@ def _expected_kept(model, proj, fed_mask, prompt_len, budget, n_sink, future, us
     return out
 
 
-def check_choice(cache_cls, model, budget=6, n_sink=2, future=512, use_cov=True, use_vnorm=True, steps=5):
+def check_choice(cache_cls, model, budget=6, n_sink=2, future=512, use_cov=True, use_vnorm=True, steps=5,
+                 epsilon=0.0):
     """After the prefill and every decoding step, each (layer, row, kv head) keeps exactly the reference's choice."""
     ids, mask = left_padded(ROWS)
     continuation = torch.arange(100, 100 + 2 * steps).view(2, steps)
     cache = cache_cls(model, budget=budget, n_sink=n_sink, n_future_positions=future, use_covariance=use_cov,
-                      use_vnorm=use_vnorm)
+                      use_vnorm=use_vnorm, epsilon=epsilon)
     with capture() as records:
         _, kept = teacher_forced(model, cache, ids, mask, continuation)
     fed = torch.cat([ids, continuation], dim=1)
     fed_mask = torch.cat([mask, torch.ones_like(continuation)], dim=1)
     visible = visibility_from_records(records, 2, fed.shape[1])
     proj = _projections(model, fed, fed_mask, visible)
-    expected = _expected_kept(model, proj, fed_mask, ids.shape[1], budget, n_sink, future, use_cov, use_vnorm)
+    expected = _expected_kept(model, proj, fed_mask, ids.shape[1], budget, n_sink, future, use_cov, use_vnorm,
+                              epsilon)
     assert len(kept) == len(expected) == steps + 1
     for step, (got, want) in enumerate(zip(kept, expected)):
         assert got == want, f"forward {step}"
@@ -159,10 +182,44 @@ class _IgnoresValueNorm(ExpectedAttentionCache):
         (tiny_llama, {"use_vnorm": False}),
         (tiny_llama, {"budget": 4, "n_sink": 0, "future": 8, "use_cov": False, "use_vnorm": False}),
         (tiny_qwen2, {"budget": 5, "n_sink": 1, "future": 64, "use_vnorm": False}),
+        # Gemma 3: softmax scale 1/8 from query_pre_attn_scalar (head_dim 16 would give 1/4), q/k norms, and two
+        # RoPE tables (local base on sliding layers 0 and 2, global on full layers 1 and 3)
+        (tiny_gemma3, {"use_vnorm": False}),
+        (tiny_gemma3, {"budget": 5, "n_sink": 1, "future": 64, "use_cov": False, "use_vnorm": False}),
+        (tiny_gemma3, {}),
+        (tiny_llama, {"epsilon": 0.05}),
+        # an epsilon far above every probability ranks by the value norm alone; 1e39 overflows float32
+        (tiny_llama, {"epsilon": 1e39}),
     ],
 )
 def test_kept_set_is_the_top_k_of_expected_attention(make_model, kwargs):
     check_choice(ExpectedAttentionCache, make_model(seed=11), **kwargs)
+
+
+class _HeadDimScale(ExpectedAttentionCache):
+    """Planted bug (issue 20, item 1): the softmax scale taken as head_dim ** -0.5, not the layer's own scaling."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._scaling = {}  # scores() then falls back to head_dim ** -0.5
+
+
+class _FirstLayersRopeTable(ExpectedAttentionCache):
+    """Planted bug (issue 20, item 2): layer 0's RoPE table used to rotate every layer's statistics."""
+
+    def _mean_rotation(self, layer, like):
+        return super()._mean_rotation(self.layers[0], like)  # layer 0 has seen the same tokens by now
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+@pytest.mark.parametrize("planted", [_HeadDimScale, _FirstLayersRopeTable])
+def test_choice_check_catches_gemma3_scale_and_rope_table_bugs(planted, seed):
+    """Both bugs leave Llama and Qwen2 unchanged (one RoPE table, scale head_dim ** -0.5); on Gemma 3 they change
+    the kept tokens, and the reference (scale and RoPE table per layer, from the model) must see it."""
+    model = tiny_gemma3(seed=seed)
+    check_choice(ExpectedAttentionCache, model, use_vnorm=False)  # the real strategy passes
+    with pytest.raises(AssertionError):
+        check_choice(planted, model, use_vnorm=False)
 
 
 @pytest.mark.parametrize(
@@ -374,8 +431,8 @@ def test_clone_and_reset_carry_or_drop_the_statistics():
         ({"n_sink": -1}, ValueError, "n_sink must be an integer >= 0"),
         ({"use_covariance": 1}, TypeError, "use_covariance must be a bool"),
         ({"use_vnorm": "yes"}, TypeError, "use_vnorm must be a bool"),
-        ({"epsilon": -0.1}, ValueError, "epsilon must be a number >= 0"),
-        ({"epsilon": float("nan")}, ValueError, "epsilon must be a number >= 0"),
+        ({"epsilon": -0.1}, ValueError, "epsilon must be a finite number >= 0"),
+        ({"epsilon": float("nan")}, ValueError, "epsilon must be a finite number >= 0"),
         ({"positions": "cache"}, ValueError, "positions='original'"),
     ],
 )

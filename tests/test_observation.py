@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import kvcompress.attention as core
 from kvcompress import CompressedCache, SinkWindowCache, capture
-from kvcompress.attention import attention_probs, attention_received
+from kvcompress.attention import attention_max_received, attention_probs, attention_received
 from kvcompress.cache import cache_arg
 from kvcompress.selection import per_kv_head, recent, top_k
 from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama
@@ -20,6 +20,7 @@ class Recorder(CompressedCache):
 
     observe_queries = True
     observe_received = True
+    observe_max_received = True
 
     def __init__(self, model, window=3, keep=4):
         super().__init__(model)
@@ -30,7 +31,7 @@ class Recorder(CompressedCache):
         obs = layer.observation
         self.seen_observations.append(
             {"queries": obs.queries.clone(), "probs": obs.probs.clone(), "received": obs.received.clone(),
-             "keys": layer.keys[:, :, : layer.used].clone()}
+             "max_received": obs.max_received.clone(), "keys": layer.keys[:, :, : layer.used].clone()}
         )
         score = per_kv_head(obs.received, layer.keys.shape[1])
         return top_k(score, layer.valid, self.keep) | recent(layer, 2)
@@ -66,6 +67,7 @@ def _check_against_definition(model, ids, mask, steps=3, window=3):
         assert seen["probs"].shape[2] == min(window, q_len)
         torch.testing.assert_close(seen["probs"].double(), expected[:, :, -min(window, q_len):], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(seen["received"].double(), expected.sum(dim=2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seen["max_received"].double(), expected.amax(dim=2), atol=1e-6, rtol=1e-5)
         heads_per_layer.add(record["allowed"].shape[1])
     return heads_per_layer
 
@@ -131,4 +133,19 @@ def test_received_is_the_sum_of_the_probabilities(batch, kv_heads, q_len, extra,
     mask = torch.rand(batch, kv_heads, q_len, q_len + extra, generator=g) < 0.6  # per kv head, some rows empty
     expected = attention_probs(query, key, mask).sum(dim=2)
     torch.testing.assert_close(attention_received(query, key, mask, block_size=block), expected, atol=1e-6,
+                               rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 7), st.integers(0, 6), st.integers(1, 4),
+       st.integers(0, 2**16))
+def test_max_received_is_the_largest_probability(batch, kv_heads, q_len, extra, block, seed):
+    """Blockwise max equals the max of the full probability matrix, for any block size (a block-local max or a
+    max over the wrong axis would differ once there are several blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * 2, q_len, 8, generator=g)
+    key = torch.randn(batch, kv_heads, q_len + extra, 8, generator=g)
+    mask = torch.rand(batch, kv_heads, q_len, q_len + extra, generator=g) < 0.6
+    expected = attention_probs(query, key, mask).amax(dim=2)
+    torch.testing.assert_close(attention_max_received(query, key, mask, block_size=block), expected, atol=1e-6,
                                rtol=1e-5)

@@ -185,7 +185,7 @@ def test_defaults_and_registry():
     assert registry.get("pyramidkv") is PyramidKVCache
 
 
-@pytest.mark.parametrize("budget, window", [(1, 1), (100, 50), (512, 64)])
+@pytest.mark.parametrize("budget, window", [(1, 1), (64, 32), (100, 64), (512, 64)])
 def test_for_budget_keeps_the_uniform_total(budget, window):
     cache = PyramidKVCache.for_budget(MODEL, None, budget)
     assert cache.window == window and sum(cache.layer_budgets) == 3 * budget

@@ -157,6 +157,7 @@ def test_each_layer_stores_on_its_own_device_and_dtype():
     for step in range(6):
         for i, dtype in enumerate(dtypes):
             keys = torch.randn(1, 2, 4 if step == 0 else 1, 16, dtype=dtype)
+            cache._owner_forward = True  # what the model's pre-hook marks when its forward uses the cache
             out_keys, out_values = cache.update(keys, keys, i)
             assert out_keys.dtype == out_values.dtype == dtype
             layer = attention._take_layer(i)

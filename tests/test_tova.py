@@ -7,8 +7,9 @@ import torch
 from attention_reference import check_top_k, reference_probabilities, teacher_forced
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvcompress import FullCache, TOVACache, registry
+from kvcompress import FullCache, TOVACache, attention, registry
 from kvcompress.testing import left_padded, max_step_error, tiny_gemma3, tiny_llama, tiny_qwen2
 
 # initializer_range 0.2: peaked attention (the default 0.02 gives near-uniform probabilities, a weak test of choice)
@@ -25,12 +26,12 @@ def _example(lengths=(13, 6), steps=4, seed=0):
 
 
 # --- (a) the choice: kept = top-budget of the last query's attention averaged over query heads -------------------
-def check_choice(cache_cls, budget, ids, mask, continuation):
+def check_choice(cache_cls, budget, ids, mask, continuation, model=MODEL):
     """After the prefill and every decode step, each layer and row keeps exactly a top-`budget` of the tokens it
     held, scored by the attention probability of the forward's last query averaged over all query heads, computed
-    by transformers' eager attention over the same visible keys."""
-    run = teacher_forced(MODEL, cache_cls(MODEL, budget=budget), ids, mask, continuation)
-    probs = reference_probabilities(MODEL, run["fed"], run["fed_mask"], run["visible"])
+    by transformers' eager attention over the same visible keys (with the model's own scale and masks)."""
+    run = teacher_forced(model, cache_cls(model, budget=budget), ids, mask, continuation)
+    probs = reference_probabilities(model, run["fed"], run["fed_mask"], run["visible"])
     visible = run["visible"]
     assert visible.dim() == 4, "TOVA keeps one set per layer (no kv-head axis)"
     for forward, last in enumerate(run["ends"]):
@@ -71,6 +72,33 @@ def test_choice_check_catches_planted_bugs(planted):
     rows, ids, mask, continuation = _example()
     with pytest.raises(AssertionError, match="dropped position"):
         check_choice(planted, 5, ids, mask, continuation)
+
+
+# Gemma 3: softmax scale 1/8 (query_pre_attn_scalar 64; head_dim 16 would give 1/4) and sliding-window layers
+GEMMA3 = tiny_gemma3(seed=1, initializer_range=0.2)
+
+
+def _observation_without_the_models_scale(monkeypatch):
+    """Planted core bug: the observation's probabilities are computed with head_dim ** -0.5 (the kernel keeps the
+    model's scale). Only Gemma 3 among the test models has another scale."""
+    real = attention.observe
+    monkeypatch.setattr(attention, "observe", lambda cache, query, key, mask, scaling, probs=None:
+                        real(cache, query, key, mask, None, None))
+
+
+@pytest.mark.parametrize("budget", [4, 7])
+def test_kept_set_on_gemma3_is_top_k_under_the_models_own_scale(budget):
+    """Issue 20 (fragile catch 1): a second test, independent of tests/test_observation.py, that the probabilities
+    strategies observe use the model's softmax scale: TOVA's choice against transformers' eager attention on Gemma 3."""
+    rows, ids, mask, continuation = _example()
+    check_choice(TOVACache, budget, ids, mask, continuation, model=GEMMA3)
+
+
+def test_gemma3_choice_check_catches_an_observation_without_the_models_scale(monkeypatch):
+    rows, ids, mask, continuation = _example()
+    _observation_without_the_models_scale(monkeypatch)
+    with pytest.raises(AssertionError, match="dropped position"):
+        check_choice(TOVACache, 4, ids, mask, continuation, model=GEMMA3)
 
 
 # --- (b) exactness against a cache-free forward with an explicit mask per layer ---------------------------------
@@ -217,3 +245,50 @@ def test_model_whose_attention_the_core_cannot_see_is_refused():
     mamba = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
     with pytest.raises(TypeError, match="AttentionInterface"):
         TOVACache(mamba, budget=4)
+
+
+# --- positions="cache" (issue 20, item 9: TOVA keeps one set for every kv head, so it supports it) -------------------
+def _layer0_last_step_error(cache):
+    """Max |layer-0 attention output - its definition| at the last of four decode steps after a 10-token prefill:
+    pre-RoPE q/k/v of the tokens held before the step plus the new one, rotated at their rank in the cache.
+    Layer 0 sees only token embeddings, so its inputs do not depend on what the cache kept."""
+    model = MODEL
+    tokens = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(1))
+    attn = model.model.layers[0].self_attn
+    outputs = []
+    hook = attn.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    try:
+        with torch.no_grad():
+            model(tokens[:, :10], past_key_values=cache)
+            for t in range(10, 14):
+                held = cache.kept_positions(0)[0]
+                model(tokens[:, t : t + 1], past_key_values=cache)
+    finally:
+        hook.remove()
+    kept = held + [13]
+    with torch.no_grad():
+        hidden = model.model.layers[0].input_layernorm(model.model.embed_tokens(tokens))
+        shape = (1, 14, -1, attn.head_dim)
+        q, k, v = (proj(hidden).view(shape).transpose(1, 2)[:, :, kept] for proj in (attn.q_proj, attn.k_proj,
+                                                                                      attn.v_proj))
+        cos, sin = model.model.rotary_emb(hidden, torch.arange(len(kept)).view(1, -1))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        groups = attn.num_key_value_groups
+        probs = ((q[:, :, -1:] @ k.repeat_interleave(groups, 1).transpose(-1, -2)) * attn.scaling).softmax(-1)
+        expected = attn.o_proj((probs @ v.repeat_interleave(groups, 1)).transpose(1, 2).reshape(1, 1, -1))
+    return (outputs[-1] - expected).abs().max().item()
+
+
+def test_cache_positions_rotate_at_the_rank_among_the_kept_tokens():
+    cache = TOVACache(MODEL, budget=5, positions="cache")
+    assert _layer0_last_step_error(cache) < 1e-5
+    assert len(cache.kept_positions(0)[0]) == 5
+    # the check can fail: the same run with text positions is not this definition
+    assert _layer0_last_step_error(TOVACache(MODEL, budget=5)) > 1e-3
+
+
+def test_cache_positions_with_a_budget_covering_everything_equal_full_cache():
+    rows, ids, mask, continuation = _example()
+    got = teacher_forced(MODEL, TOVACache(MODEL, budget=64, positions="cache"), ids, mask, continuation)["logits"]
+    expected = teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)["logits"]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -85,3 +85,54 @@ def test_bad_options(tmp_path):
         train.run(_args(model_dir, tmp_path / "missing.txt", tmp_path / "x", 1))
     with pytest.raises(ValueError, match="fewer than one block"):
         train.run(_args(model_dir, text, tmp_path / "x", 1, "--seq-len", "4096"))
+
+
+def test_lora_ac_run_saves_an_adapter_that_loads_merged_with_its_anchor_config(tmp_path):
+    """LoRA (rank 4) + the trainable <AC> row: the checkpoint is an adapter (no full weights), resumes, and
+    `load_model(folder)` gives the base with the adapter merged, carrying mode and anchor ids in its config; its
+    logits equal the trained peft model's."""
+    from kvcompress.anchor_model import anchor_config
+
+    model_dir, text = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "lora"
+    state = train.run(_args(model_dir, text, out, 4, "--mode", "ac", "--lora-rank", "4"))
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert state["timing"]["cpu_seconds"] > 0
+    resumed = train.run(_args(model_dir, text, out, 6, "--mode", "ac", "--lora-rank", "4", "--resume"))
+    assert resumed["losses"][:4] == state["losses"] and len(resumed["losses"]) == 6
+    model, tokenizer = load_model(str(out))
+    config = anchor_config(model)
+    assert config["mode"] == "ac" and config["anchor_ids"] == [anchor_token_id(tokenizer)] and config["tokens"] == 768
+    base, _ = load_model(str(model_dir))
+    tokenizer.insert_anchors = False  # the base model does not know <AC>
+    ids = torch.tensor([tokenizer.encode("It sat. The cat")])
+    assert not torch.allclose(model(ids).logits[..., : base.config.vocab_size], base(ids).logits)  # trained
+    period = tokenizer.encode(".", add_special_tokens=False)[0]
+    embedding = model.get_input_embeddings().weight
+    assert not torch.equal(embedding[config["anchor_ids"][0]], embedding[period])  # the <AC> row was trained
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) < 0.5 * sum(p.numel() for p in base.parameters())  # no full embedding
+
+
+def test_full_run_stores_the_anchor_config_in_the_model_config(tmp_path):
+    from kvcompress.anchor_model import anchor_config
+
+    model_dir, text = _tiny_checkpoint(tmp_path)
+    train.run(_args(model_dir, text, tmp_path / "ep", 1))
+    model, tokenizer = load_model(str(tmp_path / "ep"))
+    config = anchor_config(model)
+    assert config["mode"] == "ep" and config["tokens"] == 128
+    assert config["anchor_ids"] == train.sentence_end_ids(tokenizer)
+
+
+def test_until_stops_early_on_the_full_schedule_and_resumes_to_the_same_run(tmp_path):
+    """--until 3 of --steps 6 stops after 3 steps with the 6-step learning-rate schedule; resuming finishes exactly
+    the run that never stopped."""
+    model_dir, text = _tiny_checkpoint(tmp_path)
+    partial = train.run(_args(model_dir, text, tmp_path / "a", 6, "--until", "3"))
+    assert partial["step"] == 3
+    resumed = train.run(_args(model_dir, text, tmp_path / "a", 6, "--resume"))
+    straight = train.run(_args(model_dir, text, tmp_path / "b", 6))
+    assert resumed["losses"] == straight["losses"] and resumed["step"] == 6

@@ -49,7 +49,7 @@ PAIRS = {
 # Extra rows that isolate one difference: the strategy built by its constructor with `budget=n_kept` and these
 # options instead of `for_budget` (which picks the strategy's own defaults for the budget).
 VARIANTS = {
-    "snapkv": [{"window": 64}],  # kvpress's window at every ratio (for_budget halves it below a budget of 128)
+    "snapkv": [{"window": 64}],  # kvpress's window at every ratio (for_budget: 64 above a budget of 64, else half)
 }
 START, END = "<!-- peer-table:start -->", "<!-- peer-table:end -->"
 HERE = pathlib.Path(__file__).resolve().parent

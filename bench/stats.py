@@ -1,0 +1,356 @@
+"""95% intervals of the bench scores, from the per-example outcomes each results.json cell stores.
+
+What is computed (confidence `CONFIDENCE` = 0.95 everywhere), per score: the per-example data read from the cell;
+the interval of the score (`ci`); the paired difference to another cell on the same examples (`vs_full`, ties):
+
+- accuracy over right/wrong examples (needle, obqa/piqa/boolq, sst2/trec/agnews, and RULER tasks with ONE expected
+  string: niah_single_*, niah_multikey): `example_correct` ("0"/"1" per example), needle's `answers[i]["correct"]`
+  or RULER's `answers[i]["score"]`; Wilson score interval; Newcombe's paired interval.
+- ICL label loyalty: `example_loyal`; Wilson; Newcombe paired.
+- accuracy over fractional examples (RULER string match with several expected strings: niah_multivalue,
+  niah_multiquery, vt, cwe, fwe): RULER's `answers[i]["score"]`; percentile bootstrap over examples; paired
+  percentile bootstrap.
+- perplexity: `window_nll`, `window_tokens` (one entry per scored window); percentile bootstrap over windows; paired
+  percentile bootstrap.
+
+- Wilson (1927): the score interval of a binomial proportion; unlike the normal approximation it stays inside
+  [0, 1] and is not empty at 0/n or n/n.
+- Newcombe (1998, "Improved confidence intervals for the difference between binomial proportions based on paired
+  data", Stat. Med. 17:2635, method 10): Wilson intervals of both proportions combined by square-and-add with the
+  estimated correlation of the pairs (phi, set to 0 in Newcombe's small-sample zone 0 <= AD - BC <= n/2). On
+  identical outcomes the difference is 0 and the interval is narrow but NOT zero-width (with n pairs and no
+  discordant one, a small true difference is still possible); the percentile bootstrap would give [0, 0] there
+  and is too narrow with few discordant pairs, which is why binary differences do not use it.
+- Bootstrap: percentile interval over `RESAMPLES` resamples of the examples drawn WITH replacement (numpy PCG64
+  seeded with `SEED`, so the same data always give the same interval). Paired: both cells are resampled with the
+  same example indices. Stratified (the RULER average over tasks): each task's examples are resampled on their
+  own, the statistic combines the tasks. Fewer than `MIN_BOOTSTRAP` examples: no bootstrap interval (one window
+  would give a zero-width interval, which is not an answer).
+- Perplexity is bootstrapped over WINDOWS, not tokens: the tokens of one window share its text and, through the
+  cache, every earlier eviction decision, so they are far from independent; resampling tokens makes the interval
+  too narrow (SmolLM2-135M, full cache, 16 windows of 512 tokens: [23.8, 30.6] by window, [25.5, 28.9] by
+  token). The statistic is the cell's own: exp(sum of NLL / sum of predicted tokens) over the resampled windows (a
+  ratio estimator, not a mean of per-window perplexities).
+
+Every interval is pointwise: no multiple-comparison correction across cells or strategies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Callable, Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95
+RESAMPLES = 4000
+SEED = 0
+MIN_BOOTSTRAP = 2
+_CHUNK = 500  # replicates drawn at a time (bounds memory to _CHUNK x n indices)
+
+
+def z_value(confidence: float = CONFIDENCE) -> float:
+    """The two-sided standard-normal quantile: 1.95996... for 0.95."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Binary outcomes: Wilson, Newcombe
+
+
+def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval (low, high) of the proportion `successes / n`; ValueError unless 0 <= successes <= n,
+    n >= 1."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes!r}, n={n!r}")
+    z = z_value(confidence)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at 0/n and n/n the bound is exactly 0 or 1; rounding must not move it past
+    return (0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half))
+
+
+def newcombe_paired(first: Sequence[int], second: Sequence[int],
+                    confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(difference, low, high) of mean(first) - mean(second) for paired binary outcomes (0/1 per example, the same
+    examples in the same order): Newcombe's method 10 (see the module docstring)."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"need two non-empty outcome lists of equal length, got {len(first)} and {len(second)}")
+    n = len(first)
+    both = sum(1 for a, b in zip(first, second) if a and b)
+    only_first = sum(1 for a, b in zip(first, second) if a and not b)
+    only_second = sum(1 for a, b in zip(first, second) if b and not a)
+    neither = n - both - only_first - only_second
+    s1, s2 = both + only_first, both + only_second
+    p1, p2 = s1 / n, s2 / n
+    l1, u1 = wilson(s1, n, confidence)
+    l2, u2 = wilson(s2, n, confidence)
+    margins = s1 * (n - s1) * s2 * (n - s2)
+    phi = 0.0
+    if margins:
+        cross = both * neither - only_first * only_second
+        if cross > n / 2:
+            phi = (cross - n / 2) / math.sqrt(margins)
+        elif cross < 0:
+            phi = cross / math.sqrt(margins)
+    d1, d2 = p1 - l1, u2 - p2
+    e1, e2 = p2 - l2, u1 - p1
+    low = p1 - p2 - math.sqrt(max(0.0, d1 * d1 - 2 * phi * d1 * d2 + d2 * d2))
+    high = p1 - p2 + math.sqrt(max(0.0, e1 * e1 - 2 * phi * e1 * e2 + e2 * e2))
+    return p1 - p2, max(-1.0, low), min(1.0, high)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def resample_indices(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
+    """(replicates, n) example indices drawn uniformly WITH replacement."""
+    return rng.integers(0, n, size=(replicates, n))
+
+
+Statistic = Callable[[list[np.ndarray]], np.ndarray]  # per stratum (R, n_k, columns) -> (R,)
+
+
+def bootstrap(strata: Sequence[np.ndarray], statistic: Statistic, *, resamples: int = RESAMPLES,
+              seed: int = SEED, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile interval (low, high) of `statistic` over resampled examples.
+
+    Args:
+        strata: one (n_k, columns) array per stratum; rows are examples (paired data: one column per cell, the
+            same example on one row), resampled within their stratum.
+        statistic: maps the resampled strata, [(R, n_k, columns)], to one value per replicate (R,); it must
+            give the point estimate when applied to the original data (R = 1).
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for start in range(0, resamples, _CHUNK):
+        count = min(_CHUNK, resamples - start)
+        values.append(statistic([stratum[resample_indices(rng, count, len(stratum))] for stratum in strata]))
+    replicates = np.concatenate(values)
+    alpha = 1 - confidence
+    low, high = np.quantile(replicates, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def mean_statistic(strata: list[np.ndarray]) -> np.ndarray:
+    """The mean of column 0 of the one stratum: (R, n, columns) -> (R,)."""
+    return strata[0][..., 0].mean(-1)
+
+
+def perplexity_statistic(strata: list[np.ndarray]) -> np.ndarray:
+    """exp(sum of column 0 (NLL) / sum of column 1 (tokens)) of the one stratum: (R, n, 2) -> (R,)."""
+    windows = strata[0]
+    return np.exp(windows[..., 0].sum(-1) / windows[..., 1].sum(-1))
+
+
+def mean_interval(values: Sequence[float], **options) -> tuple[float, float] | None:
+    """Bootstrap interval of the mean of per-example scores; None with fewer than MIN_BOOTSTRAP examples."""
+    if len(values) < MIN_BOOTSTRAP:
+        return None
+    return bootstrap([np.asarray(values, dtype=float)[:, None]], mean_statistic, **options)
+
+
+def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int],
+                        **options) -> tuple[float, float] | None:
+    """Bootstrap interval of exp(sum NLL / sum tokens) over resampled windows; None with too few windows."""
+    if len(window_nll) < MIN_BOOTSTRAP:
+        return None
+    return bootstrap([np.column_stack([window_nll, window_tokens]).astype(float)], perplexity_statistic, **options)
+
+
+def paired_bootstrap(first: np.ndarray, second: np.ndarray, statistic: Statistic,
+                     **options) -> tuple[float, float, float] | None:
+    """(difference, low, high) of statistic(first) - statistic(second), both (n, columns) on the same examples,
+    resampled with the same indices; None with fewer than MIN_BOOTSTRAP examples."""
+    if len(first) != len(second):
+        raise ValueError(f"paired data need the same examples, got {len(first)} and {len(second)} rows")
+    if len(first) < MIN_BOOTSTRAP:
+        return None
+    width = first.shape[1]
+
+    def difference(strata):
+        both = strata[0]
+        return statistic([both[..., :width]]) - statistic([both[..., width:]])
+
+    joined = np.concatenate([first, second], axis=1).astype(float)
+    point = float(difference([joined[None]])[0])
+    return (point, *bootstrap([joined], difference, **options))
+
+
+def mean_of_means_interval(groups: Sequence[Sequence[float]], **options) -> tuple[float, float] | None:
+    """Stratified bootstrap interval of the average over groups (tasks) of each group's mean score."""
+    if not groups or min(len(g) for g in groups) < MIN_BOOTSTRAP:
+        return None
+    return bootstrap([np.asarray(g, dtype=float)[:, None] for g in groups],
+                     lambda strata: np.mean([s[..., 0].mean(-1) for s in strata], axis=0), **options)
+
+
+def paired_mean_of_means(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]],
+                         **options) -> tuple[float, float, float] | None:
+    """(difference, low, high) of the average of group means, first minus second, groups paired example by
+    example and resampled with the same indices within each group (stratified paired bootstrap)."""
+    if len(first) != len(second) or any(len(a) != len(b) for a, b in zip(first, second)):
+        raise ValueError("paired groups need the same examples in each group")
+    if not first or min(len(g) for g in first) < MIN_BOOTSTRAP:
+        return None
+    strata = [np.column_stack([a, b]).astype(float) for a, b in zip(first, second)]
+
+    def difference(resampled):
+        return np.mean([s[..., 0].mean(-1) - s[..., 1].mean(-1) for s in resampled], axis=0)
+
+    point = float(difference([s[None] for s in strata])[0])
+    return (point, *bootstrap(strata, difference, **options))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Cells of results.json
+
+
+def flags(values) -> str:
+    """Binary per-example outcomes as a compact string: "1" for true, "0" for false, one character each."""
+    return "".join("1" if value else "0" for value in values)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One cell's per-example data for one metric: `kind` is "binary" (values 0/1), "scores" (floats, averaged)
+    or "windows" (rows of (NLL, tokens)); `values` is a list of numbers or of pairs."""
+
+    kind: str
+    values: list
+
+
+def score_metric(cell: dict) -> str | None:
+    """The cell's headline score: "perplexity", "accuracy", or None (e.g. the speed task)."""
+    if cell.get("perplexity") is not None:
+        return "perplexity"
+    if cell.get("accuracy") is not None:
+        return "accuracy"
+    return None
+
+
+def examples(cell: dict, metric: str) -> Examples | None:
+    """Per-example data of `metric` in `cell`, or None when the cell has none (a cell written before they were
+    stored, or a count that does not match `n_examples`)."""
+    found = None
+    if metric == "perplexity" and cell.get("window_nll") is not None:
+        found = Examples("windows", [list(p) for p in zip(cell["window_nll"], cell["window_tokens"])])
+    elif metric == "accuracy" and cell.get("example_correct") is not None:
+        found = Examples("binary", [int(c) for c in cell["example_correct"]])
+    elif metric == "loyalty" and cell.get("example_loyal") is not None:
+        found = Examples("binary", [int(c) for c in cell["example_loyal"]])
+    elif metric == "accuracy" and cell.get("answers"):
+        answers = cell["answers"]
+        if all("correct" in a for a in answers):  # needle
+            found = Examples("binary", [int(bool(a["correct"])) for a in answers])
+        elif all("score" in a for a in answers):  # RULER string match
+            if all(len(a.get("expected", ())) == 1 for a in answers):  # one expected string: right or wrong
+                found = Examples("binary", [int(a["score"] == 1) for a in answers])
+            else:
+                found = Examples("scores", [float(a["score"]) for a in answers])
+    if found is None or (cell.get("n_examples") is not None and len(found.values) != cell["n_examples"]):
+        return None
+    return found
+
+
+def _statistic(kind: str) -> Statistic:
+    return perplexity_statistic if kind == "windows" else mean_statistic
+
+
+def interval(data: Examples, confidence: float = CONFIDENCE) -> dict | None:
+    """{"low", "high", "method", "n", "confidence"} of the score the examples give, or None (too few)."""
+    n = len(data.values)
+    if n == 0:
+        return None
+    if data.kind == "binary":
+        low, high = wilson(sum(data.values), n, confidence)
+        method = "wilson"
+    else:
+        bounds = perplexity_interval(*zip(*data.values), confidence=confidence) if data.kind == "windows" \
+            else mean_interval(data.values, confidence=confidence)
+        if bounds is None:
+            return None
+        (low, high), method = bounds, "bootstrap_windows" if data.kind == "windows" else "bootstrap_examples"
+    return {"low": low, "high": high, "method": method, "n": n, "confidence": confidence}
+
+
+def difference(first: Examples, second: Examples, confidence: float = CONFIDENCE) -> dict | None:
+    """Paired difference first - second (same examples, same order): {"difference", "low", "high", "method", "n",
+    "confidence"}, or None when they cannot be paired (different kinds or counts) or are too few."""
+    if first.kind != second.kind or len(first.values) != len(second.values) or not first.values:
+        return None
+    n = len(first.values)
+    if first.kind == "binary":
+        point, low, high = newcombe_paired(first.values, second.values, confidence)
+        method = "newcombe_paired"
+    else:
+        shape = (n, 2) if first.kind == "windows" else (n, 1)
+        found = paired_bootstrap(np.asarray(first.values, dtype=float).reshape(shape),
+                                 np.asarray(second.values, dtype=float).reshape(shape), _statistic(first.kind),
+                                 confidence=confidence)
+        if found is None:
+            return None
+        (point, low, high), method = found, "paired_bootstrap"
+    return {"difference": point, "low": low, "high": high, "method": method, "n": n, "confidence": confidence}
+
+
+def contains_zero(diff: dict) -> bool:
+    """True when a difference's interval holds 0 (the two cells are not distinguishable at its confidence)."""
+    return diff["low"] <= 0.0 <= diff["high"]
+
+
+SCORED_METRICS = ("accuracy", "loyalty", "perplexity")
+
+
+def annotate(results: dict) -> dict:
+    """Add to every "ok" cell with per-example data `ci` {metric: interval(...)} and, when the run has the task's
+    `full` cell, `vs_full` {metric: difference(cell, full)}; cells without data get neither. Deterministic
+    (fixed bootstrap seed) and idempotent; returns `results`."""
+    cells = results["cells"]
+    for cell in cells.values():
+        cell.pop("ci", None)
+        cell.pop("vs_full", None)
+        if cell.get("status") != "ok":
+            continue
+        full = cells.get(f"{cell['task']}|full|-")
+        ci, vs_full = {}, {}
+        for metric in SCORED_METRICS:
+            data = examples(cell, metric)
+            if data is None:
+                continue
+            found = interval(data)
+            if found is not None:
+                ci[metric] = found
+            reference = examples(full, metric) if full is not None and full is not cell \
+                and full.get("status") == "ok" else None
+            if reference is not None:
+                diff = difference(data, reference)
+                if diff is not None:
+                    vs_full[metric] = diff
+        if ci:
+            cell["ci"] = ci
+        if vs_full:
+            cell["vs_full"] = vs_full
+    return results
+
+
+def with_interval(value: float, interval: dict | None, spec: str) -> str:
+    """`value` formatted with `spec` and, when there is one, its interval: "0.750 [0.551, 0.880]"."""
+    text = format(value, spec)
+    if interval:
+        text += f" [{format(interval['low'], spec)}, {format(interval['high'], spec)}]"
+    return text
+
+
+def difference_text(diff: dict | None, spec: str) -> str:
+    """A paired difference and its interval, signed: "-0.083 [-0.210, +0.042]"; "-" for none."""
+    if not diff:
+        return "-"
+    sign = "+" + spec
+    return f"{format(diff['difference'], sign)} [{format(diff['low'], sign)}, {format(diff['high'], sign)}]"
