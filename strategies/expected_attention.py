@@ -307,8 +307,12 @@ class ExpectedAttentionCache(CompressedCache):
         (`decode_stream_rank`), not from a ranking. Incremental: the query statistics (the step's query only), the
         new value's norm, the rank. Not incremental, by definition: the score of every kept key, recomputed when a
         row is over budget (mu, Sigma and the averaged rotation R all change every step, and z_h(k) depends on
-        them through k^T (R Sigma R^T) k: O(Hq S d^2)). tests/test_decode_fast_paths.py holds this equal to
-        `select`."""
+        them through k^T (R Sigma R^T) k: O(Hq S d^2)). allocation="adakv" always goes through `select`: a row's
+        budget is re-split among its kv heads each step, so a step frees up to Hkv pairs anywhere in the row (each
+        head above its floor), not one per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        if self.allocation == "adakv":
+            super().evict(layer)
+            return
         per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
         if layer.new_tokens != 1 or redefines(self, ExpectedAttentionCache, "select") or not per_head \
                 or (self.n_sink and STREAM_RANK not in layer.state):

@@ -168,7 +168,12 @@ class SnapKVCache(CompressedCache):
         The stream order comes from the rank kept in per-slot state (`decode_stream_rank`, `free_one`), not from
         `stream_rank()` (an argsort once slots are reused). Not incremental, by definition: the pooled scores of
         every candidate (the new query's attention, pooled along the stream) are recomputed each step, as `select`
-        does (O(Hq S)). tests/test_decode_fast_paths.py holds this equal to `select`."""
+        does (O(Hq S)). allocation="adakv" always goes through `select`: a row's budget is re-split among its kv
+        heads each step, so a step frees up to Hkv pairs anywhere in the row (each head above its floor), not one
+        per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        if self.allocation == "adakv":
+            super().evict(layer)
+            return
         per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
         if layer.new_tokens != 1 or redefines(self, SnapKVCache, "select") or not per_head \
                 or STREAM_RANK not in layer.state:
