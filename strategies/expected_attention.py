@@ -267,12 +267,16 @@ class ExpectedAttentionCache(CompressedCache):
         return probs.masked_fill(others, 0.0)
 
     def value_norms(self, layer: CompressedLayer, update: bool = True) -> torch.Tensor:
-        """(B, Hkv, S) ||v|| per slot, kept in per-slot state (fp32, fp64 for fp64 caches): computed for the slots
-        the last forward wrote (`selection.slot_norms`), so this runs on every forward with `update` (before
-        `scores`, which reads the state)."""
+        """(B, Hkv, S) ||v|| per slot (fp32, fp64 for fp64 caches). Full-precision storage: kept in per-slot state,
+        computed for the slots the last forward wrote (`selection.slot_norms`), so this runs on every forward with
+        `update` (before `scores`, which reads the state). Quantized storage (kv_bits): from the values as stored
+        now, on every call: a page's values change when it is quantized, so a norm taken when its token was written
+        would go stale."""
+        values = layer.values[:, :, : layer.used]
+        if self.kv_bits is not None:
+            return torch.linalg.vector_norm(values, dim=-1, dtype=torch.promote_types(values.dtype, torch.float32))
         if update:
             return slot_norms(layer, VALUE_NORMS, layer.values)
-        values = layer.values
         return layer.slot_state(VALUE_NORMS, heads=values.shape[1],
                                 dtype=torch.promote_types(values.dtype, torch.float32))[..., : layer.used]
 

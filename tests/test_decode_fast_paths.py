@@ -307,6 +307,39 @@ def test_planted_fast_path_bugs_are_caught(reference, planted, chunk, options):
         check_fast_path_equals_select(reference, planted, PLANTED_ROWS, PLANTED_CONTINUATION, chunk, options)
 
 
+# --- expected_attention's value norms on quantized storage -------------------------------------------------------
+def check_value_norms_are_those_stored_now(cls):
+    """Bug caught: expected_attention scoring by value norms kept from when each token was written, while quantized
+    storage (kv_bits) has since replaced the values of old pages by their dequantized codes (`select` on main ranks
+    by the norms of the values as stored now)."""
+    cache = cls(MODEL, budget=5, n_sink=1, kv_bits=4, residual=0, group=2)
+    ids, mask = left_padded(PLANTED_ROWS)
+    teacher_forced(MODEL, cache, ids, mask, PLANTED_CONTINUATION)
+    assert any(bool((layer.store.table <= -2).any()) for layer in cache.layers), "no page was quantized"
+    for layer in cache.layers:
+        values = layer.values[:, :, : layer.used]
+        valid = layer.valid.expand(-1, values.shape[1], -1)
+        stored = torch.linalg.vector_norm(values, dim=-1)
+        assert torch.equal(cache.value_norms(layer, update=False)[valid], stored[valid]), layer.layer_idx
+
+
+class _EANormsAtWrite(ExpectedAttentionCache):
+    """Planted: value norms kept in per-slot state from when each token was written, on quantized storage too."""
+
+    def value_norms(self, layer, update=True):
+        bits, self.kv_bits = self.kv_bits, None
+        try:
+            return super().value_norms(layer, update)
+        finally:
+            self.kv_bits = bits
+
+
+def test_expected_attention_value_norms_are_those_stored_now():
+    check_value_norms_are_those_stored_now(ExpectedAttentionCache)
+    with pytest.raises(AssertionError):
+        check_value_norms_are_those_stored_now(_EANormsAtWrite)
+
+
 # --- lowest: the candidate top_k leaves out, with top_k's tie rule -----------------------------------------------
 @st.composite
 def scored_slots(draw):
