@@ -263,30 +263,34 @@ class ExpectedAttentionCache(CompressedCache):
                 # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon
                 # (at epsilon = 0, p x 1 + 0 is p: skipped)
                 probs = probs * (1.0 / (1.0 + self.epsilon)) + self.epsilon / (1.0 + self.epsilon)
-            probs = probs * self.value_norms(layer, update=False)
+            probs = probs * self.value_norms(layer)
         return probs.masked_fill(others, 0.0)
 
-    def value_norms(self, layer: CompressedLayer, update: bool = True) -> torch.Tensor:
-        """(B, Hkv, S) ||v|| per slot (fp32, fp64 for fp64 caches). Full-precision storage: kept in per-slot state,
-        computed for the slots the last forward wrote (`selection.slot_norms`), so this runs on every forward with
-        `update` (before `scores`, which reads the state). Quantized storage (kv_bits): from the values as stored
-        now, on every call: a page's values change when it is quantized, so a norm taken when its token was written
-        would go stale."""
+    def track_value_norms(self, layer: CompressedLayer) -> None:
+        """Keep ||v|| per slot (`selection.slot_norms`: computed for the slots this forward wrote), on every forward
+        before `scores`; nothing to keep when `value_norms` reads the values as stored now."""
+        if self.use_vnorm and self._norms_per_slot():
+            slot_norms(layer, VALUE_NORMS, layer.values)
+
+    def value_norms(self, layer: CompressedLayer) -> torch.Tensor:
+        """(B, Hkv, S) ||v|| per slot (fp32, fp64 for fp64 caches): the per-slot state `track_value_norms` keeps, or
+        on quantized storage (kv_bits) the norms of the values as stored now (a page's values change when it is
+        quantized, so a norm taken when its token was written would go stale)."""
         values = layer.values[:, :, : layer.used]
-        if self.kv_bits is not None:
-            return torch.linalg.vector_norm(values, dim=-1, dtype=torch.promote_types(values.dtype, torch.float32))
-        if update:
-            return slot_norms(layer, VALUE_NORMS, layer.values)
-        return layer.slot_state(VALUE_NORMS, heads=values.shape[1],
-                                dtype=torch.promote_types(values.dtype, torch.float32))[..., : layer.used]
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        if not self._norms_per_slot():
+            return torch.linalg.vector_norm(values, dim=-1, dtype=dtype)
+        return layer.slot_state(VALUE_NORMS, heads=values.shape[1], dtype=dtype)[..., : layer.used]
+
+    def _norms_per_slot(self) -> bool:
+        return self.kv_bits is None
 
     def storage_layout(self) -> str:
         return self.layout or ("paged" if self.allocation == "adakv" else "dense")  # AdaKV: heads keep unequal counts
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         stats = self._update_statistics(layer)
-        if self.use_vnorm:
-            self.value_norms(layer)
+        self.track_value_norms(layer)
         valid = layer.valid
         heads = layer.keys.shape[1]
         if self.allocation == "adakv":  # the row's budget is shared by its heads
@@ -328,8 +332,7 @@ class ExpectedAttentionCache(CompressedCache):
 
     def _evict_decode_step(self, layer: CompressedLayer) -> None:
         stats = self._update_statistics(layer)
-        if self.use_vnorm:
-            self.value_norms(layer)
+        self.track_value_norms(layer)
         valid = layer.valid  # (B, Hkv, S)
         count = valid.sum(dim=-1, keepdim=True)
         candidates, rank = valid, None

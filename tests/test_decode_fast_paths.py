@@ -38,8 +38,8 @@ def _options(cls, draw) -> dict:
     """Constructor options for `cls`, small enough that short prompts go over budget."""
     if cls is H2OCache:
         return {"heavy": draw(st.integers(0, 4)), "recent": draw(st.integers(1, 4))}
-    if cls is TOVACache:
-        return {"budget": draw(st.integers(1, 8))}
+    if cls is TOVACache:  # the one strategy here that keeps one token set for all kv heads: positions="cache" too
+        return {"budget": draw(st.integers(1, 8)), "positions": draw(st.sampled_from(["original", "cache"]))}
     if cls in (SnapKVCache, PyramidKVCache):
         window = draw(st.integers(1, 3))
         options = {"budget": window + draw(st.integers(0, 5)), "window": window,
@@ -59,12 +59,12 @@ def _options(cls, draw) -> dict:
 ADAKV = (SnapKVCache, PyramidKVCache, ExpectedAttentionCache)  # the strategies with allocation="adakv"
 
 
-def _storage(cls, draw) -> dict:
+def _storage(cls, draw, demote: bool) -> dict:
     """Storage and allocation options, small enough to act within a few tokens: the paged layout (pages of 2 slots);
     quantized pages (kv_bits=4, group 2 = 2-slot pages, 0-2 residual tokens: pages quantize within the small
     budgets here and freed slots in them die, -2, never refilled); demotion (evicted=2: a freed pair moves to a
-    low-precision store and is still attended); AdaKV (a row's budget shared by its kv heads, re-split every
-    select)."""
+    low-precision store and is still attended; not with positions="cache"); AdaKV (a row's budget shared by its kv
+    heads, re-split every select)."""
     options = {}
     if cls in ADAKV and draw(st.booleans()):
         options.update(allocation="adakv", alpha=draw(st.sampled_from([0.0, 0.5, 1.0])))
@@ -73,7 +73,7 @@ def _storage(cls, draw) -> dict:
         options["layout"] = "paged"
     elif layout == "quantized":
         options.update(kv_bits=4, residual=draw(st.integers(0, 2)), group=2)
-    if draw(st.booleans()):
+    if demote and draw(st.booleans()):
         options.update(evicted=2, group=2)
     return options
 
@@ -84,7 +84,9 @@ def examples(draw, cls):
     g = torch.Generator().manual_seed(draw(st.integers(0, 10_000)))
     rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
     continuation = torch.randint(3, 128, (len(rows), draw(st.integers(1, 8))), generator=g)
-    return rows, continuation, draw(st.sampled_from([None, 2, 5])), _options(cls, draw) | _storage(cls, draw)
+    options = _options(cls, draw)
+    options |= _storage(cls, draw, demote=options.get("positions") != "cache")
+    return rows, continuation, draw(st.sampled_from([None, 2, 5])), options
 
 
 def _through_select(cls):
@@ -249,8 +251,9 @@ class _KnormNewNormMissed(KnormCache):
 class _EAStaleValueNorms(ExpectedAttentionCache):
     """Planted: the decode step does not compute the new value's norm (its slot keeps the evicted token's)."""
 
-    def value_norms(self, layer, update=True):
-        return super().value_norms(layer, update=update and layer.new_tokens > 1)
+    def track_value_norms(self, layer):
+        if layer.new_tokens > 1:
+            super().track_value_norms(layer)
 
 
 class _EAStatisticsSkipped(ExpectedAttentionCache):
@@ -320,18 +323,14 @@ def check_value_norms_are_those_stored_now(cls):
         values = layer.values[:, :, : layer.used]
         valid = layer.valid.expand(-1, values.shape[1], -1)
         stored = torch.linalg.vector_norm(values, dim=-1)
-        assert torch.equal(cache.value_norms(layer, update=False)[valid], stored[valid]), layer.layer_idx
+        assert torch.equal(cache.value_norms(layer)[valid], stored[valid]), layer.layer_idx
 
 
 class _EANormsAtWrite(ExpectedAttentionCache):
     """Planted: value norms kept in per-slot state from when each token was written, on quantized storage too."""
 
-    def value_norms(self, layer, update=True):
-        bits, self.kv_bits = self.kv_bits, None
-        try:
-            return super().value_norms(layer, update)
-        finally:
-            self.kv_bits = bits
+    def _norms_per_slot(self):
+        return True
 
 
 def test_expected_attention_value_norms_are_those_stored_now():
