@@ -204,8 +204,7 @@ def kvcompress_attention(
     if q_len == 1 and layer is not None and observes(layer._cache) and _backend != "reference" \
             and not module.training:
         # a decode step of an attention-aware strategy: one softmax serves the output and the observation
-        probs = attention_probs(query, key, mask, scaling)  # (B, Hq, 1, K)
-        output = _mix(probs, value).to(query.dtype)
+        output, probs = _decode_attention(query, key, value, mask, scaling)  # probs (B, Hq, 1, K)
     else:
         output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
     weights = None
@@ -494,6 +493,36 @@ def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None)
         received=received,
         max_received=best,
     )
+
+
+def _decode_attention(query, key, value, mask, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row: (output (B, 1, Hq, d) in the query's dtype, probabilities (B, Hq, 1, K)), bitwise what
+    `attention_probs` then `_mix` give (same dtype rules), in a handful of operations: the grouped query heads of
+    a kv head form one matrix, so there is no head repetition, no einsum and no copy of the probabilities.
+    `mask`: as in `attend`; other than None, True or a bool (B or 1, 1 or Hkv, 1, K) tensor, the general path."""
+    batch, heads, _, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[-2]
+    if mask is True:  # causal with one query: every key is visible
+        mask = None
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 4
+                                 and mask.shape[1] in (1, kv_heads) and mask.shape[2] == 1):
+        probs = attention_probs(query, key, mask, scaling)
+        return _mix(probs, value).to(query.dtype), probs
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+
+    def cast(tensor: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+        return tensor if tensor.dtype == to else tensor.to(to)  # no dispatch for a no-op
+
+    grouped = cast(query, dtype).reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hkv, g, d)
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = torch.matmul(grouped, cast(key, dtype).transpose(-1, -2)) * scale  # (B, Hkv, g, K)
+    if mask is None:
+        probs = scores.softmax(dim=-1)
+    else:  # (B, 1 or Hkv, 1, K) broadcasts over the group's query heads
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        probs = probs.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+    output = torch.matmul(probs, cast(value, dtype))  # (B, Hkv, g, d)
+    return cast(output.reshape(batch, 1, heads, -1), query.dtype), probs.reshape(batch, heads, 1, kv_len)
 
 
 def _mix(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

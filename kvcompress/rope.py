@@ -88,8 +88,9 @@ class RotaryPositions:
         x32 = x.float()
         return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
 
-    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Inverse of `rotate`: x (B, H, S, d) was rotated at positions (B, S)."""
-        cos, sin = (t.float() for t in self.cos_sin(x, positions))
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: tuple | None = None) -> torch.Tensor:
+        """Inverse of `rotate`: x (B, H, S, d) was rotated at positions (B, S). `cos_sin`: `self.cos_sin(x,
+        positions)` when the caller has it already (e.g. the same positions in every layer of a forward)."""
+        cos, sin = (t.float() for t in (cos_sin or self.cos_sin(x, positions)))
         x32 = x.float()
         return ((x32 * cos - rotate_half(x32) * sin) / (cos * cos + sin * sin)).to(x.dtype)

@@ -10,8 +10,23 @@ from einops import einsum, rearrange
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
 from ..rope import RotaryPositions, serving_layer
-from ..selection import adaptive_top_k, check_allocation, first, top_k
+from ..selection import (
+    STREAM_RANK,
+    adaptive_top_k,
+    check_allocation,
+    decode_stream_rank,
+    first,
+    free_one,
+    lowest,
+    record_stream_rank,
+    redefines,
+    slot_norms,
+    top_k,
+)
 from ..validate import as_int
+
+
+VALUE_NORMS = "value_norm"  # per-slot state: ||v|| of each slot's value, computed once per token
 
 
 @register("expected_attention")
@@ -129,6 +144,7 @@ class ExpectedAttentionCache(CompressedCache):
         self._rotary: RotaryPositions | None = None
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
         self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), (d, d) mean rotation)
+        self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> ExpectedAttentionCache:
@@ -145,11 +161,18 @@ class ExpectedAttentionCache(CompressedCache):
         return self._rotary
 
     def pre_rope_queries(self, layer: CompressedLayer, queries: torch.Tensor) -> torch.Tensor:
-        """(B, Hq, q, d) observed queries un-rotated at their stream positions (see the class docstring)."""
+        """(B, Hq, q, d) observed queries un-rotated at their stream positions (see the class docstring); their
+        cos/sin are computed once per forward and RoPE table (every layer of a table un-rotates the same
+        positions)."""
         start = layer.seen - layer.new_tokens
         positions = torch.arange(start, layer.seen, device=queries.device).expand(queries.shape[0], -1)
         with serving_layer(layer.layer_idx):
-            return self.rotary().unrotate(queries, positions)
+            rotary = self.rotary()
+            key = (rotary.layer_type(), layer.seen, tuple(positions.shape), queries.dtype, queries.device)
+            memo = self._unrotation_memo
+            if memo.get(key[0], (None,))[0] != key:
+                memo[key[0]] = (key, rotary.cos_sin(queries, positions))
+            return rotary.unrotate(queries, positions, cos_sin=memo[key[0]][1])
 
     def future_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
         """(d, d) float64: the mean of the RoPE matrices of stream positions seen .. seen + T - 1 (computed once per
@@ -179,6 +202,8 @@ class ExpectedAttentionCache(CompressedCache):
         """(B, q) bool: which of the forward's q tokens (in stream order) are real; pads are free slots by now."""
         q_len, start = layer.new_tokens, layer.seen - layer.new_tokens
         positions = layer.positions[:, 0]  # (B, S); new tokens are written into every kv head
+        if q_len == 1:  # a decode step
+            return (positions == start).any(dim=-1, keepdim=True)
         hits = torch.zeros(positions.shape[0], q_len, dtype=torch.long, device=positions.device)
         hits.scatter_add_(1, (positions - start).clamp(min=0), (positions >= start).long())
         return hits > 0
@@ -214,7 +239,7 @@ class ExpectedAttentionCache(CompressedCache):
         promoted to at least float32 (the O(Hq S d^2) part)."""
         keys = layer.keys[:, :, : layer.used]
         dtype = torch.promote_types(keys.dtype, torch.float32)
-        keys = keys.to(dtype)  # (B, Hkv, S, d)
+        keys = keys if keys.dtype == dtype else keys.to(dtype)  # (B, Hkv, S, d)
         count = stats["count"].clamp(min=1)[:, None, None]
         mean = stats["s1"] / count  # (B, Hq, d) float64
         rotation = self.future_rotation(layer, keys)
@@ -224,24 +249,48 @@ class ExpectedAttentionCache(CompressedCache):
         logits = linear.unsqueeze(-2) @ keys.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, g, 1, d) x (B, Hkv, 1, d, S)
         if self.use_covariance:
             cov = stats["s2"] / count[..., None] - einsum(mean, mean, "b h d, b h e -> b h d e")
-            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h g d e", g=groups)
-            projected = keys.unsqueeze(2) @ quadratic.to(dtype)  # (B, Hkv, g, S, d)
-            logits = logits + (projected * keys.unsqueeze(2)).sum(dim=-1).unsqueeze(-2)
-        logits = logits.squeeze(-2).masked_fill(~candidates[:, :, None], float("-inf"))  # (B, Hkv, g, S)
+            # the g quadratic forms of a kv head side by side, (B, Hkv, d, g * d): one product with the keys, which
+            # are not copied g times (bitwise the per-head products)
+            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h d (g e)", g=groups)
+            projected = (keys @ quadratic.to(dtype)).unflatten(-1, (groups, -1))  # (B, Hkv, S, g, d)
+            quadratic_term = (projected * keys.unsqueeze(-2)).sum(dim=-1).transpose(-1, -2)  # (B, Hkv, g, S)
+            logits = logits + quadratic_term.unsqueeze(-2)
+        others = ~candidates
+        logits = logits.squeeze(-2).masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
-            # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon, and
-            # exactly p ||v|| at epsilon = 0
-            weight, offset = 1.0 / (1.0 + self.epsilon), self.epsilon / (1.0 + self.epsilon)
-            norms = torch.linalg.vector_norm(layer.values[:, :, : layer.used], dim=-1, dtype=dtype)
-            probs = (probs * weight + offset) * norms
-        return probs.masked_fill(~candidates, 0.0)
+            if self.epsilon:
+                # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon
+                # (at epsilon = 0, p x 1 + 0 is p: skipped)
+                probs = probs * (1.0 / (1.0 + self.epsilon)) + self.epsilon / (1.0 + self.epsilon)
+            probs = probs * self.value_norms(layer)
+        return probs.masked_fill(others, 0.0)
+
+    def track_value_norms(self, layer: CompressedLayer) -> None:
+        """Keep ||v|| per slot (`selection.slot_norms`: computed for the slots this forward wrote), on every forward
+        before `scores`; nothing to keep when `value_norms` reads the values as stored now."""
+        if self.use_vnorm and self._norms_per_slot():
+            slot_norms(layer, VALUE_NORMS, layer.values)
+
+    def value_norms(self, layer: CompressedLayer) -> torch.Tensor:
+        """(B, Hkv, S) ||v|| per slot (fp32, fp64 for fp64 caches): the per-slot state `track_value_norms` keeps, or
+        on quantized storage (kv_bits) the norms of the values as stored now (a page's values change when it is
+        quantized, so a norm taken when its token was written would go stale)."""
+        values = layer.values[:, :, : layer.used]
+        dtype = torch.promote_types(values.dtype, torch.float32)
+        if not self._norms_per_slot():
+            return torch.linalg.vector_norm(values, dim=-1, dtype=dtype)
+        return layer.slot_state(VALUE_NORMS, heads=values.shape[1], dtype=dtype)[..., : layer.used]
+
+    def _norms_per_slot(self) -> bool:
+        return self.kv_bits is None
 
     def storage_layout(self) -> str:
         return self.layout or ("paged" if self.allocation == "adakv" else "dense")  # AdaKV: heads keep unequal counts
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         stats = self._update_statistics(layer)
+        self.track_value_norms(layer)
         valid = layer.valid
         heads = layer.keys.shape[1]
         if self.allocation == "adakv":  # the row's budget is shared by its heads
@@ -259,6 +308,41 @@ class ExpectedAttentionCache(CompressedCache):
         room = self.budget - sinks.sum(dim=-1, keepdim=True)
         return sinks | top_k(scores, candidates, room)
 
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step frees exactly what `select` would, without sorting: each row and kv head held at most
+        `budget` tokens and got one, so over budget it drops its lowest-scored non-sink token (`lowest`: ties to
+        the higher slot, as `top_k` keeps the lower). Sinks are read from the stream rank kept in per-slot state
+        (`decode_stream_rank`), not from a ranking. Incremental: the query statistics (the step's query only), the
+        new value's norm, the rank. Not incremental, by definition: the score of every kept key, recomputed when a
+        row is over budget (mu, Sigma and the averaged rotation R all change every step, and z_h(k) depends on
+        them through k^T (R Sigma R^T) k: O(Hq S d^2)). allocation="adakv" always goes through `select`: a row's
+        budget is re-split among its kv heads each step, so a step frees up to Hkv pairs anywhere in the row (each
+        head above its floor), not one per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        if self.allocation == "adakv":
+            super().evict(layer)
+            return
+        per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
+        if layer.new_tokens != 1 or redefines(self, ExpectedAttentionCache, "select") or not per_head \
+                or (self.n_sink and STREAM_RANK not in layer.state):
+            super().evict(layer)
+            if self.n_sink:
+                record_stream_rank(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        stats = self._update_statistics(layer)
+        self.track_value_norms(layer)
+        valid = layer.valid  # (B, Hkv, S)
+        count = valid.sum(dim=-1, keepdim=True)
+        candidates, rank = valid, None
+        if self.n_sink:
+            rank = decode_stream_rank(layer, count)
+            candidates = valid & (rank >= self.n_sink)
+        over = count > self.budget
+        if bool(over.any()):
+            free_one(layer, lowest(self.scores(layer, stats, candidates), candidates), over, rank)
+
     # per-row state --------------------------------------------------------------------------------------------------
     def _reindex_rows(self, index: torch.Tensor) -> None:
         super()._reindex_rows(index)
@@ -268,7 +352,7 @@ class ExpectedAttentionCache(CompressedCache):
 
     def reset(self) -> None:
         super().reset()
-        self._stats, self._rotation_memo = {}, {}
+        self._stats, self._rotation_memo, self._unrotation_memo = {}, {}, {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

@@ -7,8 +7,8 @@ from einops import reduce
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
+from ..selection import STREAM_RANK, decode_stream_rank, free_one, lowest, record_stream_rank, redefines, top_k
 from ..selection import recent as recent_window
-from ..selection import top_k
 from ..validate import as_int
 
 STATE = "h2o_accumulated"
@@ -89,11 +89,39 @@ class H2OCache(CompressedCache):
         query heads (query head h uses kv head h // (Hq / Hkv))."""
         return reduce(layer.observation.received, "b (h g) s -> b h s", "sum", h=layer.keys.shape[1])
 
+    def _accumulate(self, layer: CompressedLayer, new: torch.Tensor | None = None) -> torch.Tensor:
+        """Add this forward's received attention to every slot's accumulator (a slot written by this forward starts
+        at what it received; `new`: `layer.new_slot_mask()` when the caller has it); returns the (B, Hkv, S) scores
+        (a view of the state)."""
+        score = self._accumulator(layer)[..., : layer.used]
+        new = layer.new_slot_mask() if new is None else new
+        score.masked_fill_(new, 0.0).add_(self._received(layer))  # 0 + r is exactly r
+        return score
+
     def select(self, layer: CompressedLayer) -> torch.Tensor:
-        used = layer.used
-        state = self._accumulator(layer)
-        received = self._received(layer)
-        score = torch.where(layer.new_slot_mask(), received, state[..., :used] + received)
-        state[..., :used] = score
+        score = self._accumulate(layer)
         keep = recent_window(layer, self.recent)
         return keep | top_k(score, layer.valid & ~keep, self.heavy)
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step (one token per row) frees exactly what `select` would, without sorting: each row and kv head
+        held at most `heavy + recent` tokens and got one, so over that it drops its lowest-scored token outside the
+        recent window (`lowest`: ties to the higher slot, as `top_k` keeps the lower). The recent window is read
+        from the stream rank kept in per-slot state (`decode_stream_rank`), not from a ranking of the slots.
+        Incremental: the accumulator adds the step's received attention (O(S), the definition: every kept token
+        received some), the rank follows the new token and the freed one. tests/test_decode_fast_paths.py holds
+        this equal to `select`."""
+        if layer.new_tokens != 1 or redefines(self, H2OCache, "select") or STREAM_RANK not in layer.state:
+            super().evict(layer)
+            record_stream_rank(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        new = layer.new_slot_mask()
+        score = self._accumulate(layer, new)
+        valid = layer.valid  # (B, Hkv, S): the layout is per kv head since the first select
+        count = valid.sum(dim=-1, keepdim=True)
+        rank = decode_stream_rank(layer, count, new)
+        candidates = valid & (rank < count - self.recent)  # all but the `recent` newest
+        free_one(layer, lowest(score, candidates), count > self.heavy + self.recent, rank)

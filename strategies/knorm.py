@@ -6,7 +6,18 @@ import torch
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
-from ..selection import first, recent, top_k
+from ..selection import (
+    STREAM_RANK,
+    decode_stream_rank,
+    first,
+    free_one,
+    lowest,
+    recent,
+    record_stream_rank,
+    redefines,
+    slot_norms,
+    top_k,
+)
 from ..validate import as_int
 
 
@@ -69,17 +80,8 @@ class KnormCache(CompressedCache):
 
     def key_norms(self, layer: CompressedLayer) -> torch.Tensor:
         """(B, Hkv, S) L2 norms of the keys in slots [0, S): computed for the slots written by the last forward,
-        read from per-slot state for the others."""
-        keys = layer.keys[:, :, : layer.used]
-        dtype = torch.promote_types(keys.dtype, torch.float32)
-        norms = layer.slot_state("knorm", heads=keys.shape[1], dtype=dtype)
-        new = layer.new_slot_mask().expand(-1, keys.shape[1], -1)  # (B, Hkv, S)
-        slots = new.any(dim=1).any(dim=0).nonzero().flatten()  # slots some row wrote in this forward
-        if slots.numel():
-            fresh = torch.linalg.vector_norm(keys[:, :, slots], dim=-1, dtype=dtype)  # (B, Hkv, n)
-            current = norms[:, :, slots]
-            norms[:, :, slots] = torch.where(new[:, :, slots], fresh, current)
-        return norms[..., : layer.used]
+        read from per-slot state for the others (`selection.slot_norms`)."""
+        return slot_norms(layer, "knorm", layer.keys)
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         valid = layer.valid
@@ -92,3 +94,29 @@ class KnormCache(CompressedCache):
         valid = valid.expand_as(norms)
         room = self.budget - protected.sum(dim=-1, keepdim=True)  # (B, Hkv, 1)
         return protected | top_k(-norms, valid & ~protected, room)
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step frees exactly what `select` would, without sorting: each row and kv head held at most
+        `budget` tokens and got one, so over budget it drops its highest-norm unprotected key (`lowest` of -norm:
+        ties to the higher slot, as `top_k` keeps the lower). Sinks and window are read from the stream rank kept
+        in per-slot state (`decode_stream_rank`; not kept when both are 0). Incremental throughout: the new key's
+        norm, the rank. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        protects = bool(self.n_sink or self.window)
+        per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
+        if layer.new_tokens != 1 or redefines(self, KnormCache, "select") or not per_head \
+                or (protects and STREAM_RANK not in layer.state):
+            super().evict(layer)
+            if protects:
+                record_stream_rank(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        norms = self.key_norms(layer)  # (B, Hkv, S)
+        valid = layer.valid
+        count = valid.sum(dim=-1, keepdim=True)
+        candidates, rank = valid, None
+        if self.n_sink or self.window:
+            rank = decode_stream_rank(layer, count)
+            candidates = valid & (rank >= self.n_sink) & (rank < count - self.window)
+        free_one(layer, lowest(-norms, candidates), count > self.budget, rank)

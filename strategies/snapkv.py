@@ -7,7 +7,19 @@ import torch.nn.functional as F
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
-from ..selection import adaptive_top_k, check_allocation, per_kv_head, recent, top_k
+from ..selection import (
+    STREAM_RANK,
+    adaptive_top_k,
+    check_allocation,
+    decode_stream_rank,
+    free_one,
+    lowest,
+    per_kv_head,
+    recent,
+    record_stream_rank,
+    redefines,
+    top_k,
+)
 from ..validate import as_int
 
 POOLINGS = ("avg", "max")
@@ -148,6 +160,39 @@ class SnapKVCache(CompressedCache):
             chosen = top_k(scores, in_stream, budget - self.window)  # ties: the older token first
         keep = window | (from_stream(chosen, order) & candidates)
         return torch.where(over, keep, valid)
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step frees exactly what `select` would, without ranking or sorting the slots: each row and kv
+        head held at most its budget and got one token, so over budget it drops the candidate (not in the window)
+        of lowest pooled score (`lowest` in stream layout: ties to the newer token, as `top_k` keeps the older).
+        The stream order comes from the rank kept in per-slot state (`decode_stream_rank`, `free_one`), not from
+        `stream_rank()` (an argsort once slots are reused). Not incremental, by definition: the pooled scores of
+        every candidate (the new query's attention, pooled along the stream) are recomputed each step, as `select`
+        does (O(Hq S)). allocation="adakv" always goes through `select`: a row's budget is re-split among its kv
+        heads each step, so a step frees up to Hkv pairs anywhere in the row (each head above its floor), not one
+        per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        if self.allocation == "adakv":
+            super().evict(layer)
+            return
+        per_head = layer.positions.shape[1] == layer.keys.shape[1]  # the first eviction gives the layout kv heads
+        if layer.new_tokens != 1 or redefines(self, SnapKVCache, "select") or not per_head \
+                or STREAM_RANK not in layer.state:
+            super().evict(layer)
+            record_stream_rank(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        valid = layer.valid  # (B, Hkv, S)
+        count = valid.sum(dim=-1, keepdim=True)
+        rank = decode_stream_rank(layer, count)
+        scored = count - self.window  # candidates: the oldest tokens, stream indices 0 .. scored - 1
+        order = self.stream_index(rank, valid & (rank < scored))
+        scores = self.scores(layer, order)  # (B, Hkv, S) stream layout
+        in_stream = torch.arange(scores.shape[-1], device=scores.device) < scored
+        dropped = lowest(scores, in_stream)  # (B, Hkv, 1) stream index of the dropped candidate
+        slot = (order == dropped).max(dim=-1, keepdim=True).indices  # the candidate at that stream index
+        free_one(layer, slot, count > self.layer_budget(layer.layer_idx), rank)
 
     def stream_index(self, rank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, Hp, S) long: each candidate slot's index among its row's (and head's) candidates in stream order

@@ -6,7 +6,7 @@ import torch
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
-from ..selection import top_k
+from ..selection import free_one, lowest, redefines, top_k
 from ..validate import as_int
 
 
@@ -62,3 +62,17 @@ class TOVACache(CompressedCache):
 
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         return top_k(self.scores(layer), layer.valid, self.budget)
+
+    def evict(self, layer: CompressedLayer) -> None:
+        """A decode step frees exactly what `select` would, without sorting: the row held at most `budget` tokens
+        before it and got one, so over budget it drops its one lowest-scored token (`lowest`: ties to the higher
+        slot, as `top_k` keeps the lower). tests/test_decode_fast_paths.py holds the two equal."""
+        if layer.new_tokens != 1 or redefines(self, TOVACache, "select"):
+            super().evict(layer)
+        else:
+            self._evict_decode_step(layer)
+
+    def _evict_decode_step(self, layer: CompressedLayer) -> None:
+        valid = layer.valid  # (B, 1, S)
+        over = valid.sum(dim=-1, keepdim=True) > self.budget
+        free_one(layer, lowest(self.scores(layer), valid), over)
