@@ -117,9 +117,12 @@ def run_length(model, tokenizer, ids: torch.Tensor, names: list[str], fraction: 
         row = rows[name]
         step = statistics.median(row["step_seconds"])
         kv = int(statistics.fmean(row["kv_bytes_per_round"]))
+        held = live[name][0].kv_bytes() if hasattr(live[name][0], "kv_bytes") else kv
         row.update({
             "kept_tokens": _kept_tokens(live[name][0]),
             "kv_bytes": kv,
+            "kv_bytes_allocated": held,
+            "held_over_kept": held / kv if kv else float("nan"),
             "weight_bytes": weights,
             "step_bytes": weights + kv,
             "bandwidth_gb_s": band / 1e9,
@@ -159,32 +162,38 @@ def _iqr(values: list[float]) -> float:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up of each cache over `full` (or the first cache) at the same length, measured and at the floor."""
+    """Speed-up of each cache over `full` (or the first cache) at the same length, measured and at the floor; and
+    each step over sink_window's (`step_vs_sink_window`), the cheapest compressed step, when it ran."""
     by_length: dict[int, list[dict]] = {}
     for row in rows:
         by_length.setdefault(row["context_tokens"], []).append(row)
     for group in by_length.values():
         base = next((r for r in group if r["cache"] == "full"), group[0])
+        sink = next((r for r in group if r["cache"] == "sink_window"), None)
         for row in group:
             row["speedup_vs_" + base["cache"]] = base["step_ms"] / row["step_ms"]
             row["floor_speedup_vs_" + base["cache"]] = base["floor_ms"] / row["floor_ms"]
+            if sink is not None:
+                row["step_vs_sink_window"] = row["step_ms"] / sink["step_ms"]
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| context | cache | kept tokens | KV MiB | step ms (IQR) | floor ms | step / floor | matmul ms | "
-        "step / matmul | tok/s | vs full | floor vs full | prefill s | prefill peak +MiB | resident +MiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "step / matmul | step / sink_window | tok/s | vs full | floor vs full | prefill s | prefill peak +MiB | "
+        "resident +MiB | held / kept bytes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         resident = "-" if r["decode_resident_mib"] is None else f"{r['decode_resident_mib']:.0f}"
         lines.append(
             f"| {r['context_tokens']} | {r['cache']} | {r['kept_tokens']} | {r['kv_bytes'] / 2**20:.1f} | "
             f"{r['step_ms']:.1f} ({r['step_ms_iqr']:.1f}) | {r['floor_ms']:.1f} | {r['floor_ratio']:.2f} | "
-            f"{r['matmul_ms']:.1f} | {r['matmul_ratio']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['matmul_ms']:.1f} | {r['matmul_ratio']:.2f} | {_times(r.get('step_vs_sink_window'))} | "
+            f"{r['tokens_per_s']:.1f} | "
             f"{_times(r.get('speedup_vs_full'))} | "
             f"{_times(r.get('floor_speedup_vs_full'))} | {r['prefill_seconds']:.1f} | "
-            f"{r['prefill_peak_mib']:.0f} | {resident} |"
+            f"{r['prefill_peak_mib']:.0f} | {resident} | {r.get('held_over_kept', float('nan')):.2f} |"
         )
     return "\n".join(lines)
 
