@@ -46,9 +46,9 @@ def build_cache(name: str, model, tokenizer, length: int, fraction: float):
     cls, options = registry.resolve(name)
     tokens = max(1, math.ceil(fraction * length)) if cls.uses_budget else None
     beyond_context = length > getattr(model.config, "max_position_embeddings", length)
-    if cls is SinkWindowCache and beyond_context and not options:
-        n_sink = min(4, tokens - 1)
-        return SinkWindowCache(model, n_sink=n_sink, window=tokens - n_sink, positions="cache")
+    if cls is SinkWindowCache and beyond_context and "positions" not in options:
+        n_sink = min(4, tokens - 1)  # storage options (kv_bits, ...) still apply: the same strategy, stored so
+        return SinkWindowCache(model, n_sink=n_sink, window=tokens - n_sink, positions="cache", **options)
     return cls.for_budget(model, tokenizer, tokens, **options)
 
 

@@ -97,3 +97,34 @@ def test_speed_grid_rows_on_a_tiny_model(tiny_model):
     assert by_name["dynamic"]["held_over_kept"] == 1.0
     assert tiny_model.config._attn_implementation == "kvcompress"  # dynamic rounds ran on sdpa, then switched back
     assert "| 40 | sink_window | 10 |" in speed.markdown_table(rows)
+
+
+def test_quantized_cache_floor_reads_its_packed_bytes_not_kept_tokens_times_the_dtype(tiny_model):
+    """The floor of a kv_bits cache counts what its storage holds for the kept pairs (codes, scales, zero points
+    and the full-precision window: `kv_bytes_used`), so fewer KV bytes lower the floor. Bug it catches: a floor
+    from the kept-token count times the model dtype's bytes (an int4 cache would get fp32's floor)."""
+    n = 400  # the newest 128 + 16 tokens stay fp32; pages of 32 older than that (256 tokens) are int4
+    ids = (torch.arange(n) % 100 + 3).unsqueeze(0)  # within the tiny vocabulary
+    full, quantized = FullCache(tiny_model), FullCache(tiny_model, kv_bits=4)
+    with torch.no_grad():
+        for cache in (full, quantized):
+            tiny_model(ids, **cache_arg(cache), use_cache=True)
+    assert floor.cache_kv_bytes(quantized) == quantized.kv_bytes_used()
+    assert floor.cache_kv_bytes(quantized) < 0.6 * floor.cache_kv_bytes(full)  # 0.47 for head dim 16
+    rows = speed.run_length(tiny_model, None, ids, ["full", "full:kv_bits=4"],
+                            fraction=1.0, rounds=1, steps=1)
+    by_name = {r["cache"]: r for r in rows}
+    assert by_name["full:kv_bits=4"]["kept_tokens"] == by_name["full"]["kept_tokens"]
+    assert by_name["full:kv_bits=4"]["step_bytes"] < by_name["full"]["step_bytes"]
+
+
+def test_speed_sink_window_past_the_trained_context_keeps_its_storage_options(tiny_model):
+    """Past the model's trained context the speed grid builds sink_window with positions="cache" (StreamingLLM);
+    a spec with storage options ("sink_window:kv_bits=4") must get the same strategy, only stored in int4, or
+    "int4 against the same strategy in fp32" compares two different strategies there."""
+    length = tiny_model.config.max_position_embeddings + 88
+    plain = speed.build_cache("sink_window", tiny_model, None, length, 0.1)
+    quantized = speed.build_cache("sink_window:kv_bits=4", tiny_model, None, length, 0.1)
+    assert plain.position_mode == "cache"
+    assert (quantized.position_mode, quantized.n_sink, quantized.window) == ("cache", plain.n_sink, plain.window)
+    assert quantized.kv_bits == 4
