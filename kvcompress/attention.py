@@ -361,9 +361,9 @@ def attention_probs(
     rows = q_len if last is None else min(last, q_len)
     first = q_len - rows
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    probs = torch.empty(batch, heads, rows, key.shape[-2], dtype=dtype, device=query.device)
+    probs = torch.zeros(batch, heads, rows, key.shape[-2], dtype=dtype, device=query.device)
     for start, stop, block in _probability_blocks(query, key, mask, scaling, first, block_size):
-        probs[:, :, start - first : stop - first] = block
+        probs[:, :, start - first : stop - first, : block.shape[-1]] = block
     return probs
 
 
@@ -382,7 +382,7 @@ def attention_received(
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     total = torch.zeros(*query.shape[:2], key.shape[-2], dtype=dtype, device=query.device)
     for _, _, block in _probability_blocks(query, key, mask, scaling, 0, block_size):
-        total += block.sum(dim=2)
+        total[..., : block.shape[-1]] += block.sum(dim=2)
     return total
 
 
@@ -401,12 +401,14 @@ def attention_max_received(
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     best = torch.zeros(*query.shape[:2], key.shape[-2], dtype=dtype, device=query.device)
     for _, _, block in _probability_blocks(query, key, mask, scaling, 0, block_size):
-        torch.maximum(best, block.amax(dim=2), out=best)
+        seen = best[..., : block.shape[-1]]
+        torch.maximum(seen, block.amax(dim=2), out=seen)
     return best
 
 
 def _probability_blocks(query, key, mask, scaling, first: int, block_size: int | None):
-    """Yield (start, stop, probs (B, Hq, stop - start, K)) for queries first..Q-1, `block_size` queries at a time."""
+    """Yield (start, stop, probs (B, Hq, stop - start, K')) for queries first..Q-1, `block_size` queries at a time;
+    K' <= K: with a causal mask (`True`) the keys after the block's last query are left out (probability 0)."""
     batch, heads, q_len, dim = query.shape
     kv_len, groups = key.shape[-2], heads // key.shape[1]
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
@@ -421,20 +423,23 @@ def _probability_blocks(query, key, mask, scaling, first: int, block_size: int |
         stop = min(start + block_size, q_len)
         # causal (dense slots): keys after the block's last query are hidden, so they are not scored at all
         seen = stop + kv_len - q_len if mask is True else kv_len
-        q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h g q d", g=groups)
-        scores = einsum(q, keys[:, :, :seen], "b h g q d, b h k d -> b h g q k")
-        scores = rearrange(scores, "b h g q k -> b (h g) q k") * scale
+        # a kv head's g query heads as one (g x block) matrix against its keys: one matmul per kv head
+        q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h (g q) d", g=groups)
+        scores = (q @ keys[:, :, :seen].transpose(-1, -2)).unflatten(2, (groups, stop - start))  # (B, Hkv, g, q, K')
+        # in place on the block's own fresh scores (bitwise what the out-of-place ops give, one pass and no
+        # allocation fewer each: the observation of a long forward is dominated by these passes)
+        scores = rearrange(scores, "b h g q k -> b (h g) q k").mul_(scale)
         block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
         if block_mask is not None and block_mask.shape[-1] != seen:
             block_mask = block_mask[..., :seen]
         if block_mask is not None and block_mask.dtype == torch.bool:
             block_mask = _to_query_heads(block_mask, heads)
-            scores = scores.masked_fill(~block_mask, float("-inf"))
-            block = scores.softmax(dim=-1).masked_fill(~block_mask.any(dim=-1, keepdim=True), 0.0)
+            block = scores.masked_fill_(~block_mask, float("-inf")).softmax(dim=-1)
+            blind = ~block_mask.any(dim=-1, keepdim=True)  # queries that see no key: a row of zeros, not NaN
+            if blind.any():
+                block.masked_fill_(blind, 0.0)
         else:
-            block = (scores if block_mask is None else scores + block_mask.to(dtype)).softmax(dim=-1)
-        if seen < kv_len:
-            block = F.pad(block, (0, kv_len - seen))
+            block = (scores if block_mask is None else scores.add_(block_mask.to(dtype))).softmax(dim=-1)
         yield start, stop, block
 
 
