@@ -38,8 +38,8 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `quantize`: codes * scale + zero in `dtype`; `size` is the unpacked last dimension."""
-    codes = unpack(packed, bits, size)
-    return codes.to(dtype) * scale.to(dtype) + zero.to(dtype)
+    values = unpack(packed, bits, size).to(dtype)
+    return values.mul_(scale.to(dtype)).add_(zero.to(dtype))  # in place on the fresh copy: the same arithmetic
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -61,9 +61,9 @@ def unpack(packed: torch.Tensor, bits: int, size: int) -> torch.Tensor:
     per_byte = 8 // bits
     if per_byte == 1:
         return packed[..., :size]
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.flatten(-2)[..., :size].to(torch.uint8)
+    # uint8 shifts and masks (no wider integer copy), one per code position in the byte, interleaved back
+    codes = torch.stack([(packed >> (i * bits)) & (2**bits - 1) for i in range(per_byte)], dim=-1)
+    return codes.flatten(-2)[..., :size]
 
 
 def quantize_keys(keys: torch.Tensor, bits: int):

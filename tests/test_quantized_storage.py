@@ -208,6 +208,41 @@ def test_the_kernel_reads_every_kept_pair_within_one_step(name, bits, build):
     check_kernel_reads_true_pairs(*run)
 
 
+def _read_reference(store: QuantizedKV, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain way to read a quantized store: dequantize EVERY quantized page, append them to the full-precision
+    pool, and gather each logical slot's row through the table (-1: the zero page 0)."""
+    q = store.quantized
+    dq_keys = Q.dequantize_keys(q["keys"], q["key_scale"], q["key_zero"], store.bits, store.key_pool.shape[-1],
+                                store.key_pool.dtype)
+    dq_values = Q.dequantize_values(q["values"], q["value_scale"], q["value_zero"], store.bits, store.group,
+                                    store.value_pool.dtype)
+    keys = torch.cat([store.key_pool.flatten(0, 1), dq_keys.flatten(0, 1)])
+    values = torch.cat([store.value_pool.flatten(0, 1), dq_values.flatten(0, 1)])
+    slots = torch.arange(used).expand(*store.table.shape[:2], used)
+    entry, offset = store.table.gather(-1, slots // store.page), slots % store.page
+    quantized_rows = store.key_pool.shape[0] * store.page + (-entry - 2).clamp(min=0) * store.page + offset
+    rows = torch.where(entry <= -2, quantized_rows, entry.clamp(min=0) * store.page + offset)
+    return keys[rows], values[rows]
+
+
+@pytest.mark.parametrize("name", ["full", "anchor"])
+@pytest.mark.parametrize("bits", Q.BITS)
+def test_read_in_page_order_equals_dequantizing_every_page(name, bits):
+    """`QuantizedKV.read` gathers the packed pages in table order and dequantizes only those: bitwise what
+    dequantizing every page and gathering the slots gives (full-precision pages, dead slots, unpaged slots)."""
+    _, quantized, _, _ = run_pair(tiny_llama(seed=4), POSITION_BASED[name], ROWS, 9, bits, residual=3, group=4)
+    checked = 0
+    for layer in quantized.layers:
+        store = layer.store
+        if not bool((store.table <= -2).any()):
+            continue
+        used = layer.used
+        got, want = store.read(used), _read_reference(store, used)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layer.layer_idx
+        checked += 1
+    assert checked > 0
+
+
 class _ResidualIgnored(QuantizedKV):
     def settle(self, positions, seen):
         residual, self.residual = self.residual, 0
