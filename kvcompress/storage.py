@@ -367,8 +367,8 @@ class QuantizedKV(PagedKV):
         """(B, Hkv, used, d) keys and (B, Hkv, used, dv) values in slot order, in the pools' dtype. In page order:
         the packed pages each lane's table names are gathered first (a quarter of the fp32 bytes at 8 bits, 1/16 at
         2) and dequantized straight into slot order; the few full-precision pages (the residual window, the page
-        being filled) are copied over theirs; slots without a page read zeros. Values equal `_dequantized` gathered
-        by `_rows` (the same elementwise arithmetic on the same codes)."""
+        being filled) are copied over theirs; slots without a page read zeros. Bitwise what dequantizing every page
+        and gathering the slots gives (tests/test_quantized_storage.py)."""
         if not bool((self.table <= -2).any()):
             return super().read(used)
         from .quantize import dequantize_keys, dequantize_values
