@@ -1,0 +1,61 @@
+"""The README's headline table: needle@2048 per strategy and kept fraction, both query modes, each score with its
+95% interval (Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders
+of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present in two folders
+is taken from the first). Writes the merged results.json and the bench's plot beside it.
+
+    python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from kvcompress.bench import plots, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, required=True, help="folder for the merged results.json and plot")
+    args = parser.parse_args()
+    merged: dict = {"cells": {}}
+    for folder in args.folders:
+        results = json.loads((folder / "results.json").read_text())
+        merged.setdefault("environment", results.get("environment"))
+        for key, cell in results["cells"].items():
+            key = f"{key}|{cell.get('query', '-')}"
+            merged["cells"].setdefault(key, cell)
+    table = []
+    for query in ("after", "before"):
+        cells = {k.rsplit("|", 1)[0]: c for k, c in merged["cells"].items() if c.get("query") == query}
+        if not cells:
+            continue
+        stats.annotate({"cells": cells})
+        for cell in cells.values():
+            table.append(cell)
+    rows = ["| query | strategy | budget | kept fraction | accuracy [95% CI] | vs full [95% CI] | n |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for cell in sorted(table, key=lambda c: (c["query"], c["budget"], c["strategy"])):
+        if cell.get("status") != "ok":
+            continue
+        ci = cell.get("ci", {}).get("accuracy")
+        diff = cell.get("vs_full", {}).get("accuracy")
+        rows.append(f"| {cell['query']} | {cell['strategy']} | {cell['budget']} | {cell['kept_fraction']:.3f} | "
+                    f"{stats.with_interval(cell['accuracy'], ci, '.3f')} | "
+                    f"{stats.difference_text(diff, '.3f') if diff else '-'} | {cell['n_examples']} |")
+    print("\n".join(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(merged, indent=1))
+    for query in ("after", "before"):
+        cells = {k: c for k, c in merged["cells"].items() if c.get("query") == query}
+        if cells:
+            env = merged.get("environment") or {}
+            (args.out / f"query-{query}").mkdir(exist_ok=True)
+            for path in plots.plot_all({"cells": cells, "environment": env}, args.out / f"query-{query}"):
+                print("plot:", path)
+
+
+if __name__ == "__main__":
+    main()
