@@ -127,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trained_anchor_rows(model: str | None) -> list[str]:
+    """Beside the untrained `anchor` row of the default model, the anchor-trained SmolLM2-135M models under their
+    own anchors (`anchor:model=smollm2-135m-anchor-ac` / `-ep`), when their adapters are installed; none for another
+    --model."""
+    from kvcompress.anchor_model import adapter_dir
+    from kvcompress.models import DEFAULT_MODEL
+
+    if (model or DEFAULT_MODEL) != DEFAULT_MODEL:
+        return []
+    aliases = ("smollm2-135m-anchor-ac", "smollm2-135m-anchor-ep")
+    return [f"anchor:model={a}" for a in aliases if (adapter_dir(a) / "adapter_model.safetensors").is_file()]
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # ---- validate everything before loading the model
-    strategies = _split(args.strategies) if args.strategies else registry.available()
+    strategies = _split(args.strategies) if args.strategies else registry.available() + trained_anchor_rows(args.model)
     if not strategies:
         parser.error("--strategies is empty")
     if args.kv_bits:

@@ -141,25 +141,29 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, steps: int) -> tuple
 
 
 @torch.no_grad()
-def streaming_nll(model, cache, ids: torch.Tensor, chunk: int) -> tuple[float, int]:
+def streaming_nll(model, cache, ids: torch.Tensor, chunk: int, skip: Sequence[int] = ()) -> tuple[float, int]:
     """Negative log-likelihood of `ids` (1, n) fed in chunks of `chunk` tokens through `cache`.
 
     Each chunk attends to what the cache kept of the earlier chunks plus itself (the cache evicts after every
-    forward), so a compressing cache is in effect from the second chunk on. Returns (summed NLL of tokens
-    1..n-1, number of predicted tokens).
+    forward), so a compressing cache is in effect from the second chunk on. Tokens whose id is in `skip` are fed
+    but not scored (an AC model's `<AC>` anchors, which its tokenizer inserts: predicting them is not the text's
+    perplexity). Returns (summed NLL of the scored tokens among 1..n-1, their number).
     """
     total, count, previous = 0.0, 0, None
+    skip = torch.tensor(list(skip), dtype=torch.long)
     for start in range(0, ids.shape[1], chunk):
         part = ids[:, start : start + chunk].to(model.device)
         logits = model(part, **cache_arg(cache), use_cache=True).logits[0].float()
         logprobs = logits.log_softmax(-1)
-        if previous is not None:
-            total -= previous[int(part[0, 0])].item()
+        targets = part[0]
+        scored = ~torch.isin(targets, skip.to(targets.device))
+        if previous is not None and bool(scored[0]):
+            total -= previous[int(targets[0])].item()
             count += 1
         if part.shape[1] > 1:
-            targets = part[0, 1:]
-            total -= logprobs[:-1].gather(-1, targets[:, None]).sum().item()
-            count += part.shape[1] - 1
+            keep = scored[1:]
+            total -= logprobs[:-1].gather(-1, targets[1:, None])[keep].sum().item()
+            count += int(keep.sum())
         previous = logprobs[-1]
     return total, count
 

@@ -153,20 +153,27 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     results["config"]["cells"] = [c.key for c in cells]
     mine = [c for c in cells if c.key not in finished][rank::world]
     done: dict[str, dict] = {}  # this process's cells of this run
-    prepared: dict[str, object] = {}
+    prepared: dict[tuple[str, str], object] = {}  # (task label, model) -> the task's data
+    models = {config.model_name: (model, tokenizer)}  # a strategy spec's model=ALIAS rows run on that model
     if mine:
         _warm_up(model, tokenizer)
     bar = tqdm(total=len(mine), disable=not config.progress or rank != 0, unit="cell", dynamic_ncols=True)
     try:
         for cell in mine:
             bar.set_description(cell.key)
-            if cell.task_label not in prepared:
-                prepared[cell.task_label] = prepare_task(cell, tokenizer, config)
-            if isinstance(prepared[cell.task_label], PrepareError):  # the task's data could not be prepared
-                done[cell.key] = prepared[cell.task_label].cell(cell)
+            cls, options = registry.resolve(cell.strategy)
+            name = options.pop("model", None) or config.model_name
+            if name not in models:
+                models[name] = _load(name, config)
+            cell_model, cell_tokenizer = models[name]
+            data = (cell.task_label, name)
+            if data not in prepared:  # per model: its tokenizer may differ (an AC model's inserts <AC>)
+                prepared[data] = prepare_task(cell, cell_tokenizer, config)
+            if isinstance(prepared[data], PrepareError):  # the task's data could not be prepared
+                done[cell.key] = prepared[data].cell(cell)
             else:
-                done[cell.key] = run_cell(cell, registry.resolve(cell.strategy), model, tokenizer,
-                                          prepared[cell.task_label], config)
+                done[cell.key] = run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)
+                done[cell.key]["model"] = name
             done[cell.key]["rank"] = rank  # the process that ran it (0 without torchrun)
             results["environment"]["finished_at"] = _now()
             if world > 1:
@@ -262,6 +269,13 @@ class PrepareError:
         return {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
                 "strategy": cell.strategy, "budget": cell.budget.label, "metric": cell.task.metric,
                 "started_at": _now(), "status": "error", "error": self.message, "stage": "prepare"}
+
+
+def _load(name: str, config: RunConfig):
+    """(model, tokenizer) of a strategy spec's `model=` (a bundled alias, path or hub name), as the run's model."""
+    from kvcompress.models import load_model
+
+    return load_model(name, device=config.device, dtype=getattr(torch, config.dtype))
 
 
 def prepare_task(cell: Cell, tokenizer, config: RunConfig):

@@ -204,6 +204,14 @@ def _essay_ids(tokenizer, tokens: int) -> list[int]:
     return ids
 
 
+def _inserted_anchors(tokenizer) -> list[int]:
+    """Ids of the anchor token an AC model's tokenizer inserts into plain text (`anchor_tokens.insert_anchors`):
+    fed, not scored."""
+    if not getattr(tokenizer, "insert_anchors", False):
+        return []
+    return [tokenizer.convert_tokens_to_ids(tokenizer.anchor_token)]
+
+
 @dataclass
 class Perplexity(Task):
     samples: int = 2
@@ -226,7 +234,7 @@ class Perplexity(Task):
         for segment in prepared["segments"]:
             cache = make_cache(segment.shape[1])
             with metrics.stopwatch() as elapsed:
-                total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"])
+                total, n = metrics.streaming_nll(model, cache, segment, prepared["chunk"], _inserted_anchors(tokenizer))
             metrics.sync(model.device)
             times.append(elapsed[0])
             window_nll.append(total)

@@ -216,6 +216,8 @@ def kvcompress_attention(
         if new_padding is not None and isinstance(mask, torch.Tensor) and not bool(new_padding.all()):
             observed = mask & new_padding.to(mask.device).view(mask.shape[0], 1, q_len, 1)  # pads observe nothing
         layer.observation = observe(layer._cache, query, key, observed, scaling, probs)
+        if layer.observation is not None and key.shape[-2] > layer.used:  # demoted pairs: not the strategy's slots
+            layer.observation = layer.observation.narrow(layer.used)
         try:
             layer.finish_forward()
         finally:
@@ -459,6 +461,12 @@ class Observation:
     probs: torch.Tensor | None = None
     received: torch.Tensor | None = None
     max_received: torch.Tensor | None = None
+
+    def narrow(self, slots: int) -> Observation:
+        """The observation of the first `slots` keys only (the layer's own slots; demoted pairs come after them)."""
+        cut = (lambda t: None if t is None else t[..., :slots])
+        return Observation(queries=self.queries, probs=cut(self.probs), received=cut(self.received),
+                           max_received=cut(self.max_received))
 
 
 def observes(cache) -> bool:

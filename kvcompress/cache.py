@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from . import attention, registry
 from .rope import RotaryPositions
-from .storage import DenseKV, PagedKV, QuantizedKV
+from .storage import DemotedKV, DenseKV, PagedKV, QuantizedKV
 from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
@@ -95,6 +95,7 @@ class CompressedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._positions: torch.Tensor | None = None
         self.store: DenseKV | PagedKV | None = None
+        self.demoted: DemotedKV | None = None  # evicted=4|2: pairs the strategy freed, kept at low precision
         self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # paged: the pairs gathered for this forward
         self.state: dict[str, torch.Tensor] = {}
         self.seen = 0
@@ -134,6 +135,8 @@ class CompressedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         cache = self._cache
+        if cache.evicted != "drop":
+            self.demoted = DemotedKV.empty(key_states, value_states, cache.evicted, cache.group)
         if cache.kv_bits is not None:
             self.store = QuantizedKV.empty(key_states, value_states, page=cache.group, bits=cache.kv_bits,
                                            group=min(cache.group, value_states.shape[-1]), residual=cache.residual)
@@ -171,6 +174,11 @@ class CompressedLayer(CacheLayerMixin):
         pairs = self.store.read(self.used)
         if isinstance(self.store, PagedKV):
             self._view = pairs
+        if self.demoted is not None and self.demoted.used:  # demoted pairs are attended after the kept ones
+            keys, values, _ = self.demoted.read()
+            heads = pairs[0].shape[1]
+            return torch.cat([pairs[0], keys.expand(-1, heads, -1, -1)], 2), \
+                torch.cat([pairs[1], values.expand(-1, heads, -1, -1)], 2)
         return pairs
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -184,7 +192,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.store = self._view = self._positions = None
+        self.store = self._view = self._positions = self.demoted = None
         self.state = {}
         self.is_initialized = False
         self.seen = self.used = self.new_tokens = 0
@@ -216,6 +224,8 @@ class CompressedLayer(CacheLayerMixin):
     def _map_rows(self, fn) -> None:
         """Apply a row operation (select, repeat, reorder) to every per-row tensor of the layer."""
         self.store.map_rows(fn)
+        if self.demoted is not None:
+            self.demoted.map_rows(fn)
         self._positions = fn(self._positions)
         self.state = {name: fn(value) for name, value in self.state.items()}
         if self.new_slots is not None:
@@ -369,6 +379,9 @@ class CompressedLayer(CacheLayerMixin):
             self.dense, self.holes = False, True
         if self._cache.position_mode == "cache":
             query, key = self._rotate_within_cache(query, position_ids)
+        if self.demoted is not None and self.demoted.used:
+            heads = self.demoted.positions.shape[1]
+            return query, key, torch.cat([self.positions.expand(-1, heads, -1), self.demoted.positions], dim=-1)
         return query, key, self.positions
 
     def _rotate_within_cache(self, query, position_ids):
@@ -426,6 +439,7 @@ class CompressedLayer(CacheLayerMixin):
         drop = valid & ~keep
         if not bool(drop.any()):
             return
+        self._demote(torch.where(drop, self._positions[..., : self.used], -1))
         self._positions[..., : self.used].masked_fill_(drop, -1)
         self.store.after_free(self._positions)
         self.dense, self.holes = False, True
@@ -444,9 +458,21 @@ class CompressedLayer(CacheLayerMixin):
         without a host sync. Kept slots never move and `used` is not trimmed (a free slot is masked wherever it is);
         `dense`/`holes` are set as if a slot was freed even when `where` is all False."""
         current = self._positions.gather(-1, slots)
+        if self.demoted is not None:
+            freed = torch.full_like(self._positions[..., : self.used], -1)
+            freed.scatter_(-1, slots, torch.where(where, current, -1))
+            self._demote(freed)
         self._positions.scatter_(-1, slots, torch.where(where, -1, current))
         self.dense, self.holes = False, True
         self.store.after_free(self._positions)
+
+    def _demote(self, freed: torch.Tensor) -> None:
+        """Hand the pairs about to be freed (`freed` (B, Hp, used): their positions, -1 elsewhere) to the demoted
+        store (evicted=4|2); nothing for evicted="drop"."""
+        if self.demoted is None:
+            return
+        keys, values = self.store.read(self.used)
+        self.demoted.add(keys, values, freed.expand(-1, keys.shape[1], -1))
 
     def _compact(self, capacity: int) -> None:
         """Move the kept slots of each row and head to the front of a new buffer of `capacity` slots (keeping their
@@ -499,6 +525,7 @@ class CompressedCache(Cache):
     kv_bits: int | None = None  # quantized storage (`set_storage`): 8, 4 or 2 bits; None: the model's dtype
     residual = 128  # quantized storage: newest tokens per lane kept in full precision
     group = 32  # quantized storage: tokens per key group (= page), channels per value group
+    evicted: str | int = "drop"  # "drop", or 4 / 2: what the strategy frees is kept at that precision (MiKV)
     # False for strategies that keep different tokens per kv head: positions="cache" re-rotates one token set
     # shared by every kv head (a rank within the cache per row), so they accept only positions="original"
     supports_cache_positions = True
@@ -635,7 +662,8 @@ class CompressedCache(Cache):
         override this with a faster path (e.g. for decode steps) that must free exactly what `select` would."""
         layer.keep_only(self.select(layer))
 
-    def set_storage(self, kv_bits: int | None = None, residual: int = 128, group: int = 32) -> CompressedCache:
+    def set_storage(self, kv_bits: int | None = None, residual: int = 128, group: int = 32,
+                    evicted: str | int = "drop") -> CompressedCache:
         """Key/value storage, before the cache's first forward (every strategy's constructor also takes these).
 
         Args:
@@ -645,6 +673,10 @@ class CompressedCache(Cache):
             residual: newest tokens kept in full precision per row and kv head (>= 0).
             group: tokens per key quantization group, and channels per value group (>= 1; must divide the head
                 dimension).
+            evicted: "drop" (default: what the strategy frees is gone) or 4 / 2: demote instead of drop (MiKV, Yang
+                et al. 2024): every pair the strategy frees is kept quantized at that many bits (no full-precision
+                window) and still attended by every later query; the strategy's own budget counts only what it
+                keeps (`kvcompress.storage.DemotedKV`). Not with positions="cache".
 
         Returns the cache. ValueError naming the parameter for bad values.
         """
@@ -652,12 +684,16 @@ class CompressedCache(Cache):
             raise ValueError(f"kv_bits must be None or one of {QUANTIZED_BITS}, got {kv_bits!r}")
         residual = as_int(residual, "residual", minimum=0)
         group = as_int(group, "group", minimum=1)
+        if evicted != "drop" and (isinstance(evicted, bool) or evicted not in (4, 2)):
+            raise ValueError(f"evicted must be 'drop', 4 or 2, got {evicted!r}")
+        if evicted != "drop" and self.position_mode == "cache":
+            raise ValueError("evicted=4|2 (demoted pairs) is not supported with positions='cache'")
         if any(layer.is_initialized for layer in self.layers):
             raise RuntimeError("set_storage must be called before the cache's first forward")
         model = self._model_ref() if self._model_ref is not None else None
-        if kv_bits is not None and model is not None:
+        if (kv_bits is not None or evicted != "drop") and model is not None:
             check_quantizable(model, group)
-        self.kv_bits, self.residual, self.group = kv_bits, residual, group
+        self.kv_bits, self.residual, self.group, self.evicted = kv_bits, residual, group, evicted
         return self
 
     def storage_layout(self) -> str:
@@ -691,6 +727,7 @@ class CompressedCache(Cache):
                 tensor = getattr(layer, name)
                 setattr(twin, name, None if tensor is None else tensor.clone())
             twin.store = None if layer.store is None else layer.store.clone()
+            twin.demoted = None if layer.demoted is None else layer.demoted.clone()
             twin._view = None
             twin.state = {name: value.clone() for name, value in layer.state.items()}
             new.layers.append(twin)
@@ -850,7 +887,8 @@ class CompressedCache(Cache):
     # reporting ----------------------------------------------------------------------------------------------
     def kv_bytes(self) -> int:
         """Bytes of key and value storage allocated now, over all layers (free slots included)."""
-        return sum(layer.store.nbytes() for layer in self.layers if layer.is_initialized)
+        return sum(layer.store.nbytes() + (layer.demoted.nbytes() if layer.demoted is not None else 0)
+                   for layer in self.layers if layer.is_initialized)
 
     def kv_bytes_used(self) -> int:
         """Bytes of the keys and values of kept tokens, over all layers and kv heads (free slots excluded)."""
@@ -859,6 +897,8 @@ class CompressedCache(Cache):
             if not layer.is_initialized:
                 continue
             total += layer.store.used_bytes(layer._positions)
+            if layer.demoted is not None:
+                total += layer.demoted.used_bytes()
         return total
 
     def kept_counts(self) -> torch.Tensor:
@@ -879,7 +919,7 @@ class CompressedCache(Cache):
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 QUANTIZED_BITS = (8, 4, 2)
-STORAGE_OPTIONS = ("kv_bits", "residual", "group")
+STORAGE_OPTIONS = ("kv_bits", "residual", "group", "evicted")
 QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

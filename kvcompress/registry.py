@@ -42,7 +42,9 @@ def build(name: str, model, **options):
 def parse_spec(spec: str) -> tuple[str, dict]:
     """A strategy with options, as the bench and the speed runs take it: "name" or "name:key=value[:key=value...]"
     (values: integers, floats, true/false, none, else strings), e.g. "kvzip:allocation=layer",
-    "snapkv:kv_bits=4". Returns (name, options); KeyError for an unknown name, ValueError for a malformed option."""
+    "snapkv:kv_bits=4". The bench also takes `model=ALIAS` (that row runs on another model, e.g. an anchor-trained
+    one: "anchor:model=smollm2-135m-anchor-ac"). Returns (name, options); KeyError for an unknown name, ValueError
+    for a malformed option."""
     name, *parts = spec.strip().split(":")
     get(name)
     options = {}

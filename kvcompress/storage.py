@@ -511,3 +511,65 @@ class QuantizedKV(PagedKV):
             q["key_scale"][0].nbytes + q["key_zero"][0].nbytes) / self.page + (
             q["value_scale"][0].nbytes + q["value_zero"][0].nbytes) / self.page if q["keys"].shape[0] else 0
         return int((int(kept.sum()) - in_quantized) * self.pair_bytes() + in_quantized * per_q_pair)
+
+
+class DemotedKV:
+    """Pairs a strategy freed, kept at low precision and still attended (MiKV, Yang et al. 2024: "No Token Left
+    Behind"): `evicted=4 | 2`. Per (row, kv head) lane, logical slots with their stream positions (B, Hkv, D) (-1:
+    free), keys and values in a `QuantizedKV` with no full-precision window (a page is quantized once full; a page
+    still filling stays in full precision). The strategy never sees these pairs (they are outside its slots and its
+    budget); the kernel attends to them after the kept ones."""
+
+    def __init__(self, store: QuantizedKV, positions: torch.Tensor):
+        self.store, self.positions = store, positions
+
+    @classmethod
+    def empty(cls, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int) -> DemotedKV:
+        store = QuantizedKV.empty(keys, values, page=group, bits=bits, group=min(group, values.shape[-1]), residual=0)
+        positions = torch.full((*keys.shape[:2], 0), -1, dtype=torch.long, device=keys.device)
+        return cls(store, positions)
+
+    @property
+    def used(self) -> int:
+        return self.positions.shape[-1]
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Demote pairs: keys/values (B, Hkv, n, d), positions (B, Hkv, n) (-1: nothing to demote there). Each lane's
+        pairs go to its lowest free slots."""
+        count = int((positions >= 0).sum(dim=-1).max()) if positions.numel() else 0
+        if count == 0:
+            return
+        free = self.positions == -1
+        short = count - int(free.sum(dim=-1).min()) if free.numel() else count
+        if short > 0:  # grow every lane by whole pages
+            extra = -(-short // self.store.page) * self.store.page
+            self.positions = torch.cat([self.positions, self.positions.new_full((*self.positions.shape[:2], extra),
+                                                                                -1)], dim=-1)
+            self.store.grow(self.positions.shape[-1])
+            free = self.positions == -1
+        order = (positions < 0).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]  # each lane's real pairs
+        real = positions.gather(-1, order) >= 0
+        slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :count]  # each lane's lowest free slots
+        index = order.unsqueeze(-1)
+        self.store.write_slots(slots, keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1])),
+                               values.gather(2, index.expand(-1, -1, -1, values.shape[-1])))
+        current = self.positions.gather(-1, slots)
+        self.positions.scatter_(-1, slots, torch.where(real, positions.gather(-1, order), current))
+        self.store.settle(self.positions, 0)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys, values = self.store.read(self.used)
+        return keys, values, self.positions
+
+    def map_rows(self, fn) -> None:
+        self.store.map_rows(fn)
+        self.positions = fn(self.positions)
+
+    def clone(self) -> DemotedKV:
+        return DemotedKV(self.store.clone(), self.positions.clone())
+
+    def nbytes(self) -> int:
+        return self.store.nbytes() + self.positions.nbytes
+
+    def used_bytes(self) -> int:
+        return self.store.used_bytes(self.positions)

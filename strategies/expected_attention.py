@@ -10,7 +10,7 @@ from einops import einsum, rearrange
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
 from ..rope import RotaryPositions, serving_layer
-from ..selection import first, top_k
+from ..selection import adaptive_top_k, check_allocation, first, top_k
 from ..validate import as_int
 
 
@@ -75,6 +75,11 @@ class ExpectedAttentionCache(CompressedCache):
         use_covariance, use_vnorm: as above (bool). epsilon: added to the probability before the value-norm
             rescaling (a finite float >= 0; infinity would make every score infinite, i.e. keep the oldest tokens;
             a large epsilon ranks by the value norm alone).
+        allocation: "head" (every kv head keeps `budget`) or "adakv" (AdaKV, Feng et al. 2024, kvpress's
+            AdaKVPress(ExpectedAttentionPress): a row's `(budget - n_sink) x kv heads` scored pairs are the best over
+            all its kv heads together, each keeping at least floor(alpha x (budget - n_sink)); stored in pages per kv
+            head, so the memory follows the unequal counts).
+        alpha: AdaKV's safeguard fraction in [0, 1].
     """
 
     uses_budget = True
@@ -91,8 +96,11 @@ class ExpectedAttentionCache(CompressedCache):
         use_vnorm: bool = True,
         epsilon: float = 0.0,
         positions: str = "original",
+        allocation: str = "head",
+        alpha: float = 0.2,
     ):
         budget = as_int(budget, "budget", minimum=1)
+        check_allocation(allocation, alpha)
         n_future_positions = as_int(n_future_positions, "n_future_positions", minimum=1)
         n_sink = as_int(n_sink, "n_sink", minimum=0)
         if n_sink >= budget:
@@ -111,6 +119,7 @@ class ExpectedAttentionCache(CompressedCache):
             ) from None
         super().__init__(model, positions=positions)
         self.budget, self.n_future_positions, self.n_sink = budget, n_future_positions, n_sink
+        self.allocation, self.alpha = allocation, float(alpha)
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, float(epsilon)
         self._scaling = {  # layer -> the softmax scale of its attention module
             m.layer_idx: m.scaling
@@ -122,11 +131,12 @@ class ExpectedAttentionCache(CompressedCache):
         self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), (d, d) mean rotation)
 
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None) -> ExpectedAttentionCache:
-        """kvpress's defaults; the budget includes the sinks (4, or budget - 1 when budget <= 4)."""
+    def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> ExpectedAttentionCache:
+        """kvpress's defaults; the budget includes the sinks (4, or budget - 1 when budget <= 4); `options`: the
+        constructor's (e.g. allocation="adakv")."""
         if budget is None:
-            return cls(model)
-        return cls(model, budget=budget, n_sink=min(4, budget - 1))
+            return cls(model, **options)
+        return cls(model, budget=budget, n_sink=min(4, budget - 1), **options)
 
     # query statistics ---------------------------------------------------------------------------------------------
     def rotary(self) -> RotaryPositions:
@@ -227,16 +237,27 @@ class ExpectedAttentionCache(CompressedCache):
             probs = (probs * weight + offset) * norms
         return probs.masked_fill(~candidates, 0.0)
 
+    def storage_layout(self) -> str:
+        return self.layout or ("paged" if self.allocation == "adakv" else "dense")  # AdaKV: heads keep unequal counts
+
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         stats = self._update_statistics(layer)
         valid = layer.valid
-        if not bool((valid.sum(dim=-1) > self.budget).any()):
-            return valid
         heads = layer.keys.shape[1]
+        if self.allocation == "adakv":  # the row's budget is shared by its heads
+            over = valid.sum(dim=(1, 2)) * (heads // valid.shape[1]) > self.budget * heads
+        else:
+            over = valid.sum(dim=-1) > self.budget
+        if not bool(over.any()):
+            return valid
         sinks = first(layer, self.n_sink).expand(-1, heads, -1)
         candidates = valid.expand(-1, heads, -1) & ~sinks
+        scores = self.scores(layer, stats, candidates)
+        if self.allocation == "adakv":
+            keep = sinks | adaptive_top_k(scores, candidates, self.budget - self.n_sink, self.alpha)
+            return torch.where(over.view(-1, 1, 1), keep, valid.expand_as(keep))
         room = self.budget - sinks.sum(dim=-1, keepdim=True)
-        return sinks | top_k(self.scores(layer, stats, candidates), candidates, room)
+        return sinks | top_k(scores, candidates, room)
 
     # per-row state --------------------------------------------------------------------------------------------------
     def _reindex_rows(self, index: torch.Tensor) -> None:

@@ -66,7 +66,7 @@ class KVzipCache(CompressedCache):
         model: the causal LM this cache serves (reconstruction runs forwards of it).
         tokenizer: encodes the repeat prompts.
         budget: pairs kept per row, layer and kv head (global: that many on average).
-        allocation: "layer" or "global".
+        allocation: "global" (default, the paper's) or "layer".
         chunk: context tokens per reconstruction forward (>= 1; the paper's 2,048).
         value_norm: KVzip+ (score x value norm).
         n_sink: first real tokens of each row always kept (>= 0).
@@ -79,7 +79,7 @@ class KVzipCache(CompressedCache):
     observe_max_received = True
     supports_cache_positions = False  # kv heads keep different pairs
 
-    def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "layer", chunk: int = 2048,
+    def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "global", chunk: int = 2048,
                  value_norm: bool = False, n_sink: int = 4, overlap: int = 8, positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
         chunk = as_int(chunk, "chunk", minimum=1)

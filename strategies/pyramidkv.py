@@ -70,10 +70,11 @@ class PyramidKVCache(SnapKVCache):
     """
 
     def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
-                 beta: float = 20, positions: str = "original"):
+                 beta: float = 20, positions: str = "original", allocation: str = "head", alpha: float = 0.2):
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta < 1:
             raise ValueError(f"beta must be a finite number >= 1, got {beta!r}")
-        super().__init__(model, budget=budget, window=window, kernel=kernel, pooling=pooling, positions=positions)
+        super().__init__(model, budget=budget, window=window, kernel=kernel, pooling=pooling, positions=positions,
+                         allocation=allocation, alpha=alpha)
         self.beta = beta
         self.layer_budgets = pyramid_budgets(self.budget, self.window, len(self.layers), beta)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
-from ..selection import per_kv_head, recent, top_k
+from ..selection import adaptive_top_k, check_allocation, per_kv_head, recent, top_k
 from ..validate import as_int
 
 POOLINGS = ("avg", "max")
@@ -76,14 +76,21 @@ class SnapKVCache(CompressedCache):
         kernel: pooling kernel size (odd, >= 1; 1 = no pooling).
         pooling: "avg" or "max".
         positions: only "original" (keeps different tokens per kv head; "cache" raises ValueError).
+        allocation: "head" (every kv head keeps `budget`) or "adakv" (AdaKV, Feng et al. 2024: a row's
+            `budget x kv heads` pairs are shared by its heads, the best window-attended candidates over all heads
+            together, each head keeping at least floor(alpha x (budget - window)) candidates; the window stays per
+            head; the cache then stores keys and values in pages per kv head, so the memory follows the unequal
+            counts). kvpress's AdaKVPress (alpha_safeguard 0.2) masks instead of freeing and compresses once.
+        alpha: AdaKV's safeguard fraction in [0, 1].
     """
 
     uses_budget = True
     supports_cache_positions = False  # per-kv-head eviction
 
     def __init__(self, model, budget: int = 1024, window: int = 64, kernel: int = 5, pooling: str = "avg",
-                 positions: str = "original"):
+                 positions: str = "original", allocation: str = "head", alpha: float = 0.2):
         budget = as_int(budget, "budget", minimum=1)
+        check_allocation(allocation, alpha)
         window = as_int(window, "window", minimum=1)
         kernel = as_int(kernel, "kernel", minimum=1)
         if window > budget:
@@ -97,17 +104,22 @@ class SnapKVCache(CompressedCache):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         super().__init__(model, positions=positions)
         self.budget, self.window, self.kernel, self.pooling = budget, window, kernel, pooling
+        self.allocation, self.alpha = allocation, float(alpha)
         self.observe_window = window
 
+    def storage_layout(self) -> str:
+        return self.layout or ("paged" if self.allocation == "adakv" else "dense")  # AdaKV: heads keep unequal counts
+
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None) -> SnapKVCache:
+    def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> SnapKVCache:
         """`budget` tokens with kvpress's window of 64 whenever it leaves at least one scored token (budget > 64),
         as kvpress's SnapKVPress keeps at every kept count above its window; at budget <= 64 a window of
         max(1, budget // 2) (kvpress's 64-token window would then fill the whole budget: a recency window with no
         scored token). Default (None): budget 1024, window 64."""
         if budget is None:
-            return cls(model)
-        return cls(model, budget=budget, window=KVPRESS_WINDOW if budget > KVPRESS_WINDOW else max(1, budget // 2))
+            return cls(model, **options)
+        window = KVPRESS_WINDOW if budget > KVPRESS_WINDOW else max(1, budget // 2)
+        return cls(model, budget=budget, window=window, **options)
 
     def layer_budget(self, layer_idx: int) -> int:
         """Tokens kept per row and kv head in layer `layer_idx` (the same for every layer here)."""
@@ -116,7 +128,11 @@ class SnapKVCache(CompressedCache):
     def select(self, layer: CompressedLayer) -> torch.Tensor:
         budget = self.layer_budget(layer.layer_idx)
         valid = layer.valid  # (B, Hp, S)
-        over = valid.sum(dim=-1, keepdim=True) > budget  # (B, Hp, 1)
+        heads = layer.keys.shape[1]
+        if self.allocation == "adakv":  # the row's budget is shared by its heads: over when their total is
+            over = (valid.sum(dim=(1, 2)) * (heads // valid.shape[1]) > budget * heads).view(-1, 1, 1)
+        else:
+            over = valid.sum(dim=-1, keepdim=True) > budget  # (B, Hp, 1)
         if not bool(over.any()):
             return valid
         rank = layer.stream_rank()
@@ -126,7 +142,10 @@ class SnapKVCache(CompressedCache):
         scores = self.scores(layer, order)  # (B, Hkv, S), stream layout
         slots = scores.shape[-1]
         in_stream = torch.arange(slots, device=scores.device) < candidates.sum(dim=-1, keepdim=True)
-        chosen = top_k(scores, in_stream, budget - self.window)  # ties: the older token first
+        if self.allocation == "adakv":
+            chosen = adaptive_top_k(scores, in_stream, budget - self.window, self.alpha)
+        else:
+            chosen = top_k(scores, in_stream, budget - self.window)  # ties: the older token first
         keep = window | (from_stream(chosen, order) & candidates)
         return torch.where(over, keep, valid)
 

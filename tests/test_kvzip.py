@@ -480,7 +480,8 @@ def test_clones_of_one_compressed_context_answer_like_fresh_compressions():
 def test_registered_with_budget_and_defaults():
     cache = KVzipCache.for_budget(MODEL, TOKENIZER, 64)
     assert registry.get("kvzip") is KVzipCache and cache.uses_budget
-    assert (cache.budget, cache.allocation, cache.chunk, cache.n_sink, cache.value_norm) == (64, "layer", 2048, 4, False)
+    assert (cache.budget, cache.allocation, cache.chunk, cache.n_sink, cache.value_norm) == (64, "global", 2048, 4, False)
+    assert cache.storage_layout() == "paged" and KVzipCache(MODEL, TOKENIZER, allocation="layer").storage_layout() == "dense"
 
 
 @pytest.mark.parametrize("options, error, message", [

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcompress import AnchorCache, ExpectedAttentionCache, FullCache, SinkWindowCache, registry
-from kvcompress.testing import tiny_llama
+from kvcompress.testing import CharTokenizer, tiny_llama
 
 PROMPT = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(0))
 GREEDY = dict(do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -92,6 +92,7 @@ MINIMAL = {
     "label_words": {"keep_positions": [0, 2], "prefix_length": 4},
     "hidden_random": {"n_keep": 2, "prefix_length": 4},
     "anchor": {"anchor_ids": [5]},
+    "kvzip": {"tokenizer": CharTokenizer()},
 }
 SUPPORTS_CACHE_POSITIONS = {"full", "sink_window", "anchor", "label_words", "hidden_random", "tova"}
 

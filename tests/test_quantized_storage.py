@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcompress import AnchorCache, FullCache, H2OCache, KVzipCache, SinkWindowCache, SnapKVCache, attention
+from kvcompress import AnchorCache, FullCache, H2OCache, KVzipCache, SinkWindowCache, SnapKVCache, attention, capture
 from kvcompress import quantize as Q
 from kvcompress.cache import cache_arg
 from kvcompress.storage import DenseKV, QuantizedKV
@@ -345,3 +345,77 @@ def test_storage_cannot_change_after_the_first_forward():
         model(torch.tensor([[3, 4]]), **cache_arg(cache))
     with pytest.raises(RuntimeError, match="before the cache's first forward"):
         cache.set_storage(kv_bits=4)
+
+
+# --- demote instead of drop (MiKV) -----------------------------------------------------------------------------------
+def _decode(model, cache, ids, steps=10):
+    out = []
+    with torch.no_grad():
+        out.append(model(ids, **cache_arg(cache)).logits[:, -1])
+        for t in range(steps):
+            out.append(model(ids[:, t : t + 1], **cache_arg(cache)).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+DEMOTE_IDS = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, **k: SinkWindowCache(m, n_sink=2, window=10, **k),
+    lambda m, **k: H2OCache(m, heavy=6, recent=6, **k),
+    lambda m, **k: SnapKVCache(m, budget=12, window=4, kernel=3, **k),
+], ids=["sink_window", "h2o", "snapkv"])
+def test_demoted_pairs_are_still_attended_and_outside_the_budget(make):
+    """evicted=4: every token ever fed stays visible to later queries (the freed ones demoted), the strategy still
+    keeps at most its budget in its own slots, the demoted pairs are counted in the bytes, and the logits come much
+    closer to the full cache's than when the freed pairs are dropped."""
+    model = tiny_llama(seed=3)
+    full = _decode(model, FullCache(model), DEMOTE_IDS)
+    dropped = _decode(model, make(model), DEMOTE_IDS)
+    cache = make(model, evicted=4, group=4)
+    with capture() as records:
+        demoted = _decode(model, cache, DEMOTE_IDS)
+    last = [r for r in records if r["q_offset"] == DEMOTE_IDS.shape[1] + 9]  # the last decode step, every layer
+    for record in last:
+        seen = record["kv_positions"][record["allowed"][:, :, -1]]
+        assert set(seen.tolist()) == set(range(DEMOTE_IDS.shape[1] + 10))  # nothing lost
+    assert int(cache.kept_counts().max()) <= 12
+    assert all(layer.demoted.used_bytes() > 0 for layer in cache.layers)
+    assert (demoted - full).abs().max() < 0.1 * (dropped - full).abs().max()
+
+
+def test_demoted_pairs_follow_clone_pickle_and_beam_search():
+    model = tiny_llama(seed=6)
+    ids = torch.arange(3, 33).unsqueeze(0)
+    out = model.generate(ids, **cache_arg(SinkWindowCache(model, n_sink=2, window=6, evicted=2, group=4)),
+                         max_new_tokens=5, num_beams=2, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 5
+    cache = SinkWindowCache(model, n_sink=2, window=6, evicted=4, group=4)
+    with torch.no_grad():
+        model(ids, **cache_arg(cache))
+    twins = [cache.clone(), pickle.loads(pickle.dumps(cache)).attach(model)]
+    with torch.no_grad():
+        expected = model(torch.tensor([[7]]), **cache_arg(cache)).logits
+        for twin in twins:
+            torch.testing.assert_close(model(torch.tensor([[7]]), **cache_arg(twin)).logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(evicted=3), r"evicted must be 'drop', 4 or 2, got 3"),
+    (dict(evicted=True), r"evicted must be 'drop', 4 or 2, got True"),
+    (dict(evicted="keep"), r"evicted must be 'drop', 4 or 2, got 'keep'"),
+    (dict(evicted=4, positions="cache"), r"not supported with positions='cache'"),
+])
+def test_bad_demotion_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        SinkWindowCache(tiny_llama(), n_sink=1, window=4, **options)
+
+
+def test_the_demotion_check_catches_pairs_that_are_dropped_anyway(monkeypatch):
+    """Planted: the layer frees slots without handing their pairs to the demoted store."""
+    from kvcompress.cache import CompressedLayer
+
+    monkeypatch.setattr(CompressedLayer, "_demote", lambda self, freed: None)
+    with pytest.raises(AssertionError):
+        test_demoted_pairs_are_still_attended_and_outside_the_budget(
+            lambda m, **k: SinkWindowCache(m, n_sink=2, window=10, **k))

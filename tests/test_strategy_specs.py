@@ -43,3 +43,14 @@ def test_cli_expands_kv_bits_and_checks_specs(capsys):
         cli.main(["--strategies", "full", "--kv-bits", "3", "--plan"])
     with pytest.raises(SystemExit):
         cli.main(["--strategies", "kvzip:allocation", "--plan"])
+
+
+def test_presets_add_the_trained_anchor_rows_when_their_adapters_are_installed(tmp_path, monkeypatch):
+    import kvcompress.anchor_model as anchor_model
+
+    monkeypatch.setattr(anchor_model, "ADAPTER_ROOT", tmp_path)
+    assert cli.trained_anchor_rows(None) == []
+    (tmp_path / "smollm2-135m-anchor-ac").mkdir()
+    (tmp_path / "smollm2-135m-anchor-ac" / "adapter_model.safetensors").write_bytes(b"x")
+    assert cli.trained_anchor_rows(None) == ["anchor:model=smollm2-135m-anchor-ac"]
+    assert cli.trained_anchor_rows("qwen2.5-0.5b") == []  # rows of another model only beside the default one

@@ -125,3 +125,14 @@ def test_full_run_stores_the_anchor_config_in_the_model_config(tmp_path):
     config = anchor_config(model)
     assert config["mode"] == "ep" and config["tokens"] == 128
     assert config["anchor_ids"] == train.sentence_end_ids(tokenizer)
+
+
+def test_until_stops_early_on_the_full_schedule_and_resumes_to_the_same_run(tmp_path):
+    """--until 3 of --steps 6 stops after 3 steps with the 6-step learning-rate schedule; resuming finishes exactly
+    the run that never stopped."""
+    model_dir, text = _tiny_checkpoint(tmp_path)
+    partial = train.run(_args(model_dir, text, tmp_path / "a", 6, "--until", "3"))
+    assert partial["step"] == 3
+    resumed = train.run(_args(model_dir, text, tmp_path / "a", 6, "--resume"))
+    straight = train.run(_args(model_dir, text, tmp_path / "b", 6))
+    assert resumed["losses"] == straight["losses"] and resumed["step"] == 6
