@@ -467,11 +467,11 @@ def kvzip_table(results: list[dict], prompts: dict) -> str:
         "Kept per head: min-max over layers and kv heads. Attribution columns apply kvpress's cut rule "
         "(`kvpress_cut` in compare.py, a numpy copy of `compress_post`) to kvcompress's scores: against kvpress's "
         "kept set it shows what the scores alone change, against ours what the cut rule alone changes; "
-        "`own`: the same copy applied to kvpress's own scores, against kvpress's kept set (1.000 = the copy is "
-        "faithful up to ties).",
+        "`copy check`: the same copy applied to kvpress's own scores, against kvpress's kept set (1.000 = the copy "
+        "is faithful up to ties).",
         "",
         "| N | variant | allocation (ours / kvpress) | ratio | b | kept total ours / kvpress | kept per head ours "
-        "/ kvpress | mean Jaccard | min (layer) | max (layer) | rule on our scores vs kvpress / vs ours / own | "
+        "/ kvpress | mean Jaccard | min (layer) | max (layer) | rule on our scores vs kvpress / vs ours / copy check | "
         "pairs 4..P-1 kept ours / kvpress | kvpress cut gap |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
