@@ -425,10 +425,10 @@ def _probability_blocks(query, key, mask, scaling, first: int, block_size: int |
         seen = stop + kv_len - q_len if mask is True else kv_len
         # a kv head's g query heads as one (g x block) matrix against its keys: one matmul per kv head
         q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h (g q) d", g=groups)
-        scores = (q @ keys[:, :, :seen].transpose(-1, -2)).unflatten(2, (groups, stop - start))  # (B, Hkv, g, q, K')
+        scores = (q @ keys[:, :, :seen].transpose(-1, -2)).view(batch, heads, stop - start, seen)  # (B, Hq, q, K')
         # in place on the block's own fresh scores (bitwise what the out-of-place ops give, one pass and no
         # allocation fewer each: the observation of a long forward is dominated by these passes)
-        scores = rearrange(scores, "b h g q k -> b (h g) q k").mul_(scale)
+        scores.mul_(scale)
         block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
         if block_mask is not None and block_mask.shape[-1] != seen:
             block_mask = block_mask[..., :seen]
