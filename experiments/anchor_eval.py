@@ -61,7 +61,7 @@ def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter, ac=Fals
     for path in heldout_files():
         text = path.read_text(encoding="utf-8")
         ids = tokenizer.encode(format_with_anchor(text) if ac else text, add_special_tokens=False)[:tokens]
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=model.device)
         cache = make_cache(kind, model, anchor_ids)
         previous = None  # last logits of the previous chunk (B, V)
         for start in range(0, ids.shape[1], chunk):
@@ -70,7 +70,7 @@ def perplexity(model, tokenizer, kind, anchor_ids, tokens, chunk, meter, ac=Fals
             meter.add(cache)
             preds = logits[:-1] if previous is None else torch.cat([previous, logits[:-1]])
             targets = piece[0, 1:] if previous is None else piece[0]
-            scored = ~torch.isin(targets, anchor_ids) if ac else torch.ones_like(targets, dtype=torch.bool)
+            scored = ~torch.isin(targets, anchor_ids.to(targets.device)) if ac else torch.ones_like(targets, dtype=torch.bool)
             nll += torch.nn.functional.cross_entropy(preds[scored], targets[scored], reduction="sum").item()
             count += int(scored.sum())
             previous = logits[-1:]
@@ -100,19 +100,20 @@ def qa(name, model, tokenizer, kind, anchor_ids, n, meter):
         lines += [f"Question: {q}\n", f"Answer: {options[answer]}\n", "\n"]
     prefix = make_cache(kind, model, anchor_ids)  # the demonstrations, fed once and cloned per question
     for line in lines:
-        model(torch.tensor([tokenizer.encode(line, add_special_tokens=False)]), **cache_arg(prefix), use_cache=True)
+        model(torch.tensor([tokenizer.encode(line, add_special_tokens=False)], device=model.device), **cache_arg(prefix),
+              use_cache=True)
     correct = 0
     for q, options, answer in tests:
         cache = prefix.clone()
         logits = None
         for line in [f"Question: {q}\n", "Answer:"]:
-            ids = torch.tensor([tokenizer.encode(line, add_special_tokens=False)])
+            ids = torch.tensor([tokenizer.encode(line, add_special_tokens=False)], device=model.device)
             logits = model(ids, **cache_arg(cache), use_cache=True).logits[0, -1:]
             meter.add(cache)
         scores = []
         for option in options:
             branch = cache.clone()
-            ids = torch.tensor([tokenizer.encode(" " + option, add_special_tokens=False)])
+            ids = torch.tensor([tokenizer.encode(" " + option, add_special_tokens=False)], device=model.device)
             out = model(ids, **cache_arg(branch), use_cache=True).logits[0]
             preds = torch.cat([logits, out[:-1]]).log_softmax(-1)
             scores.append(preds.gather(-1, ids[0, :, None]).mean().item())
@@ -130,8 +131,9 @@ def main():
     p.add_argument("--tasks", default="ppl,obqa,piqa")
     p.add_argument("--kinds", default="full,anchor")
     p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = p.parse_args()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=args.device)
     config = anchor_config(model)
     ac = config is not None and config["mode"] == "ac"
     anchor_ids = torch.tensor(config["anchor_ids"]) if config else torch.tensor(sentence_end_ids(tokenizer))

@@ -235,7 +235,9 @@ def masked_reference_logits(
         visible = visible.repeat_interleave(config.num_attention_heads // visible.shape[2], dim=2)
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     hidden = hidden_score(model.dtype)
-    masks = [torch.zeros(v.shape, dtype=model.dtype).masked_fill(~v, hidden) for v in visible]
+    device = input_ids.device  # the visibility comes from `capture` records on the CPU; the model may be on a GPU
+    masks = [torch.zeros(v.shape, dtype=model.dtype, device=device).masked_fill(~v.to(device), hidden)
+             for v in visible]
     with _reference_attention(model, masks), torch.no_grad():
         # the 4-D mask passed here only stops transformers from building its own; each layer uses masks[l]
         return model(input_ids, attention_mask=masks[0][:, :1], position_ids=position_ids).logits
@@ -258,7 +260,8 @@ def model_attention_pattern(model: PreTrainedModel, attention_mask: torch.Tensor
     if types is None:
         types = ["sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"] * layers
     n = attention_mask.shape[-1]
-    distance = torch.arange(n).view(n, 1) - torch.arange(n).view(1, n)  # i - j
+    positions = torch.arange(n, device=attention_mask.device)
+    distance = positions.view(n, 1) - positions.view(1, n)  # i - j
     real_key = attention_mask.bool()[:, None, :]  # (B, 1, N)
     patterns = []
     for layer_type in types:
@@ -309,13 +312,13 @@ def max_step_error(model, cache, input_ids, attention_mask=None, max_new_tokens=
         model, cache, input_ids, attention_mask, max_new_tokens, **generate_kwargs
     )
     fed, fed_mask = sequences[:, :-1], full_mask[:, :-1]
-    real_query = fed_mask.bool()[None, :, :, None]
-    pattern = model_attention_pattern(model, fed_mask)
+    real_query = fed_mask.bool().cpu()[None, :, :, None]  # the checks run on the CPU, where `visible` is
+    pattern = model_attention_pattern(model, fed_mask.cpu())
     if visible.dim() == 5:  # per kv head: check every head against the model's pattern
         real_query, pattern = real_query.unsqueeze(2), pattern.unsqueeze(2)
     outside = visible & real_query & ~pattern
     if bool(outside.any()):  # the config may not tell (Moshi has a sliding_window its masks ignore): ask the model
-        observed = observed_attention_pattern(model, fed, fed_mask)
+        observed = observed_attention_pattern(model, fed, fed_mask).cpu()
         outside = outside & ~(observed.unsqueeze(2) if visible.dim() == 5 else observed)
     if bool(outside.any()):
         layer, row, *_, query, key = outside.nonzero()[0].tolist()
