@@ -14,8 +14,16 @@ def _ok(results: dict) -> list[dict]:
     return [c for c in results["cells"].values() if c.get("status") == "ok"]
 
 
+def strategy_label(cell: dict) -> str:
+    """The strategy as tables and plots name it: the AnLLM rule on a model never anchor-trained (`anchor` on the base
+    model; cells record `anchor_trained`) is marked "(untrained)", beside the trained rows
+    (`anchor:model=smollm2-135m-anchor-ac`)."""
+    return f"{cell['strategy']} (untrained)" if cell.get("anchor_trained") is False else cell["strategy"]
+
+
 def _series_label(cell: dict) -> str:
-    return cell["strategy"] if cell["budget"] == "-" else f"{cell['strategy']} {cell['budget']}"
+    label = strategy_label(cell)
+    return label if cell["budget"] == "-" else f"{label} {cell['budget']}"
 
 
 def _colors(cells: list[dict]) -> dict[str, str]:

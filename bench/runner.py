@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcompress import atomic
+from kvcompress.anchor_model import anchor_config
+from kvcompress.strategies import AnchorCache
 
 from . import leaderboard, metrics, stats
+from .plots import strategy_label
 from .tasks import Icl, Task
 
 RESULTS = "results.json"
@@ -311,6 +314,8 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
             "strategy": cell.strategy, "cache_class": cls.__name__, "budget": cell.budget.label,
             "budget_fraction": cell.budget.fraction, "budget_tokens_fixed": cell.budget.tokens,
             "metric": cell.task.metric, "started_at": _now()}
+    if issubclass(cls, AnchorCache):  # tables mark the AnLLM rule on a model never anchor-trained
+        base["anchor_trained"] = anchor_config(model) is not None
     torch.manual_seed(config.seed)
     cpu_start = time.process_time()
     try:
@@ -483,7 +488,7 @@ def score_table(results: dict) -> str:
         return ""
     rows: dict[tuple[str, str], dict[str, dict]] = {}
     for cell in cells:
-        rows.setdefault((cell["strategy"], cell["budget"]), {})[cell["task"]] = cell
+        rows.setdefault((strategy_label(cell), cell["budget"]), {})[cell["task"]] = cell
     metric = {t: "ppl" if any(c["task"] == t and c.get("perplexity") is not None for c in cells) else "acc"
               for t in tasks}
     header = [f"{t} ({metric[t]}{_n_label([c for c in cells if c['task'] == t])})" for t in tasks]
@@ -514,7 +519,7 @@ def markdown_table(results: dict) -> str:
         if cell.get("status") == "n/a":
             continue
         if cell.get("status") != "ok":
-            lines.append(f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | error: "
+            lines.append(f"| {cell['task']} | {strategy_label(cell)} | {cell['budget']} | error: "
                          f"{cell.get('error', '')[:60].replace('|', '/')} | | | | | | | | |")
             continue
         metric = stats.score_metric(cell)
@@ -530,7 +535,7 @@ def markdown_table(results: dict) -> str:
         diff = stats.difference_text(cell.get("vs_full", {}).get(metric), ".2f" if metric == "perplexity" else ".3f")
         kv = cell.get("kv_bytes")
         lines.append(
-            f"| {cell['task']} | {cell['strategy']} | {cell['budget']} | {score} | {diff} | "
+            f"| {cell['task']} | {strategy_label(cell)} | {cell['budget']} | {score} | {diff} | "
             f"{_fmt(cell.get('n_examples'), 'd')} | "
             f"{_fmt(cell.get('kept_fraction'), '.3f')} | {_fmt(None if kv is None else kv / 2**20, '.2f')} | "
             f"{_fmt(cell.get('kv_bytes_fraction'), '.3f')} | {_fmt(cell.get('prefill_seconds'), '.2f')} | "

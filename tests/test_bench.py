@@ -355,3 +355,21 @@ def test_score_table_puts_tasks_side_by_side():
     ]
     del results["cells"]["0"], results["cells"]["3"]
     assert runner.score_table(results) == ""  # one scored task: nothing to put side by side
+
+
+def test_anchor_rows_on_an_untrained_model_are_labelled_untrained(tiny_dir, tmp_path, capsys):
+    """Issue 17 item 5: the AnLLM rule on a model never anchor-trained is marked in the table (and the cell records
+    it), so it is not read as the trained anchor models' result."""
+    from kvcompress.bench.plots import strategy_label
+
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,anchor", "--tasks",
+                               "obqa", "--limit", "2", "--out", str(out), "--no-progress", "--no-plots"], capsys)
+    assert code == 0, captured.err
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert cells["obqa|anchor|-"]["anchor_trained"] is False
+    assert "anchor_trained" not in cells["obqa|full|-"]
+    rows = [line for line in captured.out.splitlines() if line.startswith("| obqa")]
+    assert "| anchor (untrained) |" in rows[1] and "(untrained)" not in rows[0]
+    assert strategy_label({"strategy": "anchor:model=smollm2-135m-anchor-ac", "anchor_trained": True}) == \
+        "anchor:model=smollm2-135m-anchor-ac"
