@@ -1,7 +1,8 @@
 """The README's headline table: needle@2048 per strategy and kept fraction, both query modes, each score with its
 95% interval (Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders
 of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present in two folders
-is taken from the first). Writes the merged results.json and the bench's plot beside it.
+is taken from the first; a results.json file may be named instead of its folder; the device a cell ran on is
+shown). Writes the merged results.json and the bench's plot beside it.
 
     python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
 """
@@ -22,11 +23,15 @@ def main() -> None:
     args = parser.parse_args()
     merged: dict = {"cells": {}}
     for folder in args.folders:
-        results = json.loads((folder / "results.json").read_text())
+        results = json.loads((folder if folder.suffix == ".json" else folder / "results.json").read_text())
         merged.setdefault("environment", results.get("environment"))
+        device = (results.get("environment") or {}).get("device", "cpu")
         for key, cell in results["cells"].items():
-            key = f"{key}|{cell.get('query', '-')}"
-            merged["cells"].setdefault(key, cell)
+            if cell.get("task", "").startswith("needle@"):
+                cell.setdefault("device", device.split(":")[0])
+                if cell["strategy"] == "anchor":  # the bare spec runs on the bench's model: never anchor-trained
+                    cell.setdefault("anchor_trained", False)
+                merged["cells"].setdefault(f"{key}|{cell.get('query', '-')}", cell)
     table = []
     for query in ("after", "before"):
         cells = {k.rsplit("|", 1)[0]: c for k, c in merged["cells"].items() if c.get("query") == query}
@@ -35,16 +40,17 @@ def main() -> None:
         stats.annotate({"cells": cells})
         for cell in cells.values():
             table.append(cell)
-    rows = ["| query | strategy | budget | kept fraction | accuracy [95% CI] | vs full [95% CI] | n |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = ["| query | strategy | budget | kept fraction | accuracy [95% CI] | vs full [95% CI] | n | device |",
+            "|---|---|---:|---:|---:|---:|---:|---|"]
     for cell in sorted(table, key=lambda c: (c["query"], c["budget"], c["strategy"])):
         if cell.get("status") != "ok":
             continue
         ci = cell.get("ci", {}).get("accuracy")
         diff = cell.get("vs_full", {}).get("accuracy")
-        rows.append(f"| {cell['query']} | {cell['strategy']} | {cell['budget']} | {cell['kept_fraction']:.3f} | "
+        rows.append(f"| {cell['query']} | {plots.strategy_label(cell)} | {cell['budget']} | {cell['kept_fraction']:.3f} | "
                     f"{stats.with_interval(cell['accuracy'], ci, '.3f')} | "
-                    f"{stats.difference_text(diff, '.3f') if diff else '-'} | {cell['n_examples']} |")
+                    f"{stats.difference_text(diff, '.3f') if diff else '-'} | {cell['n_examples']} | "
+                    f"{cell['device']} |")
     print("\n".join(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(merged, indent=1))
