@@ -308,17 +308,33 @@ def contains_zero(diff: dict) -> bool:
 SCORED_METRICS = ("accuracy", "loyalty", "perplexity")
 
 
+def _model_of(cell: dict) -> str | None:
+    """The model a cell ran on: its strategy spec's `model=ALIAS`, else the run's model (`cell["model"]`)."""
+    for option in cell.get("strategy", "").split(":")[1:]:
+        key, _, value = option.partition("=")
+        if key.strip() == "model":
+            return value.strip()
+    return cell.get("model")
+
+
 def annotate(results: dict) -> dict:
     """Add to every "ok" cell with per-example data `ci` {metric: interval(...)} and, when the run has the task's
-    `full` cell, `vs_full` {metric: difference(cell, full)}; cells without data get neither. Deterministic
+    `full` cell (on the same model: `full:model=ALIAS` for a row on ALIAS), `vs_full` {metric: difference(cell,
+    full)}; cells without data get neither. Deterministic
     (fixed bootstrap seed) and idempotent; returns `results`."""
     cells = results["cells"]
+    fulls = {}  # (task, model) -> the full cache's cell: a row on `model=ALIAS` is compared with `full` on ALIAS
+    for cell in cells.values():
+        name, *options = cell.get("strategy", "").split(":")
+        if name == "full" and all(o.startswith("model=") for o in options) and cell.get("budget") == "-":
+            fulls.setdefault((cell["task"], _model_of(cell)), cell)
     for cell in cells.values():
         cell.pop("ci", None)
         cell.pop("vs_full", None)
         if cell.get("status") != "ok":
             continue
-        full = cells.get(f"{cell['task']}|full|-")
+        on_other_model = "model=" in cell["strategy"]  # never compared with another model's full cache
+        full = fulls.get((cell["task"], _model_of(cell)), None if on_other_model else cells.get(f"{cell['task']}|full|-"))
         ci, vs_full = {}, {}
         for metric in SCORED_METRICS:
             data = examples(cell, metric)

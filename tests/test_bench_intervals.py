@@ -240,3 +240,24 @@ def test_ties_mark_strategies_whose_interval_to_the_best_contains_zero():
     assert group["below"][0]["difference"]["high"] < 0 < group["tied"][0]["difference"]["high"]
     table = leaderboard.ties_table(results)
     assert "| piqa | 0.1 | a_best 0.800 | b_close -0.020 [" in table and leaderboard.TIES_NOTE in table
+
+
+def test_rows_on_another_model_are_compared_with_that_models_full_cache():
+    """`anchor:model=X` is compared with `full:model=X` on the same examples, never with the bench model's `full`."""
+    def cell(strategy, outcomes, model="base"):
+        return {"task": "piqa", "strategy": strategy, "budget": "-", "status": "ok", "model": model,
+                "metric": "accuracy", "accuracy": sum(outcomes) / len(outcomes), "n_examples": len(outcomes),
+                "example_correct": outcomes}
+
+    trained = "model=smollm2-135m-anchor-ep"
+    results = {"cells": {
+        "piqa|full|-": cell("full", [1, 1, 1, 1, 1, 1]),
+        "piqa|anchor|-": cell("anchor", [1, 1, 1, 0, 0, 0]),
+        f"piqa|full:{trained}|-": cell(f"full:{trained}", [1, 1, 0, 0, 0, 0], "smollm2-135m-anchor-ep"),
+        f"piqa|anchor:{trained}|-": cell(f"anchor:{trained}", [1, 1, 0, 0, 0, 0], "smollm2-135m-anchor-ep"),
+        "piqa|anchor:model=other|-": cell("anchor:model=other", [1, 0, 0, 0, 0, 0], "other"),
+    }}
+    cells = stats.annotate(results)["cells"]
+    assert cells[f"piqa|anchor:{trained}|-"]["vs_full"]["accuracy"]["difference"] == 0.0
+    assert cells["piqa|anchor|-"]["vs_full"]["accuracy"]["difference"] == -0.5
+    assert "vs_full" not in cells["piqa|anchor:model=other|-"]  # no full cache on that model in the run
