@@ -7,6 +7,7 @@ whatever the budget: it runs once per task, budget "-".
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -148,7 +149,8 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     rank, world = process_rank()
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / RESULTS
-    finished = finished_cells(config.out) if config.resume else {}
+    on_disk_at_start = finished_cells(config.out)  # cells written after this are another process's (save_results)
+    finished = finished_cells(config.out) if config.resume else {}  # own copies: annotate() edits these in place
     if world > 1:
         torch.distributed.barrier()  # every rank has read the old files before any rank writes
     results = {"environment": environment(config), "config": describe(config), "cells": dict(finished)}
@@ -184,7 +186,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
                                                                      "cells": done})
             else:
                 results["cells"].update(done)
-                write_json(path, results)
+                save_results(path, results, done, on_disk_at_start)
             bar.update(1)
     finally:
         bar.close()
@@ -201,7 +203,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     results["ties"] = {"definition": leaderboard.TIES_NOTE, "groups": leaderboard.ties(results)}
     if rank == 0:
         results["environment"]["finished_at"] = _now()
-        write_json(path, results)
+        save_results(path, results, done if world == 1 else results["cells"], on_disk_at_start)
         for leftover in config.out.glob("results.rank*.json"):  # merged into results.json now
             leftover.unlink()
     if world > 1:
@@ -447,6 +449,36 @@ def _clean(value):
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     return value
+
+
+def save_results(path: pathlib.Path, results: dict, mine: dict[str, dict], at_start: dict[str, dict]) -> None:
+    """Write `results` to `path` (results.json) without losing the cells another process wrote there meanwhile (two
+    runs given the same --out): under an exclusive lock on `path`.lock, the finished cells in the file that are not
+    as they were when this run started (`at_start`: written since, by another process) join `results["cells"]`,
+    then this run's own cells `mine` take precedence, then the file is replaced atomically. What the file held at
+    the start stays only through `results` (with --resume; without it the run starts a fresh file). Cells keep
+    the order this run gives them; the others follow. (No lock where fcntl is missing: the last writer wins.)"""
+    with _locked(path.with_name(path.name + ".lock")):
+        on_disk = finished_cells(path.parent) if path.is_file() else {}
+        others = {k: v for k, v in on_disk.items() if k not in mine and at_start.get(k) != v}
+        cells = {**results["cells"], **others, **mine}
+        results["cells"] = {key: cells[key] for key in dict.fromkeys([*results["cells"], *others, *mine])}
+        write_json(path, results)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: pathlib.Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json(path: pathlib.Path, data: dict) -> None:

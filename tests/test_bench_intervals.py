@@ -261,3 +261,26 @@ def test_rows_on_another_model_are_compared_with_that_models_full_cache():
     assert cells[f"piqa|anchor:{trained}|-"]["vs_full"]["accuracy"]["difference"] == 0.0
     assert cells["piqa|anchor|-"]["vs_full"]["accuracy"]["difference"] == -0.5
     assert "vs_full" not in cells["piqa|anchor:model=other|-"]  # no full cache on that model in the run
+
+
+def test_two_runs_sharing_one_out_folder_keep_each_others_cells(tmp_path):
+    """Two bench processes given the same --out (each with --resume): a save never drops the cells the other wrote
+    since this one started; this run's own cells win for the cells it ran."""
+    path = tmp_path / runner.RESULTS
+    mine_at_start = {"a|full|-": {"status": "ok", "accuracy": 1.0}}
+    results = {"environment": {}, "config": {}, "cells": dict(mine_at_start)}
+    # meanwhile another process wrote its own cell and a newer copy of "a"
+    runner.write_json(path, {"cells": {"a|full|-": {"status": "ok", "accuracy": 0.5},
+                                       "b|tova|0.1": {"status": "ok", "accuracy": 0.25}}})
+    done = {"c|snapkv|0.1": {"status": "ok", "accuracy": 0.75}}
+    results["cells"].update(done)
+    runner.save_results(path, results, done, at_start={})
+    cells = json.loads(path.read_text())["cells"]
+    assert list(cells) == ["a|full|-", "c|snapkv|0.1", "b|tova|0.1"]
+    assert cells["a|full|-"]["accuracy"] == 0.5  # the other process's newer copy, not this run's stale one
+    assert cells["b|tova|0.1"]["accuracy"] == 0.25 and cells["c|snapkv|0.1"]["accuracy"] == 0.75
+    # a run without --resume starts a fresh file: what the file held when it started is not carried over
+    at_start = json.loads(path.read_text())["cells"]
+    fresh = {"d|full|-": {"status": "ok", "accuracy": 1.0}}
+    runner.save_results(path, {"environment": {}, "config": {}, "cells": dict(fresh)}, fresh, at_start)
+    assert list(json.loads(path.read_text())["cells"]) == ["d|full|-"]
