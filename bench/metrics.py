@@ -36,12 +36,12 @@ def kv_stats(cache, model, seen_tokens: int) -> dict:
     Returns:
         kv_bytes: exact bytes of the kept keys and values (`cache.kv_bytes_used()`).
         kv_bytes_allocated: bytes of the slot buffers (`cache.kv_bytes()`: capacity, free slots included).
-        kv_tokens_kept: kept tokens per layer, averaged over layers.
+        kv_tokens_kept: kept tokens per layer and kv head, averaged over layers and kv heads.
         kept_fraction: kv_tokens_kept / seen_tokens.
         kv_bytes_fraction: kv_bytes / bytes a full cache would hold for `seen_tokens` (equals kept_fraction when
             the cache stores nothing but the kept tokens).
     """
-    kept = cache.kept_counts().float()[:, 0].mean().item()
+    kept = cache.mean_kept_counts()[:, 0].mean().item()
     full = kv_bytes_per_token(model) * seen_tokens
     nbytes = int(cache.kv_bytes_used())
     return {

@@ -905,6 +905,11 @@ class CompressedCache(Cache):
         """(L, B) long: kept tokens per layer and row (the largest count over kv heads)."""
         return torch.stack([layer.valid.sum(dim=-1).amax(dim=-1) for layer in self.layers])
 
+    def mean_kept_counts(self) -> torch.Tensor:
+        """(L, B) float: kept tokens per layer and row, averaged over kv heads (with head-adaptive budgets, kvzip's
+        global allocation or AdaKV, heads keep different counts; `kept_counts` gives the largest)."""
+        return torch.stack([layer.valid.sum(dim=-1).double().mean(dim=-1) for layer in self.layers])
+
     def kept_positions(self, layer_idx: int = 0, head: int = 0) -> list[list[int]]:
         """Stream positions kept by `layer_idx` (kv head `head`), one sorted list per row."""
         positions = self.layers[layer_idx].positions

@@ -248,6 +248,21 @@ def test_kv_stats_average_layers_that_keep_different_counts():
     assert stats["kv_bytes"] == 60 * metrics.kv_bytes_per_token(model) // 3 and stats["kv_bytes_fraction"] == 0.5
 
 
+def test_kv_stats_average_kv_heads_that_keep_different_counts():
+    """kvzip's global allocation keeps `budget` pairs per layer and kv head on average, heads keeping different
+    counts: the kept fraction is that average (0.25 here), not the largest head's count (which is more)."""
+    from kvcompress.strategies import KVzipCache
+    from kvcompress.testing import CharTokenizer
+
+    model = tiny_llama(vocab_size=VOCAB)
+    cache = KVzipCache(model, CharTokenizer(), budget=10, n_sink=0)
+    metrics.prefill(model, cache, torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3)))
+    counts = torch.stack([layer.valid.sum(dim=-1)[0] for layer in cache.layers])  # (L, Hkv)
+    assert counts.float().mean().item() == 10 and counts.max() > 10  # unequal heads, 10 on average
+    stats = metrics.kv_stats(cache, model, 40)
+    assert stats["kv_tokens_kept"] == 10 and stats["kept_fraction"] == 0.25 == stats["kv_bytes_fraction"]
+
+
 def test_pyramidkv_cell_reports_the_mean_over_layers(tiny_dir, tmp_path, capsys):
     """The same through the CLI: a cell of a strategy whose layers keep different counts reports the mean over
     layers, and its kept fraction equals its KV-bytes fraction."""
