@@ -40,14 +40,16 @@ def main() -> None:
         stats.annotate({"cells": cells})
         for cell in cells.values():
             table.append(cell)
-    rows = ["| query | strategy | budget | kept fraction | accuracy [95% CI] | vs full [95% CI] | n | device |",
+    # KV bytes kept (relative to the full cache): the mean over layers AND kv heads; the kept fraction of cells run
+    # before 2026-11-30 took the largest kv head's count, which overstates kvzip's global allocation
+    rows = ["| query | strategy | budget | KV bytes kept | accuracy [95% CI] | vs full [95% CI] | n | device |",
             "|---|---|---:|---:|---:|---:|---:|---|"]
     for cell in sorted(table, key=lambda c: (c["query"], c["budget"], c["strategy"])):
         if cell.get("status") != "ok":
             continue
         ci = cell.get("ci", {}).get("accuracy")
         diff = cell.get("vs_full", {}).get("accuracy")
-        rows.append(f"| {cell['query']} | {plots.strategy_label(cell)} | {cell['budget']} | {cell['kept_fraction']:.3f} | "
+        rows.append(f"| {cell['query']} | {plots.strategy_label(cell)} | {cell['budget']} | {cell['kv_bytes_fraction']:.3f} | "
                     f"{stats.with_interval(cell['accuracy'], ci, '.3f')} | "
                     f"{stats.difference_text(diff, '.3f') if diff else '-'} | {cell['n_examples']} | "
                     f"{cell['device']} |")
