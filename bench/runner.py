@@ -8,6 +8,7 @@ whatever the budget: it runs once per task, budget "-".
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import math
@@ -150,7 +151,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     path = config.out / RESULTS
     on_disk_at_start = finished_cells(config.out)  # cells written after this are another process's (save_results)
-    finished = finished_cells(config.out) if config.resume else {}  # own copies: annotate() edits these in place
+    finished = copy.deepcopy(on_disk_at_start) if config.resume else {}  # own copies: annotate() edits these
     if world > 1:
         torch.distributed.barrier()  # every rank has read the old files before any rank writes
     results = {"environment": environment(config), "config": describe(config), "cells": dict(finished)}
@@ -459,10 +460,8 @@ def save_results(path: pathlib.Path, results: dict, mine: dict[str, dict], at_st
     the start stays only through `results` (with --resume; without it the run starts a fresh file). Cells keep
     the order this run gives them; the others follow. (No lock where fcntl is missing: the last writer wins.)"""
     with _locked(path.with_name(path.name + ".lock")):
-        on_disk = finished_cells(path.parent) if path.is_file() else {}
-        others = {k: v for k, v in on_disk.items() if k not in mine and at_start.get(k) != v}
-        cells = {**results["cells"], **others, **mine}
-        results["cells"] = {key: cells[key] for key in dict.fromkeys([*results["cells"], *others, *mine])}
+        others = {k: v for k, v in finished_cells(path.parent).items() if k not in mine and at_start.get(k) != v}
+        results["cells"] = {**results["cells"], **others, **mine}
         write_json(path, results)
 
 

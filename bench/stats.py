@@ -44,6 +44,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kvcompress.registry import split_spec
+
 CONFIDENCE = 0.95
 RESAMPLES = 4000
 SEED = 0
@@ -310,11 +312,7 @@ SCORED_METRICS = ("accuracy", "loyalty", "perplexity")
 
 def _model_of(cell: dict) -> str | None:
     """The model a cell ran on: its strategy spec's `model=ALIAS`, else the run's model (`cell["model"]`)."""
-    for option in cell.get("strategy", "").split(":")[1:]:
-        key, _, value = option.partition("=")
-        if key.strip() == "model":
-            return value.strip()
-    return cell.get("model")
+    return split_spec(cell.get("strategy", ""))[1].get("model") or cell.get("model")
 
 
 def annotate(results: dict) -> dict:
@@ -325,15 +323,15 @@ def annotate(results: dict) -> dict:
     cells = results["cells"]
     fulls = {}  # (task, model) -> the full cache's cell: a row on `model=ALIAS` is compared with `full` on ALIAS
     for cell in cells.values():
-        name, *options = cell.get("strategy", "").split(":")
-        if name == "full" and all(o.startswith("model=") for o in options) and cell.get("budget") == "-":
+        name, options = split_spec(cell.get("strategy", ""))
+        if name == "full" and set(options) <= {"model"} and cell.get("budget") == "-":
             fulls.setdefault((cell["task"], _model_of(cell)), cell)
     for cell in cells.values():
         cell.pop("ci", None)
         cell.pop("vs_full", None)
         if cell.get("status") != "ok":
             continue
-        on_other_model = "model=" in cell["strategy"]  # never compared with another model's full cache
+        on_other_model = "model" in split_spec(cell["strategy"])[1]  # never compared with another model's full cache
         full = fulls.get((cell["task"], _model_of(cell)), None if on_other_model else cells.get(f"{cell['task']}|full|-"))
         ci, vs_full = {}, {}
         for metric in SCORED_METRICS:

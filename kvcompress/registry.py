@@ -45,8 +45,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     "snapkv:kv_bits=4". The bench also takes `model=ALIAS` (that row runs on another model, e.g. an anchor-trained
     one: "anchor:model=smollm2-135m-anchor-ac"). Returns (name, options); KeyError for an unknown name, ValueError
     for a malformed option."""
+    get(spec.strip().split(":")[0])
+    return split_spec(spec)
+
+
+def split_spec(spec: str) -> tuple[str, dict]:
+    """`parse_spec` without looking the name up (a spec recorded in results, whose strategy this process may not
+    have registered). ValueError for a malformed option."""
     name, *parts = spec.strip().split(":")
-    get(name)
     options = {}
     for part in parts:
         key, sep, text = part.partition("=")
