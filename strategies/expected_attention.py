@@ -9,7 +9,7 @@ from einops import einsum, rearrange
 
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
-from ..rope import RotaryPositions, serving_layer
+from ..rope import RotaryPositions, rotate_half, serving_layer
 from ..selection import (
     STREAM_RANK,
     adaptive_top_k,
@@ -27,6 +27,24 @@ from ..validate import as_int
 
 
 VALUE_NORMS = "value_norm"  # per-slot state: ||v|| of each slot's value, computed once per token
+EXPECTED_LOGIT = "expected_logit"  # per-slot state j (rescore_every > 1): z of query head j of the slot's kv group
+
+
+def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """R x along the last axis for R = diag(cos) + diag(sin) P, P x = rotate_half(x) = (-x2, x1): the (d, d) matrix
+    a RoPE table's averaged cos/sin stand for, applied in O(d) per vector (x @ R^T for rows)."""
+    cos, sin = rotation
+    return x * cos + rotate_half(x) * sin
+
+
+def logits_of(keys: torch.Tensor, linear: torch.Tensor, quadratic: torch.Tensor | None) -> torch.Tensor:
+    """(B, Hkv, g, S) z_h of the keys (B, Hkv, S, d) for the g query heads of each kv head
+    (`ExpectedAttentionCache.score_parameters`)."""
+    logits = linear @ keys.transpose(-1, -2)
+    if quadratic is None:
+        return logits
+    projected = (keys @ quadratic).unflatten(-1, (linear.shape[2], -1))  # (B, Hkv, S, g, d)
+    return logits + (projected * keys.unsqueeze(-2)).sum(dim=-1).transpose(-1, -2)
 
 
 @register("expected_attention")
@@ -95,6 +113,13 @@ class ExpectedAttentionCache(CompressedCache):
             all its kv heads together, each keeping at least floor(alpha x (budget - n_sink)); stored in pages per kv
             head, so the memory follows the unequal counts).
         alpha: AdaKV's safeguard fraction in [0, 1].
+        rescore_every: N >= 1. 1 (default): exact, every decode step over budget rescores every kept key. N > 1: an
+            APPROXIMATION for faster decoding (allocation="head" only): a decode step recomputes every kept key's
+            logit z_h only every N-th decode step of a layer (and the first after a prefill or chunk, which go
+            through `select`, exact); in between, kept keys keep the logits of their last rescoring and a new
+            token's logit is computed with that rescoring's mu, Sigma and R (O(Hq d^2) for one key); the softmax,
+            the group mean and the value norms are recomputed from those logits each step (O(Hq S)). Per-slot
+            state: g float32 logits per kv head and slot (12 B on SmolLM2-135M, beside 512 B of key and value).
     """
 
     uses_budget = True
@@ -113,9 +138,14 @@ class ExpectedAttentionCache(CompressedCache):
         positions: str = "original",
         allocation: str = "head",
         alpha: float = 0.2,
+        rescore_every: int = 1,
     ):
         budget = as_int(budget, "budget", minimum=1)
         check_allocation(allocation, alpha)
+        rescore_every = as_int(rescore_every, "rescore_every", minimum=1)
+        if rescore_every > 1 and allocation != "head":
+            raise ValueError(f"rescore_every > 1 applies to allocation='head' decode steps; allocation={allocation!r} "
+                             "re-splits the budget through select at every step")
         n_future_positions = as_int(n_future_positions, "n_future_positions", minimum=1)
         n_sink = as_int(n_sink, "n_sink", minimum=0)
         if n_sink >= budget:
@@ -134,7 +164,7 @@ class ExpectedAttentionCache(CompressedCache):
             ) from None
         super().__init__(model, positions=positions)
         self.budget, self.n_future_positions, self.n_sink = budget, n_future_positions, n_sink
-        self.allocation, self.alpha = allocation, float(alpha)
+        self.allocation, self.alpha, self.rescore_every = allocation, float(alpha), rescore_every
         self.use_covariance, self.use_vnorm, self.epsilon = use_covariance, use_vnorm, float(epsilon)
         self._scaling = {  # layer -> the softmax scale of its attention module
             m.layer_idx: m.scaling
@@ -143,8 +173,10 @@ class ExpectedAttentionCache(CompressedCache):
         }
         self._rotary: RotaryPositions | None = None
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
-        self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), (d, d) mean rotation)
+        self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), the mean rotation as (cos, sin))
         self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
+        self._rescored: dict = {}  # rescore_every > 1: layer -> [(linear, quadratic) of its last rescoring, steps since]
+        self._pending: dict = {}  # layer -> [(queries, real), ...] not yet in its statistics (`statistics`)
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> ExpectedAttentionCache:
@@ -161,11 +193,11 @@ class ExpectedAttentionCache(CompressedCache):
         return self._rotary
 
     def pre_rope_queries(self, layer: CompressedLayer, queries: torch.Tensor) -> torch.Tensor:
-        """(B, Hq, q, d) observed queries un-rotated at their stream positions (see the class docstring); their
-        cos/sin are computed once per forward and RoPE table (every layer of a table un-rotates the same
-        positions)."""
-        start = layer.seen - layer.new_tokens
-        positions = torch.arange(start, layer.seen, device=queries.device).expand(queries.shape[0], -1)
+        """(B, Hq, q, d) observed queries of the stream positions seen - q .. seen - 1, un-rotated there (see the
+        class docstring); their cos/sin are computed once per forward and RoPE table (every layer of a table
+        un-rotates the same positions)."""
+        positions = torch.arange(layer.seen - queries.shape[2], layer.seen, device=queries.device)
+        positions = positions.expand(queries.shape[0], -1)
         with serving_layer(layer.layer_idx):
             rotary = self.rotary()
             key = (rotary.layer_type(), layer.seen, tuple(positions.shape), queries.dtype, queries.device)
@@ -174,9 +206,10 @@ class ExpectedAttentionCache(CompressedCache):
                 memo[key[0]] = (key, rotary.cos_sin(queries, positions))
             return rotary.unrotate(queries, positions, cos_sin=memo[key[0]][1])
 
-    def future_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
-        """(d, d) float64: the mean of the RoPE matrices of stream positions seen .. seen + T - 1 (computed once per
-        forward and RoPE table: every layer of a table shares it)."""
+    def future_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """R, the mean of the RoPE matrices of stream positions seen .. seen + T - 1, as its (cos, sin) diagonals
+        ((d,) float64 each: R = diag(cos) + diag(sin) P with P x = rotate_half(x); `rotate` applies it). Computed
+        once per forward and RoPE table: every layer of a table shares it."""
         with serving_layer(layer.layer_idx):
             table = self.rotary().layer_type()
         key = (table, layer.seen, self.n_future_positions, like.device)
@@ -186,16 +219,11 @@ class ExpectedAttentionCache(CompressedCache):
             self._rotation_memo[table] = memo
         return memo[1]
 
-    def _mean_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> torch.Tensor:
+    def _mean_rotation(self, layer: CompressedLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(layer.seen, layer.seen + self.n_future_positions, device=like.device)[None]
         with serving_layer(layer.layer_idx):
             cos, sin = self.rotary().cos_sin(like.float(), positions)  # (1, 1, T, d)
-        cos, sin = cos[0, 0].double().mean(0), sin[0, 0].double().mean(0)
-        d = cos.shape[-1]
-        half = torch.eye(d // 2, dtype=torch.float64, device=like.device)
-        rotate_half = torch.zeros(d, d, dtype=torch.float64, device=like.device)
-        rotate_half[: d // 2, d // 2 :], rotate_half[d // 2 :, : d // 2] = -half, half  # P x = rotate_half(x)
-        return torch.diag(cos) + torch.diag(sin) @ rotate_half
+        return cos[0, 0].double().mean(0), sin[0, 0].double().mean(0)
 
     @staticmethod
     def real_new_tokens(layer: CompressedLayer) -> torch.Tensor:
@@ -208,8 +236,22 @@ class ExpectedAttentionCache(CompressedCache):
         hits.scatter_add_(1, (positions - start).clamp(min=0), (positions >= start).long())
         return hits > 0
 
-    def _update_statistics(self, layer: CompressedLayer) -> dict[str, torch.Tensor]:
-        queries = layer.observation.queries  # (B, Hq, q, d)
+    def _update_statistics(self, layer: CompressedLayer, defer: bool = False) -> dict[str, torch.Tensor] | None:
+        """Add this forward's real queries to the layer's running statistics and return them; with `defer` (decode
+        steps under rescore_every > 1, which need the statistics only when they rescore) the queries wait in a
+        list until `statistics` folds them in, all at once."""
+        pending = self._pending.setdefault(layer.layer_idx, [])
+        pending.append((layer.observation.queries, self.real_new_tokens(layer)))  # (B, Hq, q, d), (B, q)
+        return None if defer else self.statistics(layer)
+
+    def statistics(self, layer: CompressedLayer) -> dict[str, torch.Tensor]:
+        """The layer's statistics (count (B,), real (B,), s1 (B, Hq, d), s2 (B, Hq, d, d)) with every query of the
+        forwards so far folded in: those waiting are consecutive stream positions ending at `layer.seen`."""
+        pending = self._pending.pop(layer.layer_idx, [])
+        if not pending:
+            return self._stats[layer.layer_idx]
+        queries = pending[0][0] if len(pending) == 1 else torch.cat([q for q, _ in pending], dim=2)
+        real = pending[0][1] if len(pending) == 1 else torch.cat([r for _, r in pending], dim=1)
         batch, heads, _, dim = queries.shape
         stats = self._stats.get(layer.layer_idx)
         if stats is None:
@@ -220,7 +262,6 @@ class ExpectedAttentionCache(CompressedCache):
                 "s2": torch.zeros(batch, heads, dim, dim, dtype=torch.float64, device=queries.device),
             }
             self._stats[layer.layer_idx] = stats
-        real = self.real_new_tokens(layer)  # (B, q)
         rank = stats["real"][:, None] + real.cumsum(dim=1) - 1  # index among the row's real tokens
         use = (real & (rank >= self.n_sink)).double()
         stats["real"] = stats["real"] + real.sum(dim=1)
@@ -237,26 +278,39 @@ class ExpectedAttentionCache(CompressedCache):
         """(B, Hkv, S) expected-attention scores of the slots; `candidates` (B, Hkv, S) bool are the slots the
         softmax runs over (others get 0). Statistics and R in float64; the per-key products in the keys' dtype
         promoted to at least float32 (the O(Hq S d^2) part)."""
+        keys = self.stored_keys(layer)
+        return self.probabilities(layer, logits_of(keys, *self.score_parameters(layer, stats, keys)), candidates)
+
+    @staticmethod
+    def stored_keys(layer: CompressedLayer) -> torch.Tensor:
+        """(B, Hkv, S, d) the layer's keys as stored, promoted to at least float32."""
         keys = layer.keys[:, :, : layer.used]
         dtype = torch.promote_types(keys.dtype, torch.float32)
-        keys = keys if keys.dtype == dtype else keys.to(dtype)  # (B, Hkv, S, d)
+        return keys if keys.dtype == dtype else keys.to(dtype)
+
+    def score_parameters(self, layer: CompressedLayer, stats: dict[str, torch.Tensor], keys: torch.Tensor):
+        """(linear, quadratic) of z_h(k) = linear_h . k + k^T quadratic_h k for the g query heads of each kv head:
+        linear (B, Hkv, g, d) = s R mu_h; quadratic (B, Hkv, d, g * d) = s^2 / 2 R Sigma_h R^T side by side, or None
+        without the covariance; in the dtype of `keys`."""
         count = stats["count"].clamp(min=1)[:, None, None]
         mean = stats["s1"] / count  # (B, Hq, d) float64
         rotation = self.future_rotation(layer, keys)
         groups = mean.shape[1] // keys.shape[1]
         scale = self._scaling.get(layer.layer_idx, keys.shape[-1] ** -0.5)
-        linear = rearrange(scale * mean @ rotation.T, "b (h g) d -> b h g d", g=groups).to(dtype)
-        logits = linear.unsqueeze(-2) @ keys.unsqueeze(2).transpose(-1, -2)  # (B, Hkv, g, 1, d) x (B, Hkv, 1, d, S)
-        if self.use_covariance:
-            cov = stats["s2"] / count[..., None] - einsum(mean, mean, "b h d, b h e -> b h d e")
-            # the g quadratic forms of a kv head side by side, (B, Hkv, d, g * d): one product with the keys, which
-            # are not copied g times (bitwise the per-head products)
-            quadratic = rearrange(0.5 * scale**2 * rotation @ cov @ rotation.T, "b (h g) d e -> b h d (g e)", g=groups)
-            projected = (keys @ quadratic.to(dtype)).unflatten(-1, (groups, -1))  # (B, Hkv, S, g, d)
-            quadratic_term = (projected * keys.unsqueeze(-2)).sum(dim=-1).transpose(-1, -2)  # (B, Hkv, g, S)
-            logits = logits + quadratic_term.unsqueeze(-2)
+        linear = rearrange(scale * rotate(mean, rotation), "b (h g) d -> b h g d", g=groups).to(keys.dtype)
+        if not self.use_covariance:
+            return linear, None
+        cov = stats["s2"] / count[..., None] - einsum(mean, mean, "b h d, b h e -> b h d e")
+        # R Sigma R^T = R (Sigma R^T): two O(d^2) rotations of the rows, no (d, d) matrix product
+        turned = rotate(rotate(cov, rotation).transpose(-1, -2), rotation).transpose(-1, -2)
+        # the g quadratic forms of a kv head side by side: one product with the keys, which are not copied g times
+        return linear, rearrange(0.5 * scale**2 * turned, "b (h g) d e -> b h d (g e)", g=groups).to(keys.dtype)
+
+    def probabilities(self, layer: CompressedLayer, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, S) scores from the logits (B, Hkv, g, S): softmax over the candidates per query head, mean over
+        the kv group, times the value norm."""
         others = ~candidates
-        logits = logits.squeeze(-2).masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
+        logits = logits.masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
         probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
         if self.use_vnorm:
             if self.epsilon:
@@ -315,9 +369,10 @@ class ExpectedAttentionCache(CompressedCache):
         (`decode_stream_rank`), not from a ranking. Incremental: the query statistics (the step's query only), the
         new value's norm, the rank. Not incremental, by definition: the score of every kept key, recomputed when a
         row is over budget (mu, Sigma and the averaged rotation R all change every step, and z_h(k) depends on
-        them through k^T (R Sigma R^T) k: O(Hq S d^2)). allocation="adakv" always goes through `select`: a row's
-        budget is re-split among its kv heads each step, so a step frees up to Hkv pairs anywhere in the row (each
-        head above its floor), not one per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
+        them through k^T (R Sigma R^T) k: O(Hq S d^2)), unless rescore_every > 1 (the approximation in the class
+        docstring; `reused_logits`). allocation="adakv" always goes through `select`: a row's budget is re-split
+        among its kv heads each step, so a step frees up to Hkv pairs anywhere in the row (each head above its
+        floor), not one per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
         if self.allocation == "adakv":
             super().evict(layer)
             return
@@ -325,13 +380,14 @@ class ExpectedAttentionCache(CompressedCache):
         if layer.new_tokens != 1 or redefines(self, ExpectedAttentionCache, "select") or not per_head \
                 or (self.n_sink and STREAM_RANK not in layer.state):
             super().evict(layer)
+            self._rescored.pop(layer.layer_idx, None)  # rescore_every > 1: the next decode step rescores
             if self.n_sink:
                 record_stream_rank(layer)
         else:
             self._evict_decode_step(layer)
 
     def _evict_decode_step(self, layer: CompressedLayer) -> None:
-        stats = self._update_statistics(layer)
+        stats = self._update_statistics(layer, defer=self.rescore_every > 1)
         self.track_value_norms(layer)
         valid = layer.valid  # (B, Hkv, S)
         count = valid.sum(dim=-1, keepdim=True)
@@ -340,8 +396,36 @@ class ExpectedAttentionCache(CompressedCache):
             rank = decode_stream_rank(layer, count)
             candidates = valid & (rank >= self.n_sink)
         over = count > self.budget
-        if bool(over.any()):
+        if self.rescore_every > 1:
+            logits = self.reused_logits(layer)  # every step: the new token's logit is recorded
+            if bool(over.any()):
+                free_one(layer, lowest(self.probabilities(layer, logits, candidates), candidates), over, rank)
+        elif bool(over.any()):
             free_one(layer, lowest(self.scores(layer, stats, candidates), candidates), over, rank)
+
+    def reused_logits(self, layer: CompressedLayer) -> torch.Tensor:
+        """(B, Hkv, g, S) logits for a decode step under rescore_every = N > 1: all recomputed (and kept in per-slot
+        state) on the first decode step after `select` and every N-th after it; otherwise those kept, plus the
+        new token's from the parameters of the last rescoring."""
+        keys = self.stored_keys(layer)
+        heads, groups = keys.shape[1], layer.observation.queries.shape[1] // keys.shape[1]
+        kept = [layer.slot_state(f"{EXPECTED_LOGIT}{j}", heads=heads, dtype=keys.dtype) for j in range(groups)]
+        memo = self._rescored.get(layer.layer_idx)
+        if memo is None or memo[1] >= self.rescore_every:
+            parameters = self.score_parameters(layer, self.statistics(layer), keys)
+            logits = logits_of(keys, *parameters)
+            for j, state in enumerate(kept):
+                state[..., : layer.used] = logits[:, :, j]
+            self._rescored[layer.layer_idx] = [parameters, 1]
+            return logits
+        memo[1] += 1
+        written, slot = layer.new_slot_mask().expand(-1, heads, -1).max(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        fresh = logits_of(keys.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])), *memo[0])
+        every_row = bool(written.all())  # no pad among the new tokens (the usual decode step)
+        for j, state in enumerate(kept):
+            state.scatter_(-1, slot, fresh[:, :, j] if every_row else
+                           torch.where(written, fresh[:, :, j], state.gather(-1, slot)))
+        return torch.stack([state[..., : layer.used] for state in kept], dim=2)
 
     # per-row state --------------------------------------------------------------------------------------------------
     def _reindex_rows(self, index: torch.Tensor) -> None:
@@ -349,10 +433,15 @@ class ExpectedAttentionCache(CompressedCache):
         for stats in self._stats.values():
             for name, value in stats.items():
                 stats[name] = value[index.to(value.device)]
+        for memo in self._rescored.values():
+            memo[0] = tuple(None if value is None else value[index.to(value.device)] for value in memo[0])
+        for pending in self._pending.values():
+            pending[:] = [(queries[index.to(queries.device)], real[index.to(real.device)]) for queries, real in pending]
 
     def reset(self) -> None:
         super().reset()
-        self._stats, self._rotation_memo, self._unrotation_memo = {}, {}, {}
+        self._stats, self._rotation_memo, self._unrotation_memo, self._rescored = {}, {}, {}, {}
+        self._pending = {}
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()

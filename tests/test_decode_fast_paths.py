@@ -26,6 +26,7 @@ from kvcompress import (
     attention,
 )
 from kvcompress.cache import CompressedCache
+from kvcompress.strategies.expected_attention import logits_of
 from kvcompress.selection import STREAM_RANK, decode_stream_rank, free_one, lowest, record_stream_rank, top_k
 from kvcompress.testing import left_padded, tiny_llama
 
@@ -260,7 +261,7 @@ class _EAStatisticsSkipped(ExpectedAttentionCache):
     """Planted: the decode step's query does not join the running statistics."""
 
     def _evict_decode_step(self, layer):
-        self._update_statistics = lambda layer: self._stats[layer.layer_idx]
+        self._update_statistics = lambda layer, defer=False: self._stats[layer.layer_idx]
         try:
             super()._evict_decode_step(layer)
         finally:
@@ -431,3 +432,109 @@ def test_decode_attention_check_catches_a_planted_bug():
     check_decode_attention_is_bitwise_general(attention._decode_attention, query, key, value, mask, None)
     with pytest.raises(AssertionError):
         check_decode_attention_is_bitwise_general(_decode_attention_seen_rows_only, query, key, value, mask, None)
+
+
+# --- expected_attention's rescore_every approximation --------------------------------------------------------------
+class _EARescoredReference(ExpectedAttentionCache):
+    """The definition of rescore_every = N > 1, computed the long way: every decode step recomputes EVERY kept key's
+    logit, with the parameters (mu, Sigma, R) of the layer's last rescoring (the first decode step after a forward
+    through `select`, then every N-th decode step). The class under test keeps logits in per-slot state instead and
+    computes only the new token's."""
+
+    def evict(self, layer):
+        self._decode_step = False
+        super().evict(layer)
+        if not self._decode_step:
+            self.__dict__.setdefault("_snapshots", {}).pop(layer.layer_idx, None)
+
+    def _evict_decode_step(self, layer):
+        self._decode_step = True
+        stats = self._update_statistics(layer)
+        self.track_value_norms(layer)
+        valid = layer.valid
+        count = valid.sum(dim=-1, keepdim=True)
+        candidates, rank = valid, None
+        if self.n_sink:
+            rank = decode_stream_rank(layer, count)
+            candidates = valid & (rank >= self.n_sink)
+        keys = self.stored_keys(layer)
+        snapshots = self.__dict__.setdefault("_snapshots", {})
+        snapshot = snapshots.get(layer.layer_idx)
+        if snapshot is None or snapshot[1] == self.rescore_every:
+            snapshot = snapshots[layer.layer_idx] = [self.score_parameters(layer, stats, keys), 0]
+        snapshot[1] += 1
+        logits = logits_of(keys, *snapshot[0])
+        over = count > self.budget
+        if bool(over.any()):
+            free_one(layer, lowest(self.probabilities(layer, logits, candidates), candidates), over, rank)
+
+
+def check_rescored_logits(cache_cls, rows, continuation, chunk, options):
+    expected_logits, expected_kept = _run(_EARescoredReference, rows, continuation, chunk, options)
+    logits, kept = _run(cache_cls, rows, continuation, chunk, options)
+    for forward, (got, want) in enumerate(zip(kept, expected_kept)):
+        assert got == want, f"forward {forward}: kept sets differ from the rescored definition's"
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=0)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_expected_attention_rescore_every_keeps_what_its_definition_keeps(data):
+    """rescore_every = N (2-4) over left-padded batches, chunked prefills, the paged layout and demotion. Not with
+    kv_bits: a page quantized between two rescorings changes its keys, whose kept logits stay those of the last
+    rescoring (the docstring says so), while the long way reads the keys as stored now."""
+    rows, continuation, chunk, options = data.draw(examples(ExpectedAttentionCache))
+    if options.get("allocation") == "adakv" or "kv_bits" in options:
+        options = {k: v for k, v in options.items() if k not in ("allocation", "alpha", "kv_bits", "residual")}
+    options["rescore_every"] = data.draw(st.integers(2, 4))
+    check_rescored_logits(ExpectedAttentionCache, rows, continuation, chunk, options)
+
+
+class _EANeverRescores(ExpectedAttentionCache):
+    """Planted: the logits of the first decode step's rescoring are reused for ever (the count never reaches N)."""
+
+    def reused_logits(self, layer):
+        memo = self._rescored.get(layer.layer_idx)
+        if memo is not None:
+            memo[1] = 1
+        return super().reused_logits(layer)
+
+
+class _EANewTokenUnscored(ExpectedAttentionCache):
+    """Planted: between rescorings the new token's logit is not recorded (its slot keeps what a freed token left)."""
+
+    def reused_logits(self, layer):
+        memo = self._rescored.get(layer.layer_idx)
+        if memo is None or memo[1] >= self.rescore_every:
+            return super().reused_logits(layer)
+        memo[1] += 1
+        groups = layer.observation.queries.shape[1] // layer.keys.shape[1]
+        return torch.stack([layer.state[f"expected_logit{j}"][..., : layer.used] for j in range(groups)], dim=2)
+
+
+class _EADeferredQueriesLost(ExpectedAttentionCache):
+    """Planted: the decode steps' queries, deferred until the next rescoring, never reach the statistics."""
+
+    def _update_statistics(self, layer, defer=False):
+        return None if defer else super()._update_statistics(layer)
+
+
+@pytest.mark.parametrize("planted", [_EANeverRescores, _EANewTokenUnscored, _EADeferredQueriesLost],
+                         ids=lambda p: p.__name__.strip("_"))
+def test_planted_rescore_bugs_are_caught(planted):
+    options = {"budget": 5, "n_sink": 1, "use_vnorm": False, "rescore_every": 3}
+    check_rescored_logits(ExpectedAttentionCache, PLANTED_ROWS, PLANTED_CONTINUATION, None, options)
+    with pytest.raises(AssertionError):
+        check_rescored_logits(planted, PLANTED_ROWS, PLANTED_CONTINUATION, None, options)
+
+
+def test_rescore_every_one_is_exact_and_bad_values_are_refused():
+    """rescore_every=1 (the default) is the exact strategy: the same kept sets as `select` (the check above); other
+    values: a clear error naming the parameter."""
+    check_fast_path_equals_select(ExpectedAttentionCache, ExpectedAttentionCache, PLANTED_ROWS, PLANTED_CONTINUATION,
+                                  None, {"budget": 5, "n_sink": 1, "rescore_every": 1})
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises((ValueError, TypeError), match="rescore_every"):
+            ExpectedAttentionCache(MODEL, budget=5, rescore_every=bad)
+    with pytest.raises(ValueError, match="rescore_every"):
+        ExpectedAttentionCache(MODEL, budget=5, rescore_every=2, allocation="adakv")
