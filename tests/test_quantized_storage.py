@@ -81,6 +81,39 @@ def test_packing_round_trips_every_code(bits):
     assert torch.equal(Q.unpack(packed, bits, 17), codes)
 
 
+def _unpack_as_shift_only(packed, bits, size, dtype):
+    """Planted: codes taken as the shifted words' bytes without the per-byte mask (what the next byte or the sign
+    carries in stays)."""
+    per_byte, words = 8 // bits, packed.contiguous().view(torch.int64)
+    out = torch.empty(*packed.shape, per_byte, dtype=dtype)
+    for i in range(per_byte):
+        out[..., i] = (words >> (i * bits)).view(torch.uint8) & (2**bits - 1) if i == 0 else (
+            words >> (i * bits)).view(torch.uint8)
+    return out.flatten(-2)[..., :size]
+
+
+def check_unpack_as(unpack_as, bits, size, dtype):
+    g = torch.Generator().manual_seed(bits * 1000 + size)
+    codes = torch.randint(0, 2**bits, (3, 4, size), dtype=torch.uint8, generator=g)
+    codes[0] = 2**bits - 1  # every byte 0xff: the int64 words are negative, and shifts carry ones in
+    got = unpack_as(Q.pack(codes, bits), bits, size, dtype)
+    assert got.dtype == dtype and torch.equal(got, codes.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bits", Q.BITS)
+@pytest.mark.parametrize("size", [12, 16, 17, 20, 32, 48, 64, 128])  # packed widths tiled by int64, int32, int16, bytes
+def test_unpack_as_is_unpack_then_convert(bits, size, dtype):
+    """The wide-word unpacking `dequantize` uses gives the codes `unpack` gives, in the cache dtype."""
+    check_unpack_as(Q.unpack_as, bits, size, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_unpack_as_check_catches_a_missing_mask(bits):
+    with pytest.raises(AssertionError):
+        check_unpack_as(_unpack_as_shift_only, bits, 64, torch.float32)
+
+
 # --- attention over dequantized pairs against the float64 reference ----------------------------------------------
 def attention_bound(query, key_step, value_error, value_max, scaling):
     """Per query (B, Hq, Q): with |k^ - k| <= key_step / 2 per channel, every logit moves by at most
