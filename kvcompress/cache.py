@@ -444,7 +444,9 @@ class CompressedLayer(CacheLayerMixin):
         self.store.after_free(self._positions)
         self.dense, self.holes = False, True
         if bool(drop[..., -1].any()):  # the last attended slot was freed: trim the free tail off `used`
-            filled = (self._positions[..., : self.used] >= 0).flatten(0, 1).any(dim=0)
+            # (a dead slot, -2, of a quantized page is not free: `used` never ends inside such a page, where the
+            # next append would write)
+            filled = (self._positions[..., : self.used] != -1).flatten(0, 1).any(dim=0)
             self.used = int(filled.nonzero().max()) + 1 if bool(filled.any()) else 0
             self.holes = bool((self._positions[..., : self.used] < 0).any())
         if self.new_tokens > 1:  # after a multi-token forward (a prefill): give memory back if far below capacity

@@ -538,3 +538,13 @@ def test_rescore_every_one_is_exact_and_bad_values_are_refused():
             ExpectedAttentionCache(MODEL, budget=5, rescore_every=bad)
     with pytest.raises(ValueError, match="rescore_every"):
         ExpectedAttentionCache(MODEL, budget=5, rescore_every=2, allocation="adakv")
+
+
+def test_a_freed_tail_in_a_quantized_page_is_never_appended_to():
+    """Regression, found by the hypothesis test above: AdaKV (alpha 0) on 2-slot quantized pages freed the last
+    slots of a lane inside a quantized page; `keep_only` trimmed `used` past those dead slots (-2) as if they were
+    free, and the next token was written into the quantized page (RuntimeError in `QuantizedKV.write_slots`)."""
+    options = {"budget": 1, "n_sink": 0, "n_future_positions": 1, "use_covariance": False, "use_vnorm": False,
+               "allocation": "adakv", "alpha": 0.0, "kv_bits": 4, "residual": 0, "group": 2}
+    check_fast_path_equals_select(ExpectedAttentionCache, ExpectedAttentionCache, [[98, 17, 127, 121]],
+                                  torch.tensor([[16, 66]]), None, options)
