@@ -38,8 +38,7 @@ def kept_triples(cache) -> set:
 @torch.no_grad()
 def run_window(model, tokenizer, window: torch.Tensor, spec: str, budget: int, prompt: int) -> tuple[float, int, set]:
     cls, options = registry.resolve(spec)
-    cache = cls.for_budget(model, tokenizer, budget, **options) if cls.uses_budget else cls.for_budget(
-        model, tokenizer, None, **options)
+    cache = cls.for_budget(model, tokenizer, budget if cls.uses_budget else None, **options)
     logits = model(window[:, :prompt], **cache_arg(cache)).logits[0, -1].float()
     first = -logits.log_softmax(-1)[int(window[0, prompt])].item()
     total, count = streaming_nll(model, cache, window[:, prompt:], chunk=1)
