@@ -8,7 +8,8 @@
 2. lets that layer re-rotate queries/keys when it keeps positions "within the cache";
 3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
 4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
-   model asks for `output_attentions`;
+   model asks for `output_attentions`; where a strategy observes every query's probabilities anyway (a decode
+   step, H2O's prefill, KVzip's reconstruction) the probabilities it observes serve the output too;
 5. computes what an attention-aware strategy declared it observes (`Observation`: the queries, the
    probabilities of the last w queries, the attention each slot received, summed or its max) with the same mask
    and scale; a pad query observes nothing (its row is all zeros);
@@ -200,11 +201,16 @@ def kvcompress_attention(
     if captures is not None:
         captures.append(_capture_record(module, spec, kv_positions, mask, q_len, key.shape[-2], key.shape[0]))
 
-    probs = None
-    if q_len == 1 and layer is not None and observes(layer._cache) and _backend != "reference" \
-            and not module.training:
+    probs = reductions = None
+    fast = layer is not None and _backend != "reference" and not module.training
+    if fast and q_len == 1 and observes(layer._cache):
         # a decode step of an attention-aware strategy: one softmax serves the output and the observation
         output, probs = _decode_attention(query, key, value, mask, scaling)  # probs (B, Hq, 1, K)
+    elif fast and _reduces_all_queries(layer._cache) and not isinstance(mask, BlockMask):
+        # attention received (summed or max) over every query of a longer forward: the same blockwise softmax
+        # serves the output too, instead of a kernel computing it again
+        output, reductions = _attention_with_reductions(query, key, value, mask, scaling, new_padding,
+                                                        layer._cache)
     else:
         output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
     weights = None
@@ -214,7 +220,7 @@ def kvcompress_attention(
         observed = mask
         if new_padding is not None and isinstance(mask, torch.Tensor) and not bool(new_padding.all()):
             observed = mask & new_padding.to(mask.device).view(mask.shape[0], 1, q_len, 1)  # pads observe nothing
-        layer.observation = observe(layer._cache, query, key, observed, scaling, probs)
+        layer.observation = observe(layer._cache, query, key, observed, scaling, probs, reductions)
         if layer.observation is not None and key.shape[-2] > layer.used:  # demoted pairs: not the strategy's slots
             layer.observation = layer.observation.narrow(layer.used)
         try:
@@ -349,7 +355,8 @@ def attention_probs(
             to (B, Hq, Q, K) (True = visible), an additive float tensor, or a `BlockMask` (materialised).
         scaling: softmax scale, default d ** -0.5.
         last: only the last `last` queries (>= 1; all when None or >= Q).
-        block_size: queries per block (>= 1); default: about 2 ** 24 scores per block.
+        block_size: queries per block (>= 1); default: about 2 ** 21 scores per block on a CPU, 2 ** 24 on an
+            accelerator (`_block_scores`).
 
     Returns:
         (B, Hq, min(last, Q), K) float32 (float64 for float64 inputs); row i is the distribution of query
@@ -406,14 +413,32 @@ def attention_max_received(
     return best
 
 
+def _block_scores(device: torch.device) -> int:
+    """Scores per query block of the observation: about 8 MB of float32 on a CPU (measured on a 2-core Xeon with
+    2 MiB L2 per core: 2 ** 21 scores ran the blockwise softmax 1.5-2.4x faster than 2 ** 24, flat within +-15%
+    from 2 ** 20 to 2 ** 22); 2 ** 24 on an accelerator, where fewer, larger kernels win."""
+    return 2**21 if device.type == "cpu" else 2**24
+
+
+def _visible_span(block_mask: torch.Tensor) -> tuple[int, int]:
+    """Of a bool (..., q, K) block mask: (open, seen): every query of the block sees keys 0..open-1, none sees a key
+    from `seen` on (seen = K when no query sees any key). Two passes over bools, against float passes saved."""
+    rows = block_mask.flatten(0, -2)
+    visible = rows.any(dim=0).nonzero()
+    seen = int(visible[-1]) + 1 if visible.numel() else block_mask.shape[-1]
+    hidden = (~rows[:, :seen].all(dim=0)).nonzero()
+    return (int(hidden[0]) if hidden.numel() else seen), seen
+
+
 def _probability_blocks(query, key, mask, scaling, first: int, block_size: int | None):
     """Yield (start, stop, probs (B, Hq, stop - start, K')) for queries first..Q-1, `block_size` queries at a time;
-    K' <= K: with a causal mask (`True`) the keys after the block's last query are left out (probability 0)."""
+    K' <= K: the keys after the last one any query of the block sees (causal `True`, or a bool mask) are left out
+    (probability 0)."""
     batch, heads, q_len, dim = query.shape
     kv_len, groups = key.shape[-2], heads // key.shape[1]
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-    block_size = block_size or max(1, 2**24 // max(1, batch * heads * kv_len))
+    block_size = block_size or max(1, _block_scores(query.device) // max(1, batch * heads * kv_len))
     if isinstance(mask, BlockMask):
         mask = create_mask(mask.mask_mod, batch, 1, q_len, kv_len, device=query.device)
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -423,21 +448,27 @@ def _probability_blocks(query, key, mask, scaling, first: int, block_size: int |
         stop = min(start + block_size, q_len)
         # causal (dense slots): keys after the block's last query are hidden, so they are not scored at all
         seen = stop + kv_len - q_len if mask is True else kv_len
+        block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
+        open_keys = 0  # keys every query of the block sees: no masking needed there
+        if isinstance(block_mask, torch.Tensor) and block_mask.dtype == torch.bool and mask is not True:
+            # a bool mask likewise (a causal chunk after a context seen whole: KVzip's reconstruction forwards)
+            open_keys, seen = _visible_span(block_mask)
         # a kv head's g query heads as one (g x block) matrix against its keys: one matmul per kv head
         q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h (g q) d", g=groups)
         scores = (q @ keys[:, :, :seen].transpose(-1, -2)).view(batch, heads, stop - start, seen)  # (B, Hq, q, K')
         # in place on the block's own fresh scores (bitwise what the out-of-place ops give, one pass and no
         # allocation fewer each: the observation of a long forward is dominated by these passes)
         scores.mul_(scale)
-        block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
         if block_mask is not None and block_mask.shape[-1] != seen:
             block_mask = block_mask[..., :seen]
         if block_mask is not None and block_mask.dtype == torch.bool:
-            block_mask = _to_query_heads(block_mask, heads)
-            block = scores.masked_fill_(~block_mask, float("-inf")).softmax(dim=-1)
-            blind = ~block_mask.any(dim=-1, keepdim=True)  # queries that see no key: a row of zeros, not NaN
-            if blind.any():
-                block.masked_fill_(blind, 0.0)
+            block_mask = _to_query_heads(block_mask[..., open_keys:], heads)
+            scores[..., open_keys:].masked_fill_(~block_mask, float("-inf"))
+            block = scores.softmax(dim=-1)
+            if not open_keys:
+                blind = ~block_mask.any(dim=-1, keepdim=True)  # queries that see no key: a row of zeros, not NaN
+                if blind.any():
+                    block.masked_fill_(blind, 0.0)
         else:
             block = (scores if block_mask is None else scores.add_(block_mask.to(dtype))).softmax(dim=-1)
         yield start, stop, block
@@ -479,18 +510,20 @@ def observes(cache) -> bool:
                 or getattr(cache, "observe_received", False) or getattr(cache, "observe_max_received", False))
 
 
-def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None) -> Observation | None:
+def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None,
+            reductions: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> Observation | None:
     """The `Observation` `cache` declares, or None when it declares nothing. `probs`: the probabilities of ALL the
-    forward's queries when the caller has them already (a decode step), reused instead of recomputed."""
+    forward's queries when the caller has them already (a decode step), reused instead of recomputed;
+    `reductions`: (received, max received) when the kernel computed them (`_attention_with_reductions`)."""
     if not observes(cache):
         return None
     window = getattr(cache, "observe_window", 0)
     if window:
         last = probs[:, :, -window:] if probs is not None else attention_probs(query, key, mask, scaling, last=window)
-    received = best = None
-    if getattr(cache, "observe_received", False):
+    received, best = reductions if reductions is not None else (None, None)
+    if getattr(cache, "observe_received", False) and received is None:
         received = probs.sum(dim=2) if probs is not None else attention_received(query, key, mask, scaling)
-    if getattr(cache, "observe_max_received", False):
+    if getattr(cache, "observe_max_received", False) and best is None:
         best = probs.amax(dim=2) if probs is not None else attention_max_received(query, key, mask, scaling)
     return Observation(
         queries=query if getattr(cache, "observe_queries", False) else None,
@@ -498,6 +531,48 @@ def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None)
         received=received,
         max_received=best,
     )
+
+
+def _reduces_all_queries(cache) -> bool:
+    """Whether `cache` observes the attention received (summed or max) over all of a forward's queries."""
+    return bool(getattr(cache, "observe_received", False) or getattr(cache, "observe_max_received", False))
+
+
+def _attention_with_reductions(query, key, value, mask, scaling, new_padding, cache):
+    """A forward of Q queries whose cache observes the attention received over all of them (H2O's prefill,
+    KVzip's reconstruction): one blockwise pass (`_probability_blocks`, the probabilities `attention_probs`
+    gives) computes the output (probabilities x values, in float32 / float64) and the declared reductions, where
+    `attend` then `observe` would compute every probability twice (on a CPU the masked SDPA kernel of a KVzip
+    reconstruction forward cost as much as the observation itself).
+
+    Args: as `attend` (no BlockMask); new_padding: (B, Q) bool, False for pad queries (they attend, observe
+        nothing), or None.
+    Returns: (output (B, Q, Hq, d) in the query's dtype, (received (B, Hq, K) or None, max received or None)).
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[-2]
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    values = value.to(dtype)
+    output = query.new_empty(batch, q_len, heads, value.shape[-1])
+    want_sum = getattr(cache, "observe_received", False)
+    want_max = getattr(cache, "observe_max_received", False)
+    total = torch.zeros(batch, heads, kv_len, dtype=dtype, device=query.device) if want_sum else None
+    best = torch.zeros(batch, heads, kv_len, dtype=dtype, device=query.device) if want_max else None
+    pads = None
+    if new_padding is not None and not bool(new_padding.all()):
+        pads = ~new_padding.to(query.device).view(batch, 1, q_len, 1)
+    for start, stop, block in _probability_blocks(query, key, mask, scaling, 0, None):
+        seen = block.shape[-1]
+        grouped = block.view(batch, kv_heads, -1, seen)  # a kv head's (g x block) probabilities: one matmul
+        mixed = (grouped @ values[:, :, :seen]).view(batch, heads, stop - start, -1)
+        output[:, start:stop] = mixed.transpose(1, 2)
+        if pads is not None:
+            block.masked_fill_(pads[:, :, start:stop], 0.0)  # pad queries observe nothing
+        if total is not None:
+            total[..., :seen] += block.sum(dim=2)
+        if best is not None:
+            torch.maximum(best[..., :seen], block.amax(dim=2), out=best[..., :seen])
+    return output, (total, best)
 
 
 def _decode_attention(query, key, value, mask, scaling) -> tuple[torch.Tensor, torch.Tensor]:

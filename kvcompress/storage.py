@@ -167,10 +167,10 @@ class PagedKV:
         # one new page per distinct (b, h, page number) that lacks one
         lane = torch.arange(self.table.shape[0] * self.table.shape[1], device=slots.device).view(
             self.table.shape[0], self.table.shape[1], 1).expand_as(pages)
-        need = torch.unique(torch.stack([lane[missing], pages[missing]], dim=1), dim=0)
+        width = self.table.shape[-1]  # (lane, page) pairs as one number: a 1-D unique (unique(dim=0) is slow on CPU)
+        need = torch.unique(lane[missing] * width + pages[missing])  # sorted: by lane, then page
         new = self._allocate(need.shape[0])
-        flat = self.table.view(-1, self.table.shape[-1])
-        flat[need[:, 0], need[:, 1]] = new
+        self.table.view(-1, width)[need // width, need % width] = new
 
     def _physical(self, slots: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, q) logical slots -> flat pool rows (page * size + offset); a slot without a page maps into the zero

@@ -76,7 +76,6 @@ class KVzipCache(CompressedCache):
 
     uses_budget = True
     needs_token_ids = True
-    observe_max_received = True
     supports_cache_positions = False  # kv heads keep different pairs
 
     def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "global", chunk: int = 2048,
@@ -105,6 +104,12 @@ class KVzipCache(CompressedCache):
         """`budget` pairs per layer and kv head (global: that many on average); `options`: the constructor's
         (allocation, chunk, value_norm, n_sink, overlap)."""
         return cls(model, tokenizer, **options) if budget is None else cls(model, tokenizer, budget=budget, **options)
+
+    @property
+    def observe_max_received(self) -> bool:
+        """Only the reconstruction forwards' attention scores pairs: the core observes nothing in the others (the
+        prefill, a question, decode steps), which saves it computing the probabilities twice there."""
+        return getattr(self, "_reconstructing", None) is not None
 
     def storage_layout(self) -> str:
         return self.layout or ("paged" if self.allocation == "global" else "dense")  # global: heads keep unequal counts

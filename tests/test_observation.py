@@ -88,10 +88,56 @@ def test_observation_on_sliding_window_layers():
 def test_the_check_catches_an_observation_that_ignores_the_mask(monkeypatch):
     """Planted twin: the core observing without the mask (every slot visible) must fail the same check."""
     real = core.observe
-    monkeypatch.setattr(core, "observe", lambda cache, q, k, mask, scaling, probs=None: real(cache, q, k, None, scaling))
+    monkeypatch.setattr(core, "observe", lambda cache, q, k, mask, scaling, *rest: real(cache, q, k, None, scaling))
     ids, mask = left_padded([list(range(3, 17)), list(range(20, 28))])
     with pytest.raises(AssertionError):
         _check_against_definition(tiny_llama(), ids, mask)
+
+
+def _received_error_with_pads_in_a_later_chunk(model) -> float:
+    """A second prefill chunk whose row 1 starts with pads (they see row 1's first chunk): the largest error of the
+    recorded received / max received attention against the definition with the pad queries observing nothing."""
+    cache = Recorder(model, keep=64)
+    first = torch.arange(3, 9).repeat(2, 1)
+    second = torch.tensor([[30, 31, 32, 33, 34], [0, 0, 40, 41, 42]])
+    mask = torch.cat([torch.ones_like(first), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])], dim=1)
+    with torch.no_grad():
+        model(first, attention_mask=mask[:, :6], **cache_arg(cache))
+        cache.seen_observations.clear()
+        with capture() as records:
+            model(second, attention_mask=mask, **cache_arg(cache))
+    error = 0.0
+    real_query = mask[:, 6:].bool().view(2, 1, 5, 1)
+    for record, seen in zip(records, cache.seen_observations):
+        scale = model.model.layers[record["layer_idx"]].self_attn.scaling
+        expected = _definition(seen["queries"], seen["keys"], record["allowed"], scale) * real_query
+        error = max(error, (seen["received"].double() - expected.sum(dim=2)).abs().max().item(),
+                    (seen["max_received"].double() - expected.amax(dim=2)).abs().max().item())
+    return error
+
+
+def test_pad_queries_of_a_later_chunk_observe_nothing():
+    assert _received_error_with_pads_in_a_later_chunk(tiny_llama()) < 1e-5
+
+
+def test_the_check_catches_pad_queries_counted_in_the_received_attention(monkeypatch):
+    """Planted twin: the blockwise kernel that also reduces the probabilities (a forward observing what every
+    query gives) counting the pad queries."""
+    real = core._attention_with_reductions
+    monkeypatch.setattr(core, "_attention_with_reductions",
+                        lambda q, k, v, mask, scaling, new_padding, cache: real(q, k, v, mask, scaling, None, cache))
+    assert _received_error_with_pads_in_a_later_chunk(tiny_llama()) > 1e-3
+
+
+def test_the_check_catches_a_kv_head_mapping_bug_in_the_reducing_kernel(monkeypatch):
+    """Planted twin: the same kernel mixing the values of the wrong kv head: the logits check of a per-kv-head
+    cache fails."""
+    real = core._attention_with_reductions
+    monkeypatch.setattr(core, "_attention_with_reductions",
+                        lambda q, k, v, *rest: real(q, k, v.flip(1), *rest))
+    model = tiny_llama()
+    ids, mask = left_padded([list(range(3, 20)), list(range(5, 14))])
+    assert max_step_error(model, Recorder(model), ids, mask, max_new_tokens=2)[0] > 1e-3
 
 
 def test_per_head_selection_is_exact():
@@ -149,3 +195,53 @@ def test_max_received_is_the_largest_probability(batch, kv_heads, q_len, extra, 
     expected = attention_probs(query, key, mask).amax(dim=2)
     torch.testing.assert_close(attention_max_received(query, key, mask, block_size=block), expected, atol=1e-6,
                                rtol=1e-5)
+
+
+def _chunk_after_context(batch, kv_heads, context, q_len, g):
+    """(B, Hkv, q, context + q) bool: a context seen with holes, then the chunk's own tokens causally (KVzip's
+    reconstruction forward): a block of early queries sees none of the chunk's later keys."""
+    seen_context = torch.rand(batch, kv_heads, q_len, context, generator=g) < 0.8
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril() & (torch.rand(batch, kv_heads, q_len, q_len,
+                                                                             generator=g) < 0.9)
+    return torch.cat([seen_context, causal], dim=-1)
+
+
+def _probs_float64(query, key, mask):
+    """Dense fp64 softmax over each query's visible keys (zeros for a query that sees none)."""
+    groups = query.shape[1] // key.shape[1]
+    allowed = mask.repeat_interleave(groups, dim=1)
+    scores = query.double() @ key.double().repeat_interleave(groups, dim=1).transpose(-1, -2) * query.shape[-1] ** -0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+
+def _blockwise_matches(batch, kv_heads, context, q_len, block, seed) -> bool:
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * 2, q_len, 8, generator=g)
+    key = torch.randn(batch, kv_heads, context + q_len, 8, generator=g)
+    mask = _chunk_after_context(batch, kv_heads, context, q_len, g)
+    probs = _probs_float64(query, key, mask)
+    pairs = [(attention_probs(query, key, mask, block_size=block), probs),
+             (attention_received(query, key, mask, block_size=block), probs.sum(dim=2)),
+             (attention_max_received(query, key, mask, block_size=block), probs.amax(dim=2))]
+    return all(torch.allclose(got.double(), want, atol=1e-6, rtol=1e-5) for got, want in pairs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(0, 5), st.integers(1, 8), st.integers(1, 4),
+       st.integers(0, 2**16))
+def test_blocks_mask_only_the_keys_some_query_of_the_block_cannot_see(batch, kv_heads, context, q_len, block, seed):
+    """A block of queries scores only the keys up to the last one any of them sees and masks only from the first
+    one some of them cannot see (`_visible_span`); probabilities, received and max received still equal the dense
+    fp64 definition for every block size."""
+    assert _blockwise_matches(batch, kv_heads, context, q_len, block, seed)
+
+
+@pytest.mark.parametrize("planted", ["stops one key early", "masks one key late"])
+def test_the_block_check_catches_a_wrong_visible_span(monkeypatch, planted):
+    span = core._visible_span
+    if planted == "stops one key early":
+        monkeypatch.setattr(core, "_visible_span", lambda m: (min(span(m)[0], m.shape[-1] - 1), m.shape[-1] - 1))
+    else:
+        monkeypatch.setattr(core, "_visible_span", lambda m: (span(m)[0] + 1, span(m)[1]))
+    assert not _blockwise_matches(1, 2, 3, 6, 2, seed=1)

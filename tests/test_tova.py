@@ -82,7 +82,7 @@ def _observation_without_the_models_scale(monkeypatch):
     """Planted core bug: the observation's probabilities are computed with head_dim ** -0.5 (the kernel keeps the
     model's scale). Only Gemma 3 among the test models has another scale."""
     real = attention.observe
-    monkeypatch.setattr(attention, "observe", lambda cache, query, key, mask, scaling, probs=None:
+    monkeypatch.setattr(attention, "observe", lambda cache, query, key, mask, scaling, *rest:
                         real(cache, query, key, mask, None, None))
 
 
