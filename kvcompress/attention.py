@@ -450,8 +450,9 @@ def _probability_blocks(query, key, mask, scaling, first: int, block_size: int |
         seen = stop + kv_len - q_len if mask is True else kv_len
         block_mask = _mask_rows(mask, start, stop, q_len, kv_len, query.device)
         open_keys = 0  # keys every query of the block sees: no masking needed there
-        if isinstance(block_mask, torch.Tensor) and block_mask.dtype == torch.bool and mask is not True:
-            # a bool mask likewise (a causal chunk after a context seen whole: KVzip's reconstruction forwards)
+        if isinstance(block_mask, torch.Tensor) and block_mask.dtype == torch.bool and q_len > 1:
+            # a bool mask likewise (a causal chunk after a context seen whole: KVzip's reconstruction forwards);
+            # not for one query, whose probabilities stay bitwise those of `_decode_attention`
             open_keys, seen = _visible_span(block_mask)
         # a kv head's g query heads as one (g x block) matrix against its keys: one matmul per kv head
         q = rearrange(query[:, :, start:stop].to(dtype), "b (h g) q d -> b h (g q) d", g=groups)
