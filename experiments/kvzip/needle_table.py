@@ -2,7 +2,8 @@
 95% interval (Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders
 of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present in two folders
 is taken from the first; a results.json file may be named instead of its folder; the device a cell ran on is
-shown). Writes the merged results.json and the bench's plot beside it.
+shown). Prints the README's compact table (a column per kept fraction); writes the merged results.json, every cell
+with its paired difference and device (table.md) and the bench's plot beside it.
 
     python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
 """
@@ -53,8 +54,9 @@ def main() -> None:
                     f"{stats.with_interval(cell['accuracy'], ci, '.3f')} | "
                     f"{stats.difference_text(diff, '.3f') if diff else '-'} | {cell['n_examples']} | "
                     f"{cell['device']} |")
-    print("\n".join(rows))
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text("\n".join(rows) + "\n")  # every cell with its paired difference and device
+    print("\n".join(pivot(table)))
     (args.out / "results.json").write_text(json.dumps(merged, indent=1))
     for query in ("after", "before"):
         cells = {k: c for k, c in merged["cells"].items() if c.get("query") == query}
@@ -63,6 +65,29 @@ def main() -> None:
             (args.out / f"query-{query}").mkdir(exist_ok=True)
             for path in plots.plot_all({"cells": cells, "environment": env}, args.out / f"query-{query}"):
                 print("plot:", path)
+
+
+def pivot(cells: list[dict]) -> list[str]:
+    """The README's compact form: one row per query mode and strategy, one column per kept fraction, accuracy with
+    its 95% interval ("-": not run); strategies without a budget (full, anchor) show their KV kept instead."""
+    cells = [c for c in cells if c.get("status") == "ok"]
+    budgets = sorted({c["budget"] for c in cells if c["budget"] != "-"}, key=float)
+    rows = ["| query | strategy | " + " | ".join(f"{float(b):.0%} kept" for b in budgets) + " | no budget (KV kept) |",
+            "|---|---|" + "---:|" * (len(budgets) + 1)]
+    for query in ("after", "before"):
+        labels = sorted({plots.strategy_label(c) for c in cells if c["query"] == query},
+                        key=lambda label: (label != "full", label))
+        for label in labels:
+            mine = {c["budget"]: c for c in cells if c["query"] == query and plots.strategy_label(c) == label}
+            text = [_score(mine[b]) if b in mine else "-" for b in budgets]
+            free = mine.get("-")
+            text.append(f"{_score(free)} ({free['kv_bytes_fraction']:.0%})" if free else "")
+            rows.append(f"| {query} | {label} | " + " | ".join(text) + " |")
+    return rows
+
+
+def _score(cell: dict) -> str:
+    return stats.with_interval(cell["accuracy"], cell.get("ci", {}).get("accuracy"), ".2f")
 
 
 if __name__ == "__main__":
