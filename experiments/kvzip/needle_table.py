@@ -1,9 +1,9 @@
 """The README's headline table: needle@2048 per strategy and kept fraction, both query modes, each score with its
 95% interval (Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders
-of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present in two folders
-is taken from the first; a results.json file may be named instead of its folder; the device a cell ran on is
-shown). Prints the README's compact table (a column per kept fraction); writes the merged results.json, every cell
-with its paired difference and device (table.md) and the bench's plot beside it.
+of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present twice is taken
+from the latest run, by `started_at`; a results.json file may be named instead of its folder). Prints the README's
+compact table (a column per kept fraction); writes the merged results.json, every cell with its paired difference
+and the device it ran on (table.md) and the bench's plot beside it.
 
     python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
 """
@@ -32,7 +32,11 @@ def main() -> None:
                 cell.setdefault("device", device.split(":")[0])
                 if cell["strategy"] == "anchor":  # the bare spec runs on the bench's model: never anchor-trained
                     cell.setdefault("anchor_trained", False)
-                merged["cells"].setdefault(f"{key}|{cell.get('query', '-')}", cell)
+                query = cell.get("query", "-")
+                name = key if key.endswith(f"|{query}") else f"{key}|{query}"  # merged files carry the mode already
+                have = merged["cells"].get(name)
+                if have is None or cell.get("started_at", "") > have.get("started_at", ""):
+                    merged["cells"][name] = cell
     table = []
     for query in ("after", "before"):
         cells = {k.rsplit("|", 1)[0]: c for k, c in merged["cells"].items() if c.get("query") == query}
