@@ -206,21 +206,12 @@ def _chunk_after_context(batch, kv_heads, context, q_len, g):
     return torch.cat([seen_context, causal], dim=-1)
 
 
-def _probs_float64(query, key, mask):
-    """Dense fp64 softmax over each query's visible keys (zeros for a query that sees none)."""
-    groups = query.shape[1] // key.shape[1]
-    allowed = mask.repeat_interleave(groups, dim=1)
-    scores = query.double() @ key.double().repeat_interleave(groups, dim=1).transpose(-1, -2) * query.shape[-1] ** -0.5
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
-
-
 def _blockwise_matches(batch, kv_heads, context, q_len, block, seed) -> bool:
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, kv_heads * 2, q_len, 8, generator=g)
     key = torch.randn(batch, kv_heads, context + q_len, 8, generator=g)
     mask = _chunk_after_context(batch, kv_heads, context, q_len, g)
-    probs = _probs_float64(query, key, mask)
+    probs = _definition(query, key, mask, query.shape[-1] ** -0.5)
     pairs = [(attention_probs(query, key, mask, block_size=block), probs),
              (attention_received(query, key, mask, block_size=block), probs.sum(dim=2)),
              (attention_max_received(query, key, mask, block_size=block), probs.amax(dim=2))]
