@@ -202,9 +202,15 @@ class SnapKVCache(CompressedCache):
 
     def scores(self, layer: CompressedLayer, order: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, S) SnapKV scores in stream layout: [b, g, i] scores the i-th oldest candidate of row b, kv head
-        g (`order` from `stream_index`); 0 past the candidates."""
+        g (`order` from `stream_index`); 0 past the candidates. Average pooling is linear, as are the move to stream
+        layout (a permutation shared by a kv group) and the group mean, so the group mean goes first and a third of
+        the heads are moved and pooled on SmolLM2 (Hq = 3 Hkv; the same scores up to float rounding); max pooling
+        is not linear: it pools every query head, then averages."""
         mean = layer.observation.probs.mean(dim=2)  # (B, Hq, S) over the observed queries, slot layout
-        return per_kv_head(self.pool(to_stream(mean, order)), layer.keys.shape[1])
+        kv_heads = layer.keys.shape[1]
+        if self.pooling == "avg":
+            return self.pool(to_stream(per_kv_head(mean, kv_heads), order))
+        return per_kv_head(self.pool(to_stream(mean, order)), kv_heads)
 
     def pool(self, scores: torch.Tensor) -> torch.Tensor:
         """1-D pooling (B, H, S) -> (B, H, S) along a stream layout (candidates first, then zeros): stride 1,
