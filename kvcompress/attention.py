@@ -9,7 +9,8 @@
 3. builds the boolean mask from the kept absolute positions (`masks.allowed_from_positions`);
 4. runs one kernel chosen by `attend` (SDPA, or the fp64-checkable reference), and `attention_probs` when the
    model asks for `output_attentions`; where a strategy observes every query's probabilities anyway (a decode
-   step, H2O's prefill, KVzip's reconstruction) the probabilities it observes serve the output too;
+   step of a strategy that observes probabilities, H2O's prefill, KVzip's reconstruction) the probabilities it
+   observes serve the output too;
 5. computes what an attention-aware strategy declared it observes (`Observation`: the queries, the
    probabilities of the last w queries, the attention each slot received, summed or its max) with the same mask
    and scale; a pad query observes nothing (its row is all zeros);
@@ -203,8 +204,9 @@ def kvcompress_attention(
 
     probs = reductions = None
     fast = layer is not None and _backend != "reference" and not module.training
-    if fast and q_len == 1 and observes(layer._cache):
-        # a decode step of an attention-aware strategy: one softmax serves the output and the observation
+    if fast and q_len == 1 and observes_probabilities(layer._cache):
+        # a decode step of a strategy that observes probabilities: one softmax serves the output and the
+        # observation (one that observes only the queries, expected_attention, keeps the fused kernel)
         output, probs = _decode_attention(query, key, value, mask, scaling)  # probs (B, Hq, 1, K)
     elif fast and _reduces_all_queries(layer._cache) and not isinstance(mask, BlockMask):
         # attention received (summed or max) over every query of a longer forward: the same blockwise softmax
@@ -509,6 +511,12 @@ def observes(cache) -> bool:
     """Whether `cache` declares any observation."""
     return bool(getattr(cache, "observe_window", 0) or getattr(cache, "observe_queries", False)
                 or getattr(cache, "observe_received", False) or getattr(cache, "observe_max_received", False))
+
+
+def observes_probabilities(cache) -> bool:
+    """Whether `cache` observes attention probabilities (a window of them, or what its keys received), not only
+    the queries."""
+    return bool(getattr(cache, "observe_window", 0) or _reduces_all_queries(cache))
 
 
 def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None,

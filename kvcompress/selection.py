@@ -155,20 +155,28 @@ def free_one(layer: CompressedLayer, slot: torch.Tensor, where: torch.Tensor, ra
         torch.where((rank > slot_rank) & where, rank - 1, rank, out=rank)
 
 
-def slot_norms(layer: CompressedLayer, name: str, tensor: torch.Tensor) -> torch.Tensor:
+def decode_slot(layer: CompressedLayer, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a decode step: (written, slot), both (B, heads, 1): whether the row's new token was written (False for a
+    pad) and the slot it was written to, per kv head."""
+    return layer.new_slot_mask().expand(-1, heads, -1).max(dim=-1, keepdim=True)
+
+
+def slot_norms(layer: CompressedLayer, name: str, tensor: torch.Tensor,
+               written_slot: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, Hkv, S) L2 norms of `tensor` (the layer's keys or values, (B, Hkv, C, d)) per slot, kept in the per-slot
     state `name`: computed (in fp32, fp64 for fp64 caches) for the slots the last forward wrote, read for the others,
-    so a forward costs O(new tokens x d). Call it on every forward, so no token is left without a norm."""
+    so a forward costs O(new tokens x d). Call it on every forward, so no token is left without a norm.
+    `written_slot`: `decode_slot(layer, Hkv)` of a decode step when the caller has it."""
     heads, dim = tensor.shape[1], tensor.shape[-1]
     dtype = torch.promote_types(tensor.dtype, torch.float32)
     norms = layer.slot_state(name, heads=heads, dtype=dtype)
-    new = layer.new_slot_mask().expand(-1, heads, -1)  # (B, Hkv, S)
     if layer.new_tokens == 1:  # a decode step: one new slot per row and head (none where the token is a pad)
-        written, slot = new.max(dim=-1, keepdim=True)  # (B, Hkv, 1)
+        written, slot = written_slot if written_slot is not None else decode_slot(layer, heads)  # (B, Hkv, 1)
         fresh = torch.linalg.vector_norm(tensor.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, dim)), dim=-1,
                                          dtype=dtype)
         norms.scatter_(-1, slot, torch.where(written, fresh, norms.gather(-1, slot)))
         return norms[..., : layer.used]
+    new = layer.new_slot_mask().expand(-1, heads, -1)  # (B, Hkv, S)
     slots = new.any(dim=1).any(dim=0).nonzero().flatten()  # slots some row wrote in this forward
     if slots.numel():
         fresh = torch.linalg.vector_norm(tensor[:, :, slots], dim=-1, dtype=dtype)  # (B, Hkv, n)

@@ -14,6 +14,7 @@ from ..selection import (
     STREAM_RANK,
     adaptive_top_k,
     check_allocation,
+    decode_slot,
     decode_stream_rank,
     first,
     free_one,
@@ -27,7 +28,7 @@ from ..validate import as_int
 
 
 VALUE_NORMS = "value_norm"  # per-slot state: ||v|| of each slot's value, computed once per token
-EXPECTED_LOGIT = "expected_logit"  # per-slot state j (rescore_every > 1): z of query head j of the slot's kv group
+EXPECTED_SCORE = "expected_score"  # per-slot state (rescore_every > 1): the score (or p) at the last rescoring
 
 
 def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -115,11 +116,15 @@ class ExpectedAttentionCache(CompressedCache):
         alpha: AdaKV's safeguard fraction in [0, 1].
         rescore_every: N >= 1. 1 (default): exact, every decode step over budget rescores every kept key. N > 1: an
             APPROXIMATION for faster decoding (allocation="head" only): a decode step recomputes every kept key's
-            logit z_h only every N-th decode step of a layer (and the first after a prefill or chunk, which go
-            through `select`, exact); in between, kept keys keep the logits of their last rescoring and a new
-            token's logit is computed with that rescoring's mu, Sigma and R (O(Hq d^2) for one key); the softmax,
-            the group mean and the value norms are recomputed from those logits each step (O(Hq S)). Per-slot
-            state: g float32 logits per kv head and slot (12 B on SmolLM2-135M, beside 512 B of key and value).
+            logit z_h, each query head's softmax normaliser log Z_h (over the candidates then) and the group-mean
+            probability p(k) = mean_h exp(z_h(k) - log Z_h) only every N-th decode step of a layer (and the first
+            after a prefill or chunk, which go through `select`, exact); in between, kept keys keep p(k) of their
+            last rescoring, and a new token's p is computed with that rescoring's mu, Sigma, R and log Z_h (O(Hq d^2)
+            for one key). So a step between rescorings is the new token's score and one argmin over maintained
+            scores (epsilon and the value norms are applied each step, O(S)). The normalisers are not updated for
+            the tokens that arrived or left since (a new token's p is not renormalised either). Per-slot state: one
+            float32 p per kv head and slot (4 B, beside 512 B of key and value on SmolLM2-135M). With kv_bits, a page
+            quantized between two rescorings keeps the p of its keys as they were before.
     """
 
     uses_budget = True
@@ -175,7 +180,7 @@ class ExpectedAttentionCache(CompressedCache):
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
         self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), the mean rotation as (cos, sin))
         self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
-        self._rescored: dict = {}  # rescore_every > 1: layer -> [(linear, quadratic) last rescored, steps since]
+        self._rescored: dict = {}  # rescore_every > 1: layer -> [(linear, quadratic), log Z (B, Hkv, g, 1), steps since]
         self._pending: dict = {}  # layer -> [(queries, real), ...] not yet in its statistics (`statistics`)
 
     @classmethod
@@ -236,12 +241,14 @@ class ExpectedAttentionCache(CompressedCache):
         hits.scatter_add_(1, (positions - start).clamp(min=0), (positions >= start).long())
         return hits > 0
 
-    def _update_statistics(self, layer: CompressedLayer, defer: bool = False) -> dict[str, torch.Tensor] | None:
+    def _update_statistics(self, layer: CompressedLayer, defer: bool = False,
+                           real: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
         """Add this forward's real queries to the layer's running statistics and return them; with `defer` (decode
         steps under rescore_every > 1, which need the statistics only when they rescore) the queries wait in a
-        list until `statistics` folds them in, all at once."""
-        pending = self._pending.setdefault(layer.layer_idx, [])
-        pending.append((layer.observation.queries, self.real_new_tokens(layer)))  # (B, Hq, q, d), (B, q)
+        list until `statistics` folds them in, all at once. `real`: `real_new_tokens(layer)` when the caller has
+        it."""
+        real = self.real_new_tokens(layer) if real is None else real
+        self._pending.setdefault(layer.layer_idx, []).append((layer.observation.queries, real))  # (B,Hq,q,d), (B,q)
         return None if defer else self.statistics(layer)
 
     def statistics(self, layer: CompressedLayer) -> dict[str, torch.Tensor]:
@@ -309,22 +316,29 @@ class ExpectedAttentionCache(CompressedCache):
     def probabilities(self, layer: CompressedLayer, logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, S) scores from the logits (B, Hkv, g, S): softmax over the candidates per query head, mean over
         the kv group, times the value norm."""
-        others = ~candidates
-        logits = logits.masked_fill(others[:, :, None], float("-inf"))  # (B, Hkv, g, S)
-        probs = logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2)  # (B, Hkv, S)
-        if self.use_vnorm:
-            if self.epsilon:
-                # (p + epsilon) ||v||, divided by 1 + epsilon (the same ranking): finite for any finite epsilon
-                # (at epsilon = 0, p x 1 + 0 is p: skipped)
-                probs = probs * (1.0 / (1.0 + self.epsilon)) + self.epsilon / (1.0 + self.epsilon)
-            probs = probs * self.value_norms(layer)
-        return probs.masked_fill(others, 0.0)
+        logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))  # (B, Hkv, g, S)
+        return self.weighted(layer, logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2), candidates)
 
-    def track_value_norms(self, layer: CompressedLayer) -> None:
+    def weighted(self, layer: CompressedLayer, probs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """(B, Hkv, S) scores from the group-mean probabilities (B, Hkv, S): plus epsilon, times the value norm,
+        0 outside the candidates (unless `candidates` is None: `lowest` masks them itself)."""
+        if self.use_vnorm:
+            probs = self.weigh(probs, self.value_norms(layer))
+        return probs if candidates is None else probs.masked_fill(~candidates, 0.0)
+
+    def weigh(self, probs: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """(p + epsilon) ||v|| elementwise, divided by 1 + epsilon (the same ranking): finite for any finite epsilon
+        (at epsilon = 0, p x 1 + 0 is p: skipped)."""
+        if self.epsilon:
+            probs = probs * (1.0 / (1.0 + self.epsilon)) + self.epsilon / (1.0 + self.epsilon)
+        return probs * norms
+
+    def track_value_norms(self, layer: CompressedLayer, written_slot=None) -> None:
         """Keep ||v|| per slot (`selection.slot_norms`: computed for the slots this forward wrote), on every forward
-        before `scores`; nothing to keep when `value_norms` reads the values as stored now."""
+        before `scores`; nothing to keep when `value_norms` reads the values as stored now. `written_slot`: a
+        decode step's `selection.decode_slot`, when the caller has it."""
         if self.use_vnorm and self._norms_per_slot():
-            slot_norms(layer, VALUE_NORMS, layer.values)
+            slot_norms(layer, VALUE_NORMS, layer.values, written_slot)
 
     def value_norms(self, layer: CompressedLayer) -> torch.Tensor:
         """(B, Hkv, S) ||v|| per slot (fp32, fp64 for fp64 caches): the per-slot state `track_value_norms` keeps, or
@@ -370,7 +384,7 @@ class ExpectedAttentionCache(CompressedCache):
         new value's norm, the rank. Not incremental, by definition: the score of every kept key, recomputed when a
         row is over budget (mu, Sigma and the averaged rotation R all change every step, and z_h(k) depends on
         them through k^T (R Sigma R^T) k: O(Hq S d^2)), unless rescore_every > 1 (the approximation in the class
-        docstring; `reused_logits`). allocation="adakv" always goes through `select`: a row's budget is re-split
+        docstring; `frozen_scores`). allocation="adakv" always goes through `select`: a row's budget is re-split
         among its kv heads each step, so a step frees up to Hkv pairs anywhere in the row (each head above its
         floor), not one per head. tests/test_decode_fast_paths.py holds this equal to `select`."""
         if self.allocation == "adakv":
@@ -387,8 +401,9 @@ class ExpectedAttentionCache(CompressedCache):
             self._evict_decode_step(layer)
 
     def _evict_decode_step(self, layer: CompressedLayer) -> None:
-        stats = self._update_statistics(layer, defer=self.rescore_every > 1)
-        self.track_value_norms(layer)
+        written_slot = decode_slot(layer, layer.keys.shape[1])  # written: (B, Hkv, 1), the same for every kv head
+        stats = self._update_statistics(layer, defer=self.rescore_every > 1, real=written_slot[0][:, 0])
+        self.track_value_norms(layer, written_slot)
         valid = layer.valid  # (B, Hkv, S)
         count = valid.sum(dim=-1, keepdim=True)
         candidates, rank = valid, None
@@ -397,35 +412,41 @@ class ExpectedAttentionCache(CompressedCache):
             candidates = valid & (rank >= self.n_sink)
         over = count > self.budget
         if self.rescore_every > 1:
-            logits = self.reused_logits(layer)  # every step: the new token's logit is recorded
+            scores = self.frozen_scores(layer, candidates, written_slot)  # every step: the new token's is kept
             if bool(over.any()):
-                free_one(layer, lowest(self.probabilities(layer, logits, candidates), candidates), over, rank)
+                free_one(layer, lowest(scores, candidates), over, rank)
         elif bool(over.any()):
             free_one(layer, lowest(self.scores(layer, stats, candidates), candidates), over, rank)
 
-    def reused_logits(self, layer: CompressedLayer) -> torch.Tensor:
-        """(B, Hkv, g, S) logits for a decode step under rescore_every = N > 1: all recomputed (and kept in per-slot
-        state) on the first decode step after `select` and every N-th after it; otherwise those kept, plus the
-        new token's from the parameters of the last rescoring."""
+    def frozen_scores(self, layer: CompressedLayer, candidates: torch.Tensor, written_slot=None) -> torch.Tensor:
+        """(B, Hkv, S) scores for a decode step under rescore_every = N > 1 (see the class docstring): all
+        recomputed on the first decode step after `select` and every N-th after it, with each query head's
+        log-normaliser over the candidates then (a query head without candidates gets log Z = 0); otherwise those
+        kept in per-slot state, plus the new token's from the last rescoring's parameters and log-normalisers.
+        Kept: the scores themselves when a slot's weight (epsilon, value norm) cannot change between rescorings,
+        else the group-mean probabilities, weighted each step (kv_bits: a page's values change when quantized).
+        `written_slot`: as `selection.decode_slot` returns it."""
         keys = self.stored_keys(layer)
-        heads, groups = keys.shape[1], layer.observation.queries.shape[1] // keys.shape[1]
-        kept = [layer.slot_state(f"{EXPECTED_LOGIT}{j}", heads=heads, dtype=keys.dtype) for j in range(groups)]
+        fixed_weight = not self.use_vnorm or self._norms_per_slot()
+        kept = layer.slot_state(EXPECTED_SCORE, heads=keys.shape[1], dtype=keys.dtype)
         memo = self._rescored.get(layer.layer_idx)
-        if memo is None or memo[1] >= self.rescore_every:
+        if memo is None or memo[2] >= self.rescore_every:
             parameters = self.score_parameters(layer, self.statistics(layer), keys)
-            logits = logits_of(keys, *parameters)
-            for j, state in enumerate(kept):
-                state[..., : layer.used] = logits[:, :, j]
-            self._rescored[layer.layer_idx] = [parameters, 1]
-            return logits
-        memo[1] += 1
-        written, slot = layer.new_slot_mask().expand(-1, heads, -1).max(dim=-1, keepdim=True)  # (B, Hkv, 1)
+            logits = logits_of(keys, *parameters).masked_fill(~candidates[:, :, None], float("-inf"))
+            log_norm = logits.logsumexp(dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # (B, Hkv, g, 1)
+            probs = (logits - log_norm).exp().mean(dim=2)  # (B, Hkv, S)
+            scores = self.weighted(layer, probs, None)
+            kept[..., : layer.used] = scores if fixed_weight else probs
+            self._rescored[layer.layer_idx] = [parameters, log_norm, 1]
+            return scores
+        memo[2] += 1
+        written, slot = written_slot if written_slot is not None else decode_slot(layer, keys.shape[1])  # (B, Hkv, 1)
         fresh = logits_of(keys.gather(2, slot.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])), *memo[0])
-        every_row = bool(written.all())  # no pad among the new tokens (the usual decode step)
-        for j, state in enumerate(kept):
-            state.scatter_(-1, slot, fresh[:, :, j] if every_row else
-                           torch.where(written, fresh[:, :, j], state.gather(-1, slot)))
-        return torch.stack([state[..., : layer.used] for state in kept], dim=2)
+        fresh = (fresh - memo[1]).exp().mean(dim=2)  # (B, Hkv, 1)
+        if fixed_weight and self.use_vnorm:
+            fresh = self.weigh(fresh, layer.state[VALUE_NORMS].gather(-1, slot))
+        kept.scatter_(-1, slot, fresh if bool(written.all()) else torch.where(written, fresh, kept.gather(-1, slot)))
+        return kept[..., : layer.used] if fixed_weight else self.weighted(layer, kept[..., : layer.used], None)
 
     # per-row state --------------------------------------------------------------------------------------------------
     def _reindex_rows(self, index: torch.Tensor) -> None:
@@ -435,6 +456,7 @@ class ExpectedAttentionCache(CompressedCache):
                 stats[name] = value[index.to(value.device)]
         for memo in self._rescored.values():
             memo[0] = tuple(None if value is None else value[index.to(value.device)] for value in memo[0])
+            memo[1] = memo[1][index.to(memo[1].device)]
         for pending in self._pending.values():
             pending[:] = [(queries[index.to(queries.device)], real[index.to(real.device)]) for queries, real in pending]
 

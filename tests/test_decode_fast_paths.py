@@ -252,16 +252,16 @@ class _KnormNewNormMissed(KnormCache):
 class _EAStaleValueNorms(ExpectedAttentionCache):
     """Planted: the decode step does not compute the new value's norm (its slot keeps the evicted token's)."""
 
-    def track_value_norms(self, layer):
+    def track_value_norms(self, layer, written_slot=None):
         if layer.new_tokens > 1:
-            super().track_value_norms(layer)
+            super().track_value_norms(layer, written_slot)
 
 
 class _EAStatisticsSkipped(ExpectedAttentionCache):
     """Planted: the decode step's query does not join the running statistics."""
 
     def _evict_decode_step(self, layer):
-        self._update_statistics = lambda layer, defer=False: self._stats[layer.layer_idx]
+        self._update_statistics = lambda layer, defer=False, real=None: self._stats[layer.layer_idx]
         try:
             super()._evict_decode_step(layer)
         finally:
@@ -437,9 +437,10 @@ def test_decode_attention_check_catches_a_planted_bug():
 # --- expected_attention's rescore_every approximation --------------------------------------------------------------
 class _EARescoredReference(ExpectedAttentionCache):
     """The definition of rescore_every = N > 1, computed the long way: every decode step recomputes EVERY kept key's
-    logit, with the parameters (mu, Sigma, R) of the layer's last rescoring (the first decode step after a forward
-    through `select`, then every N-th decode step). The class under test keeps logits in per-slot state instead and
-    computes only the new token's."""
+    logits and probabilities exp(z_h - log Z_h), with the parameters (mu, Sigma, R) and log-normalisers of the
+    layer's last rescoring (the first decode step after a forward through `select`, then every N-th decode step;
+    log Z_h over the candidates of that step). The class under test keeps the probabilities in per-slot state
+    instead and computes only the new token's."""
 
     def evict(self, layer):
         self._decode_step = False
@@ -460,13 +461,16 @@ class _EARescoredReference(ExpectedAttentionCache):
         keys = self.stored_keys(layer)
         snapshots = self.__dict__.setdefault("_snapshots", {})
         snapshot = snapshots.get(layer.layer_idx)
-        if snapshot is None or snapshot[1] == self.rescore_every:
-            snapshot = snapshots[layer.layer_idx] = [self.score_parameters(layer, stats, keys), 0]
-        snapshot[1] += 1
-        logits = logits_of(keys, *snapshot[0])
+        if snapshot is None or snapshot[2] == self.rescore_every:
+            parameters = self.score_parameters(layer, stats, keys)
+            logits = logits_of(keys, *parameters).masked_fill(~candidates[:, :, None], float("-inf"))
+            log_norm = logits.logsumexp(dim=-1, keepdim=True).nan_to_num(neginf=0.0)  # no candidates: 0
+            snapshot = snapshots[layer.layer_idx] = [parameters, log_norm, 0]
+        snapshot[2] += 1
+        probs = (logits_of(keys, *snapshot[0]) - snapshot[1]).exp().mean(dim=2)
         over = count > self.budget
         if bool(over.any()):
-            free_one(layer, lowest(self.probabilities(layer, logits, candidates), candidates), over, rank)
+            free_one(layer, lowest(self.weighted(layer, probs, candidates), candidates), over, rank)
 
 
 def check_rescored_logits(cache_cls, rows, continuation, chunk, options):
@@ -493,33 +497,47 @@ def test_expected_attention_rescore_every_keeps_what_its_definition_keeps(data):
 class _EANeverRescores(ExpectedAttentionCache):
     """Planted: the logits of the first decode step's rescoring are reused for ever (the count never reaches N)."""
 
-    def reused_logits(self, layer):
+    def frozen_scores(self, layer, candidates, written_slot=None):
         memo = self._rescored.get(layer.layer_idx)
         if memo is not None:
-            memo[1] = 1
-        return super().reused_logits(layer)
+            memo[2] = 1
+        return super().frozen_scores(layer, candidates, written_slot)
 
 
 class _EANewTokenUnscored(ExpectedAttentionCache):
-    """Planted: between rescorings the new token's logit is not recorded (its slot keeps what a freed token left)."""
+    """Planted: between rescorings the new token's probability is not recorded (its slot keeps what a freed token
+    left)."""
 
-    def reused_logits(self, layer):
+    def frozen_scores(self, layer, candidates, written_slot=None):
         memo = self._rescored.get(layer.layer_idx)
-        if memo is None or memo[1] >= self.rescore_every:
-            return super().reused_logits(layer)
-        memo[1] += 1
-        groups = layer.observation.queries.shape[1] // layer.keys.shape[1]
-        return torch.stack([layer.state[f"expected_logit{j}"][..., : layer.used] for j in range(groups)], dim=2)
+        if memo is None or memo[2] >= self.rescore_every:
+            return super().frozen_scores(layer, candidates, written_slot)
+        memo[2] += 1
+        return layer.state["expected_score"][..., : layer.used]
+
+
+class _EANormaliserRecomputed(ExpectedAttentionCache):
+    """Planted: between rescorings each query head's normaliser is taken over the candidates of the step (the
+    previous definition), not the rescoring's."""
+
+    def frozen_scores(self, layer, candidates, written_slot=None):
+        probs = super().frozen_scores(layer, candidates, written_slot)
+        memo = self._rescored[layer.layer_idx]
+        if memo[2] == 1:
+            return probs
+        logits = logits_of(self.stored_keys(layer), *memo[0]).masked_fill(~candidates[:, :, None], float("-inf"))
+        return self.weighted(layer, logits.softmax(dim=-1).nan_to_num(0.0).mean(dim=2), None)
 
 
 class _EADeferredQueriesLost(ExpectedAttentionCache):
     """Planted: the decode steps' queries, deferred until the next rescoring, never reach the statistics."""
 
-    def _update_statistics(self, layer, defer=False):
-        return None if defer else super()._update_statistics(layer)
+    def _update_statistics(self, layer, defer=False, real=None):
+        return None if defer else super()._update_statistics(layer, real=real)
 
 
-@pytest.mark.parametrize("planted", [_EANeverRescores, _EANewTokenUnscored, _EADeferredQueriesLost],
+@pytest.mark.parametrize("planted", [_EANeverRescores, _EANewTokenUnscored, _EADeferredQueriesLost,
+                                     _EANormaliserRecomputed],
                          ids=lambda p: p.__name__.strip("_"))
 def test_planted_rescore_bugs_are_caught(planted):
     options = {"budget": 5, "n_sink": 1, "use_vnorm": False, "rescore_every": 3}
