@@ -118,13 +118,14 @@ class ExpectedAttentionCache(CompressedCache):
             APPROXIMATION for faster decoding (allocation="head" only): a decode step recomputes every kept key's
             logit z_h, each query head's softmax normaliser log Z_h (over the candidates then) and the group-mean
             probability p(k) = mean_h exp(z_h(k) - log Z_h) only every N-th decode step of a layer (and the first
-            after a prefill or chunk, which go through `select`, exact); in between, kept keys keep p(k) of their
-            last rescoring, and a new token's p is computed with that rescoring's mu, Sigma, R and log Z_h (O(Hq d^2)
-            for one key). So a step between rescorings is the new token's score and one argmin over maintained
-            scores (epsilon and the value norms are applied each step, O(S)). The normalisers are not updated for
-            the tokens that arrived or left since (a new token's p is not renormalised either). Per-slot state: one
-            float32 p per kv head and slot (4 B, beside 512 B of key and value on SmolLM2-135M). With kv_bits, a page
-            quantized between two rescorings keeps the p of its keys as they were before.
+            after a prefill or chunk, which go through `select`, exact); in between, kept keys keep the score of
+            their last rescoring, and a new token's p is computed with that rescoring's mu, Sigma, R and log Z_h
+            (O(Hq d^2) for one key) and weighted by its value norm. So a step between rescorings is the new token's
+            score and one argmin over maintained scores. The normalisers are not updated for the tokens that arrived
+            or left since (a new token's p is not renormalised either). Per-slot state: one float32 score per kv head
+            and slot (4 B, beside 512 B of key and value on SmolLM2-135M). With kv_bits the state holds p instead and
+            the value norms of the values as stored are applied each step (O(S)); a page quantized between two
+            rescorings keeps the p of its keys as they were before.
     """
 
     uses_budget = True
