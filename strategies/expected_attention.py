@@ -181,7 +181,7 @@ class ExpectedAttentionCache(CompressedCache):
         self._stats: dict[int, dict[str, torch.Tensor]] = {}  # layer -> count (B,), real (B,), s1, s2
         self._rotation_memo: dict = {}  # RoPE table -> ((table, seen, T, device), the mean rotation as (cos, sin))
         self._unrotation_memo: dict = {}  # RoPE table -> ((table, seen, (B, q), dtype, device), the queries' cos/sin)
-        self._rescored: dict = {}  # rescore_every > 1: layer -> [(linear, quadratic), log Z (B, Hkv, g, 1), steps since]
+        self._rescored: dict = {}  # rescore_every > 1: layer -> [(linear, quadratic), log Z (B,Hkv,g,1), steps since]
         self._pending: dict = {}  # layer -> [(queries, real), ...] not yet in its statistics (`statistics`)
 
     @classmethod

@@ -439,8 +439,8 @@ class _EARescoredReference(ExpectedAttentionCache):
     """The definition of rescore_every = N > 1, computed the long way: every decode step recomputes EVERY kept key's
     logits and probabilities exp(z_h - log Z_h), with the parameters (mu, Sigma, R) and log-normalisers of the
     layer's last rescoring (the first decode step after a forward through `select`, then every N-th decode step;
-    log Z_h over the candidates of that step). The class under test keeps the probabilities in per-slot state
-    instead and computes only the new token's."""
+    log Z_h over the candidates of that step). The class under test keeps the scores in per-slot state instead
+    and computes only the new token's."""
 
     def evict(self, layer):
         self._decode_step = False
@@ -495,7 +495,7 @@ def test_expected_attention_rescore_every_keeps_what_its_definition_keeps(data):
 
 
 class _EANeverRescores(ExpectedAttentionCache):
-    """Planted: the logits of the first decode step's rescoring are reused for ever (the count never reaches N)."""
+    """Planted: the scores of the first decode step's rescoring are reused for ever (the count never reaches N)."""
 
     def frozen_scores(self, layer, candidates, written_slot=None):
         memo = self._rescored.get(layer.layer_idx)
@@ -505,8 +505,7 @@ class _EANeverRescores(ExpectedAttentionCache):
 
 
 class _EANewTokenUnscored(ExpectedAttentionCache):
-    """Planted: between rescorings the new token's probability is not recorded (its slot keeps what a freed token
-    left)."""
+    """Planted: between rescorings the new token's score is not recorded (its slot keeps what a freed token left)."""
 
     def frozen_scores(self, layer, candidates, written_slot=None):
         memo = self._rescored.get(layer.layer_idx)

@@ -1,8 +1,9 @@
 """Why kvzip loses RULER-4K needles that the full cache finds: for samples of `ruler_niah_single_number@4096`
 (question after the compressed context), per cache: the fraction of the needle's key and value tokens each layer
-keeps (mean over kv heads), the fraction of all context tokens it keeps, and the greedy answer; and the model's own repeat quality on each reconstruction chunk
-(teacher-forced top-1 accuracy of the repeated tokens, overall and on the needle's value tokens), which is what
-KVzip's scores rest on. Not a test: the measurement behind docs/kvzip.md's RULER paragraph.
+keeps (mean over kv heads), the fraction of all context tokens it keeps, and the greedy answer; and the model's own
+repeat quality on each reconstruction chunk (teacher-forced top-1 accuracy of the repeated tokens, overall and on the
+needle's value tokens), which is what KVzip's scores rest on. Not a test: the measurement behind docs/kvzip.md's
+RULER paragraph.
 
     OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --samples 0,1,2,4 --caches kvzip,kvzip:chunk=4096
 """
