@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 LAYOUTS = ("dense", "paged")
 
 
@@ -369,9 +371,18 @@ class QuantizedKV(PagedKV):
         the packed pages each lane's table names are gathered first (a quarter of the fp32 bytes at 8 bits, 1/16 at
         2) and dequantized straight into slot order; the few full-precision pages (the residual window, the page
         being filled) are copied over theirs; slots without a page read zeros. Bitwise what dequantizing every page
-        and gathering the slots gives (tests/test_quantized_storage.py)."""
+        and gathering the slots gives (tests/test_quantized_storage.py). On CPU the native kernel of
+        `kvcompress.kernels` does all of it in one pass (bitwise the same; `read_torch` where it is not built)."""
         if not bool((self.table <= -2).any()):
             return super().read(used)
+        pages = -(-used // self.page)
+        if self.key_pool.device.type == "cpu" and kernels.available():  # the same in one pass (kvcompress.kernels)
+            return kernels.read_pages(self.table[..., :pages], self.quantized, self.key_pool, self.value_pool,
+                                      self.bits, used)
+        return self.read_torch(used)
+
+    def read_torch(self, used: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`read` in torch operations (any device; the reference the native CPU read is tested against)."""
         from .quantize import dequantize_keys, dequantize_values
 
         pages = -(-used // self.page)
