@@ -49,8 +49,11 @@ class Meter:
         return 1 - self.kept / max(self.seen, 1)
 
 
+ANCHOR_OPTIONS = {}  # AnchorCache options from the command line (--keep-first, --keep-segments)
+
+
 def make_cache(kind, model, anchor_ids):
-    return AnchorCache(model, anchor_ids=anchor_ids) if kind == "anchor" else FullCache(model)
+    return AnchorCache(model, anchor_ids=anchor_ids, **ANCHOR_OPTIONS) if kind == "anchor" else FullCache(model)
 
 
 @torch.no_grad()
@@ -130,9 +133,12 @@ def main():
     p.add_argument("--qa", type=int, default=100, help="QA examples per set (after the 5 demonstrations)")
     p.add_argument("--tasks", default="ppl,obqa,piqa")
     p.add_argument("--kinds", default="full,anchor")
+    p.add_argument("--keep-first", type=int, default=0, help="AnchorCache keep_first (0: the paper)")
+    p.add_argument("--keep-segments", type=int, default=1, help="AnchorCache keep_segments (1: the paper)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = p.parse_args()
+    ANCHOR_OPTIONS.update(keep_first=args.keep_first, keep_segments=args.keep_segments)
     model, tokenizer = load_model(args.model, device=args.device)
     config = anchor_config(model)
     ac = config is not None and config["mode"] == "ac"
@@ -140,7 +146,7 @@ def main():
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.update({"model": args.model, "label": args.label, "chunk": args.chunk, "anchors": len(anchor_ids),
-                    "mode": config["mode"] if config else "ep (untrained)"})
+                    "mode": config["mode"] if config else "ep (untrained)", "anchor_options": ANCHOR_OPTIONS})
     for kind in args.kinds.split(","):
         for task in args.tasks.split(","):
             t0 = time.time()

@@ -15,7 +15,8 @@ MODES = ("ep", "ac")
 
 @register("anchor")
 class AnchorCache(CompressedCache):
-    """Keeps, per row, every anchor token plus the tokens after the row's last anchor (plus `keep_first`).
+    """Keeps, per row, every anchor token plus the tokens after the row's last anchor (plus `keep_first`; with
+    `keep_segments=k`, the tokens after its k-th last anchor).
 
     Semantics: after every forward (prefix, prefill chunk or decode step) each row keeps the real tokens that are
     anchors, the real tokens after its last anchor, and its first `keep_first` real tokens; pads are dropped. A
@@ -42,6 +43,9 @@ class AnchorCache(CompressedCache):
         mode: "ep" (anchors are sentence ends; deviation: the official EP models use only ".") or "ac" (the
             dedicated token added by `anchor_tokens.add_anchor_token`); default: the model's configuration, else "ep".
         keep_first: number of first real tokens always kept (attention-sink style); 0 as in the paper.
+        keep_segments: how many of the newest segments stay whole: the tokens after the row's k-th last anchor
+            are kept (1, the default, is the paper's rule: the current, unfinished sentence; 2 also keeps the last
+            finished sentence in full). A deviation for k > 1, measured in docs/anchor.md.
         positions: "original" (default) or "cache" (see `CompressedCache`).
     """
 
@@ -54,18 +58,20 @@ class AnchorCache(CompressedCache):
         anchor_ids=None,
         mode: str | None = None,
         keep_first: int = 0,
+        keep_segments: int = 1,
         ac_token: str = AC_TOKEN,
         positions: str = "original",
     ):
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         keep_first = as_int(keep_first, "keep_first", minimum=0)
+        keep_segments = as_int(keep_segments, "keep_segments", minimum=1)
         if anchor_ids is not None:
             anchor_ids = sorted(set(as_token_ids(anchor_ids, "anchor_ids")))
             if not anchor_ids:
                 raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
         self._options = dict(tokenizer=tokenizer, anchor_ids=anchor_ids, mode=mode, ac_token=ac_token)
-        self.keep_first = keep_first
+        self.keep_first, self.keep_segments = keep_first, keep_segments
         self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
         if model is not None:
             self._bind(model)
@@ -110,10 +116,11 @@ class AnchorCache(CompressedCache):
         self._options = None  # resolved; the tokenizer is not kept (clones and pickles stay small)
 
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None) -> AnchorCache:
+    def _from_budget(cls, model, tokenizer, budget: int | None, keep_first: int = 0,
+                     keep_segments: int = 1) -> AnchorCache:
         """The model's own anchors when it is anchor-trained, else EP mode with the tokenizer's sentence ends; its size
-        follows the text, not `budget`."""
-        return cls(model, tokenizer=tokenizer)
+        follows the text, not `budget` (bench: "anchor:keep_first=1:keep_segments=2")."""
+        return cls(model, tokenizer=tokenizer, keep_first=keep_first, keep_segments=keep_segments)
 
     def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:
         """Bool, same shape as `positions` ((B, S) or (B, H, S); -1 = empty): the tokens there are anchors."""
@@ -127,8 +134,14 @@ class AnchorCache(CompressedCache):
             return memo[2]
         valid = positions >= 0
         anchor = self.is_anchor(positions) & valid
-        last_anchor = torch.where(anchor, positions, -1).amax(dim=-1, keepdim=True)  # (B, 1, 1), -1: none
-        keep = valid & (anchor | (positions > last_anchor) | (layer.stream_rank() < self.keep_first))
+        anchor_positions = torch.where(anchor, positions, -1)
+        if self.keep_segments == 1:
+            cut = anchor_positions.amax(dim=-1, keepdim=True)  # (B, 1, 1): the last anchor, -1: none
+        else:  # the k-th last anchor (-1 where a row has fewer: it keeps everything)
+            k = min(self.keep_segments, anchor_positions.shape[-1])
+            cut = anchor_positions.topk(k, dim=-1).values[..., -1:] if k == self.keep_segments else \
+                torch.full_like(anchor_positions[..., :1], -1)
+        keep = valid & (anchor | (positions > cut) | (layer.stream_rank() < self.keep_first))
         self._memo = (layer.seen, positions.clone(), keep)
         return keep
 

@@ -25,11 +25,13 @@ def char_tokenizer(extra=(").", ".\n", "e.g", '?"')):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def expected_kept(ids_row: list[int], real_row: list[bool], anchors: set[int], keep_first: int) -> list[int]:
-    """Stream positions a row keeps: its anchors, its real tokens after the last anchor, its first keep_first."""
+def expected_kept(ids_row: list[int], real_row: list[bool], anchors: set[int], keep_first: int,
+                  segments: int = 1) -> list[int]:
+    """Stream positions a row keeps: its anchors, its real tokens after the last anchor (after the `segments`-th
+    last), its first keep_first."""
     real = [p for p in range(len(ids_row)) if real_row[p]]
     anchor_positions = [p for p in real if ids_row[p] in anchors]
-    last = anchor_positions[-1] if anchor_positions else -1
+    last = anchor_positions[-segments] if len(anchor_positions) >= segments else -1
     return [p for p in real if p in anchor_positions or p > last or p in real[:keep_first]]
 
 
@@ -71,15 +73,16 @@ def streams(draw):
     return ids, mask, sizes, sorted(anchors), draw(st.integers(0, 3))
 
 
-def check_kept(cache_cls, ids, mask, sizes, anchors, keep_first):
-    cache = cache_cls(MODEL, anchor_ids=anchors, keep_first=keep_first)
+def check_kept(cache_cls, ids, mask, sizes, anchors, keep_first, segments=1):
+    cache = cache_cls(MODEL, anchor_ids=anchors, keep_first=keep_first, keep_segments=segments)
     _, kept = teacher_forced(MODEL, cache, ids, mask, sizes)
     for end, rows in kept:
         counts = cache.kept_counts()  # after the last forward only; checked below for the final state
         for b, positions in enumerate(rows):
-            expected = expected_kept(ids[b, :end].tolist(), mask[b, :end].bool().tolist(), set(anchors), keep_first)
+            expected = expected_kept(ids[b, :end].tolist(), mask[b, :end].bool().tolist(), set(anchors), keep_first,
+                                     segments)
             assert positions == expected, (end, b, positions, expected)
-    final = [len(expected_kept(ids[b].tolist(), mask[b].bool().tolist(), set(anchors), keep_first))
+    final = [len(expected_kept(ids[b].tolist(), mask[b].bool().tolist(), set(anchors), keep_first, segments))
              for b in range(ids.shape[0])]
     assert counts[0].tolist() == final and bool((counts == counts[:1]).all())
 
@@ -104,6 +107,30 @@ class _BatchWideLastAnchor(AnchorCache):  # planted bug: one last anchor for the
 @given(streams())
 def test_keeps_anchors_and_tokens_after_the_last_anchor(example):
     check_kept(AnchorCache, *example)
+
+
+class _SegmentsFromTheFirstAnchors(AnchorCache):  # planted bug: counts segments from the oldest anchors
+    def select(self, layer):
+        anchor = self.is_anchor(layer.positions) & layer.valid
+        first = torch.where(anchor, layer.positions, layer.positions.amax() + 1).sort(-1).values
+        k = min(self.keep_segments, first.shape[-1]) - 1
+        cut = torch.where(anchor.sum(-1, keepdim=True) >= self.keep_segments, first[..., k : k + 1], -1)
+        rank = layer.valid.cumsum(-1) - 1
+        return layer.valid & (anchor | (layer.positions > cut) | (rank < self.keep_first))
+
+
+@PROPERTY_SETTINGS
+@given(streams(), st.integers(1, 3))
+def test_keep_segments_keeps_the_tokens_after_the_kth_last_anchor(example, segments):
+    check_kept(AnchorCache, *example, segments=segments)
+
+
+def test_keep_segments_check_catches_a_planted_bug():
+    ids = torch.tensor([[3, 5, 4, 5, 6, 5, 7, 8]])
+    mask = torch.ones_like(ids)
+    check_kept(AnchorCache, ids, mask, [4, 2, 2], [5], 0, segments=2)
+    with pytest.raises(AssertionError):
+        check_kept(_SegmentsFromTheFirstAnchors, ids, mask, [4, 2, 2], [5], 0, segments=2)
 
 
 @pytest.mark.parametrize("bug", [_KeepsLastAnchorOnly, _BatchWideLastAnchor])
@@ -228,6 +255,8 @@ def test_bad_input():
         AnchorCache(MODEL, anchor_ids=[5], mode="xx")
     with pytest.raises(ValueError, match="keep_first"):
         AnchorCache(MODEL, anchor_ids=[5], keep_first=-1)
+    with pytest.raises(ValueError, match="keep_segments"):
+        AnchorCache(MODEL, anchor_ids=[5], keep_segments=0)
     with pytest.raises(ValueError, match="add_anchor_token"):
         AnchorCache(MODEL, char_tokenizer(), mode="ac")
     with pytest.raises(ValueError, match="init"):
