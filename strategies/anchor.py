@@ -116,11 +116,10 @@ class AnchorCache(CompressedCache):
         self._options = None  # resolved; the tokenizer is not kept (clones and pickles stay small)
 
     @classmethod
-    def _from_budget(cls, model, tokenizer, budget: int | None, keep_first: int = 0,
-                     keep_segments: int = 1) -> AnchorCache:
+    def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> AnchorCache:
         """The model's own anchors when it is anchor-trained, else EP mode with the tokenizer's sentence ends; its size
-        follows the text, not `budget` (bench: "anchor:keep_first=1:keep_segments=2")."""
-        return cls(model, tokenizer=tokenizer, keep_first=keep_first, keep_segments=keep_segments)
+        follows the text, not `budget`. `options`: the constructor's (e.g. "anchor:keep_first=1:keep_segments=2")."""
+        return cls(model, tokenizer=tokenizer, **options)
 
     def is_anchor(self, positions: torch.Tensor) -> torch.Tensor:
         """Bool, same shape as `positions` ((B, S) or (B, H, S); -1 = empty): the tokens there are anchors."""

@@ -3,7 +3,7 @@ the bench CLI's --kv-bits expansion, and clear errors."""
 
 import pytest
 
-from kvcompress import KVzipCache, SinkWindowCache, registry
+from kvcompress import AnchorCache, KVzipCache, SinkWindowCache, registry
 from kvcompress.bench import cli
 from kvcompress.testing import CharTokenizer, tiny_llama
 
@@ -32,6 +32,10 @@ def test_for_budget_routes_storage_and_strategy_options():
     assert quantized.kv_bits == 2 and quantized.window == 4
     with pytest.raises(ValueError, match=r"SinkWindowCache takes no options \['allocation'\] with a budget"):
         SinkWindowCache.for_budget(MODEL, None, 8, allocation="global")
+    anchor = AnchorCache.for_budget(MODEL, None, 8, anchor_ids=[5], keep_first=1, keep_segments=2)
+    assert (anchor.keep_first, anchor.keep_segments) == (1, 2)
+    with pytest.raises(TypeError, match="keep_last"):
+        AnchorCache.for_budget(MODEL, None, 8, anchor_ids=[5], keep_last=1)
 
 
 def test_cli_expands_kv_bits_and_checks_specs(capsys):
