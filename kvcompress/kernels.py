@@ -10,7 +10,7 @@ Bitwise the torch path's result: each element is `T(T(code * scale) + zero)` wit
 rounded to the output dtype T as the torch operations round them (computed in float for half types, as torch's CPU
 kernels do; no fused multiply-add: built with -ffp-contract=off).
 
-Built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja; about a minute, then
+Built on first use with `torch.utils.cpp_extension.load_inline` (a C++ compiler and ninja; 20-60 s once, then
 cached in TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Where it cannot be built, or with
 `KVCOMPRESS_NATIVE=0`, `available()` is False and the storage keeps its torch path (same result, slower); the reason
 is in `unavailable_reason()`. CPU tensors only.
@@ -21,8 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-
-import torch
 
 _SOURCE = r"""
 #include <torch/extension.h>
