@@ -128,6 +128,15 @@ std::vector<at::Tensor> read_pages(at::Tensor entry, at::Tensor kcodes, at::Tens
   entry = entry.contiguous(); kcodes = kcodes.contiguous(); kscale = kscale.contiguous();
   kzero = kzero.contiguous(); vcodes = vcodes.contiguous(); vscale = vscale.contiguous();
   vzero = vzero.contiguous(); kpool = kpool.contiguous(); vpool = vpool.contiguous();
+  TORCH_CHECK(entry.dim() == 3 && entry.scalar_type() == at::kLong, "read_pages: entry must be (B, Hkv, P) int64");
+  TORCH_CHECK(used > (entry.size(2) - 1) * kpool.size(1) && used <= entry.size(2) * kpool.size(1),
+              "read_pages: ", entry.size(2), " pages of ", kpool.size(1), " slots cannot hold used = ", used);
+  TORCH_CHECK(kscale.size(0) == kcodes.size(0) && vcodes.size(0) == kcodes.size(0) && vscale.size(2) > 0 &&
+              vpool.size(2) % vscale.size(2) == 0, "read_pages: inconsistent code, scale and pool shapes");
+  const int64_t* table = entry.data_ptr<int64_t>();
+  for (int64_t i = 0; i < entry.numel(); ++i)  // no read outside the pools, whatever the table holds (IndexError)
+    TORCH_CHECK_INDEX(table[i] < kpool.size(0) && -table[i] - 2 < kcodes.size(0), "read_pages: table entry ", table[i],
+                " names no page (", kpool.size(0), " full-precision, ", kcodes.size(0), " quantized)");
   auto keys = at::empty({entry.size(0), entry.size(1), used, kpool.size(2)}, kpool.options());
   auto values = at::empty({entry.size(0), entry.size(1), used, vpool.size(2)}, vpool.options());
   const auto dtype = kpool.scalar_type();
@@ -149,7 +158,7 @@ std::vector<at::Tensor> read_pages(at::Tensor entry, at::Tensor kcodes, at::Tens
 }
 """
 
-_NAME = "kvcompress_read_pages_v5"  # a new name whenever _SOURCE changes (the build cache is keyed by name)
+_NAME = "kvcompress_read_pages_v7"  # a new name whenever _SOURCE changes (the build cache is keyed by name)
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None

@@ -128,6 +128,18 @@ def test_decoding_through_either_read_gives_bitwise_the_same_logits(make, monkey
         assert torch.equal(native, decode())
 
 
+def test_a_table_naming_no_page_is_an_error_not_a_stray_read():
+    _native()
+    store = random_store(1, 4, torch.float32, 1, 2, 2, 4, 8, 8, 4)
+    for bad in (store.key_pool.shape[0], -store.quantized["keys"].shape[0] - 2):
+        table = store.table.clone()
+        table[0, 1, 1] = bad
+        with pytest.raises(IndexError, match="names no page"):  # as the torch read's indexing raises
+            kernels.read_pages(table, store.quantized, store.key_pool, store.value_pool, 4, 8)
+    with pytest.raises(RuntimeError, match="cannot hold used"):
+        kernels.read_pages(store.table, store.quantized, store.key_pool, store.value_pool, 4, 9)
+
+
 def test_a_failed_build_warns_and_leaves_the_torch_path(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
