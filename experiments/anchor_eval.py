@@ -38,11 +38,9 @@ class Meter:
         self.kept = self.seen = 0
 
     def add(self, cache):
-        if isinstance(cache, AnchorCache):
-            self.kept += int(cache.kept_counts()[0].sum())
-        else:
-            self.kept += cache.get_seq_length() * cache.layers[0].positions.shape[0]
-        self.seen += cache.get_seq_length() * cache.layers[0].positions.shape[0]
+        counts = cache.mean_kept_counts()  # (L, B): kept tokens per layer and row, averaged over kv heads
+        self.kept += float(counts.mean(0).sum())
+        self.seen += cache.get_seq_length() * counts.shape[-1]
 
     @property
     def reduction(self):

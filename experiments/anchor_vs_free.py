@@ -25,13 +25,6 @@ from kvcompress.models import load_model  # noqa: E402
 from kvcompress.registry import get  # noqa: E402
 
 
-class Meter(anchor_eval.Meter):
-    def add(self, cache):
-        counts = cache.mean_kept_counts()  # (L, B)
-        self.kept += float(counts.mean(0).sum())
-        self.seen += cache.get_seq_length() * counts.shape[-1]
-
-
 def main() -> None:
     alias, budget, names, out = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
     torch.set_num_threads(1)
@@ -42,7 +35,7 @@ def main() -> None:
     rows = {}
     for name in names:
         anchor_eval.make_cache = lambda kind, m, a, cls=get(name): cls.for_budget(m, tokenizer, budget)
-        meter, start = Meter(), time.time()
+        meter, start = anchor_eval.Meter(), time.time()
         ppl, n = anchor_eval.perplexity(model, tokenizer, "x", anchor_ids, 1024, 64, meter, ac=ac)
         rows[name] = {"ppl": ppl, "n": n, "kv_reduction": meter.reduction, "budget": budget}
         print(alias, name, budget, f"ppl {ppl:.2f} n {n} reduction {meter.reduction:.3f}",

@@ -134,12 +134,11 @@ class AnchorCache(CompressedCache):
         valid = positions >= 0
         anchor = self.is_anchor(positions) & valid
         anchor_positions = torch.where(anchor, positions, -1)
-        if self.keep_segments == 1:
-            cut = anchor_positions.amax(dim=-1, keepdim=True)  # (B, 1, 1): the last anchor, -1: none
-        else:  # the k-th last anchor (-1 where a row has fewer: it keeps everything)
-            k = min(self.keep_segments, anchor_positions.shape[-1])
-            cut = anchor_positions.topk(k, dim=-1).values[..., -1:] if k == self.keep_segments else \
-                torch.full_like(anchor_positions[..., :1], -1)
+        k = self.keep_segments  # cut (B, 1, 1): the k-th last anchor, -1 where a row has fewer (it keeps everything)
+        if anchor_positions.shape[-1] >= k:
+            cut = anchor_positions.topk(k, dim=-1).values[..., -1:]
+        else:
+            cut = torch.full_like(anchor_positions[..., :1], -1)
         keep = valid & (anchor | (positions > cut) | (layer.stream_rank() < self.keep_first))
         self._memo = (layer.seen, positions.clone(), keep)
         return keep
