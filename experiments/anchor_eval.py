@@ -30,6 +30,7 @@ from kvcompress.anchor_tokens import format_with_anchor, sentence_end_ids
 from kvcompress.cache import cache_arg
 from kvcompress.models import load_model
 from kvcompress.strategies import AnchorCache, FullCache
+from kvcompress.strategies.anchor import anchor_rule
 from kvcompress.train import heldout_files
 
 
@@ -131,13 +132,13 @@ def main():
     p.add_argument("--qa", type=int, default=100, help="QA examples per set (after the 5 demonstrations)")
     p.add_argument("--tasks", default="ppl,obqa,piqa")
     p.add_argument("--kinds", default="full,anchor")
-    p.add_argument("--keep-first", type=int, default=0, help="AnchorCache keep_first (0: the paper)")
-    p.add_argument("--keep-segments", type=int, default=1, help="AnchorCache keep_segments (1: the paper)")
+    p.add_argument("--keep-first", type=int, help="AnchorCache keep_first (0: the paper; default: the model's rule)")
+    p.add_argument("--keep-segments", type=int, help="AnchorCache keep_segments (1: the paper; default: the model's)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = p.parse_args()
-    ANCHOR_OPTIONS.update(keep_first=args.keep_first, keep_segments=args.keep_segments)
     model, tokenizer = load_model(args.model, device=args.device)
+    ANCHOR_OPTIONS.update(zip(("keep_first", "keep_segments"), anchor_rule(model, args.keep_first, args.keep_segments)))
     config = anchor_config(model)
     ac = config is not None and config["mode"] == "ac"
     anchor_ids = torch.tensor(config["anchor_ids"]) if config else torch.tensor(sentence_end_ids(tokenizer))

@@ -4,7 +4,9 @@ A model trained by `kvcompress-train-anchor` carries its anchor configuration in
 (`config.kvcompress_anchor`, saved in config.json or beside a LoRA adapter as `anchor.json`):
 
     {"mode": "ep" | "ac", "anchor_ids": [int, ...], "ac_token": "<AC>" (AC only), "ac_init": "period" | "mean",
-     "base": the model the run started from, "tokens": tokens trained on, ...}
+     "base": the model the run started from, "tokens": tokens trained on, ...,
+     "keep_first": int >= 0, "keep_segments": int >= 1 (optional: the AnchorCache rule measured best for this
+     model; absent, AnchorCache uses the paper's rule, 0 and 1)}
 
 `AnchorCache()` without arguments reads it from the model it serves (`anchor_config`). The shipped adapters
 (`kvcompress/anchors/<alias>/`: `adapter_config.json`, `adapter_model.safetensors`, `anchor.json`) are merged
@@ -22,6 +24,7 @@ import torch
 CONFIG_KEY = "kvcompress_anchor"
 ANCHOR_FILE = "anchor.json"
 MODES = ("ep", "ac")
+RULE_KEYS = {"keep_first": 0, "keep_segments": 1}  # optional AnchorCache options a model's configuration may carry
 ADAPTER_ROOT = pathlib.Path(__file__).parent / "anchors"
 
 
@@ -35,6 +38,10 @@ def anchor_config(model) -> dict | None:
     if not isinstance(value, dict) or value.get("mode") not in MODES or not value.get("anchor_ids"):
         raise ValueError(f"the model's config.{CONFIG_KEY} is malformed (needs mode in {MODES} and anchor_ids): "
                          f"{value!r}")
+    for key, minimum in RULE_KEYS.items():
+        if key in value and (type(value[key]) is not int or value[key] < minimum):
+            raise ValueError(f"the model's config.{CONFIG_KEY}[{key!r}] must be an integer >= {minimum}, got "
+                             f"{value[key]!r}")
     return value
 
 

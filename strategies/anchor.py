@@ -11,6 +11,15 @@ from ..registry import register
 from ..validate import as_int, as_token_ids
 
 MODES = ("ep", "ac")
+PAPER_RULE = {"keep_first": 0, "keep_segments": 1}
+
+
+def anchor_rule(model, keep_first: int | None = None, keep_segments: int | None = None) -> tuple[int, int]:
+    """(keep_first, keep_segments) an AnchorCache uses on `model`: the explicit values, else those the model's
+    anchor configuration carries, else the paper's rule (0, 1)."""
+    rule = {**PAPER_RULE, **{k: v for k, v in (anchor_config(model) or {}).items() if k in PAPER_RULE}}
+    return (rule["keep_first"] if keep_first is None else keep_first,
+            rule["keep_segments"] if keep_segments is None else keep_segments)
 
 
 @register("anchor")
@@ -42,10 +51,13 @@ class AnchorCache(CompressedCache):
             numpy array, or a list of integers; non-empty, all < vocab size.
         mode: "ep" (anchors are sentence ends; deviation: the official EP models use only ".") or "ac" (the
             dedicated token added by `anchor_tokens.add_anchor_token`); default: the model's configuration, else "ep".
-        keep_first: number of first real tokens always kept (attention-sink style); 0 as in the paper.
+        keep_first: number of first real tokens always kept (attention-sink style); 0 in the paper.
         keep_segments: how many of the newest segments stay whole: the tokens after the row's k-th last anchor
-            are kept (1, the default, is the paper's rule: the current, unfinished sentence; 2 also keeps the last
-            finished sentence in full). A deviation for k > 1, measured in docs/anchor.md.
+            are kept (1 is the paper's rule: the current, unfinished sentence; 2 also keeps the last finished
+            sentence in full). A deviation for k > 1, measured in docs/anchor.md.
+            Default of both (None): the model's anchor configuration when it carries them (the shipped
+            `smollm2-135m-anchor-*` models carry keep_first=1, keep_segments=2, their measured best rule), else
+            the paper's rule (0 and 1). Pass keep_first=0, keep_segments=1 for the paper's rule on any model.
         positions: "original" (default) or "cache" (see `CompressedCache`).
     """
 
@@ -57,21 +69,23 @@ class AnchorCache(CompressedCache):
         tokenizer=None,
         anchor_ids=None,
         mode: str | None = None,
-        keep_first: int = 0,
-        keep_segments: int = 1,
+        keep_first: int | None = None,
+        keep_segments: int | None = None,
         ac_token: str = AC_TOKEN,
         positions: str = "original",
     ):
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        keep_first = as_int(keep_first, "keep_first", minimum=0)
-        keep_segments = as_int(keep_segments, "keep_segments", minimum=1)
+        if keep_first is not None:
+            keep_first = as_int(keep_first, "keep_first", minimum=0)
+        if keep_segments is not None:
+            keep_segments = as_int(keep_segments, "keep_segments", minimum=1)
         if anchor_ids is not None:
             anchor_ids = sorted(set(as_token_ids(anchor_ids, "anchor_ids")))
             if not anchor_ids:
                 raise ValueError("anchor_ids is empty: AnchorCache needs at least one anchor token id")
         self._options = dict(tokenizer=tokenizer, anchor_ids=anchor_ids, mode=mode, ac_token=ac_token)
-        self.keep_first, self.keep_segments = keep_first, keep_segments
+        self.keep_first, self.keep_segments = keep_first, keep_segments  # None until bound: see _bind
         self._memo: tuple | None = None  # (seen, positions of layer 0) -> keep, shared by all layers
         if model is not None:
             self._bind(model)
@@ -96,6 +110,7 @@ class AnchorCache(CompressedCache):
                                      f"the model was trained with anchor id {config['anchor_ids']}: use the tokenizer "
                                      "saved with the model")
             anchor_ids = anchor_ids or sorted(config["anchor_ids"])
+        self.keep_first, self.keep_segments = anchor_rule(model, self.keep_first, self.keep_segments)
         mode = mode or "ep"
         if anchor_ids is None:
             if tokenizer is None:

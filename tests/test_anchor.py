@@ -264,3 +264,34 @@ def test_bad_input():
     with pytest.raises(ValueError, match="input ids"):
         cache = AnchorCache(MODEL, anchor_ids=[5])
         MODEL(inputs_embeds=MODEL.get_input_embeddings().weight[torch.tensor([[5, 6]])], past_key_values=cache)
+
+
+def _model_with_anchor_rule(**rule):
+    from kvcompress import prepare
+    from kvcompress.anchor_model import set_anchor_config
+
+    model = prepare(tiny_llama(seed=5))
+    set_anchor_config(model, {"mode": "ep", "anchor_ids": [5], **rule})
+    return model
+
+
+def test_the_rule_a_model_carries_is_the_default_and_explicit_options_win():
+    """A model whose anchor configuration carries keep_first / keep_segments (the shipped models do): AnchorCache()
+    keeps by that rule; explicit options override it; without them in the configuration, the paper's rule."""
+    ids = torch.tensor([[3, 4, 6, 5, 7, 8, 5, 9, 10, 5, 11, 6]])
+    mask = torch.ones_like(ids)
+
+    def kept(model, cache):
+        _, trace = teacher_forced(model, cache, ids, mask, [ids.shape[1]])
+        return trace[-1][1][0]
+
+    carrying = _model_with_anchor_rule(keep_first=1, keep_segments=2)
+    row, real = ids[0].tolist(), [True] * ids.shape[1]
+    assert kept(carrying, AnchorCache()) == expected_kept(row, real, {5}, keep_first=1, segments=2)
+    assert kept(carrying, AnchorCache(keep_first=0, keep_segments=1)) == expected_kept(row, real, {5}, 0, 1)
+    assert kept(carrying, AnchorCache(keep_segments=3)) == expected_kept(row, real, {5}, keep_first=1, segments=3)
+    assert expected_kept(row, real, {5}, 1, 2) != expected_kept(row, real, {5}, 0, 1)  # the case tells them apart
+    assert kept(_model_with_anchor_rule(), AnchorCache()) == expected_kept(row, real, {5}, 0, 1)
+    for bad in ({"keep_first": -1}, {"keep_segments": 0}, {"keep_segments": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AnchorCache(_model_with_anchor_rule(**bad))

@@ -378,11 +378,14 @@ def test_anchor_rows_on_an_untrained_model_are_labelled_untrained(tiny_dir, tmp_
     from kvcompress.bench.plots import strategy_label
 
     out = tmp_path / "run"
-    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,anchor", "--tasks",
-                               "obqa", "--limit", "2", "--out", str(out), "--no-progress", "--no-plots"], capsys)
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "full,anchor,anchor:keep_segments=2",
+                               "--tasks", "obqa", "--limit", "2", "--out", str(out), "--no-progress", "--no-plots"],
+                              capsys)
     assert code == 0, captured.err
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert cells["obqa|anchor|-"]["anchor_trained"] is False
+    assert cells["obqa|anchor|-"]["anchor_rule"] == {"keep_first": 0, "keep_segments": 1}  # the paper's rule
+    assert cells["obqa|anchor:keep_segments=2|-"]["anchor_rule"] == {"keep_first": 0, "keep_segments": 2}
     assert "anchor_trained" not in cells["obqa|full|-"]
     rows = [line for line in captured.out.splitlines() if line.startswith("| obqa")]
     assert "| anchor (untrained) |" in rows[1] and "(untrained)" not in rows[0]
