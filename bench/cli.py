@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import pathlib
 import sys
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timing repeats, medians reported (preset default)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode round of the speed task")
+    p.add_argument("--shots", type=int, default=None,
+                   help="demonstrations of the multiple-choice tasks (obqa, piqa, boolq); default: each task's own "
+                   "(5, 5, 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<UTC time>)")
     p.add_argument("--resume", action="store_true", help="keep finished cells of --out/results.json")
@@ -139,6 +143,21 @@ def trained_anchor_rows(model: str | None) -> list[str]:
         return []
     aliases = ("smollm2-135m-anchor-ac", "smollm2-135m-anchor-ep")
     return [f"anchor:model={a}" for a in aliases if (adapter_dir(a) / "adapter_model.safetensors").is_file()]
+
+
+def _check_resumed_shots(parser, out: pathlib.Path, shots: int | None) -> None:
+    """Refuse to resume a folder whose finished multiple-choice cells used other demonstrations than this run would
+    (their scores would sit beside this run's under the same cell keys)."""
+    from . import tasks
+
+    path = out / "results.json"
+    if not path.is_file():
+        return
+    for key, cell in json.loads(path.read_text()).get("cells", {}).items():
+        default = getattr(tasks.TASKS.get(cell.get("task_name")), "shots", None)
+        if "shots" in cell and cell["shots"] != (default if shots is None else shots):
+            parser.error(f"--resume: cell {key} of {path} used {cell['shots']} shots, this run would use "
+                         f"{default if shots is None else shots}: pass --shots {cell['shots']} or another --out")
 
 
 def _split(text: str) -> list[str]:
@@ -230,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(preset["options"])
     if args.decode_tokens is not None:
         options["decode_tokens"] = args.decode_tokens
+    if args.shots is not None:
+        if args.shots < 0:
+            parser.error("--shots must be >= 0")
+        options["shots"] = args.shots
+    if args.resume:
+        _check_resumed_shots(parser, out, options.get("shots"))
     if args.plan:
         print(plan(selected, strategies, budgets, limits, options, args.preset))
         return 0

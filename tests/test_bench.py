@@ -391,3 +391,20 @@ def test_anchor_rows_on_an_untrained_model_are_labelled_untrained(tiny_dir, tmp_
     assert "| anchor (untrained) |" in rows[1] and "(untrained)" not in rows[0]
     assert strategy_label({"strategy": "anchor:model=smollm2-135m-anchor-ac", "anchor_trained": True}) == \
         "anchor:model=smollm2-135m-anchor-ac"
+
+
+def test_shots_sets_the_demonstrations_and_a_resume_with_other_shots_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--strategies", "full", "--tasks", "boolq", "--limit", "2", "--out", str(out),
+            "--no-progress", "--no-plots"]
+    code, captured = _run_cli([*base, "--shots", "3"], capsys)
+    assert code == 0, captured.err
+    cell = json.loads((out / "results.json").read_text())["cells"]["boolq|full|-"]
+    assert cell["shots"] == 3 and cell["n_examples"] == 2
+    assert _run_cli([*base, "--shots", "3", "--resume"], capsys)[0] == 0  # same shots: resumes (nothing to run)
+    for other in (["--shots", "4"], []):  # another count, or the task's default (2)
+        with pytest.raises(SystemExit):
+            cli.main([*base, *other, "--resume"])
+        assert "used 3 shots" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--shots", "-1"])
