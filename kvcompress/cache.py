@@ -35,6 +35,8 @@ from .storage import DemotedKV, DenseKV, PagedKV, QuantizedKV
 from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
+GROWTH_DIVISOR = 8  # a full slot buffer grows by 1/GROWTH_DIVISOR of its capacity ...
+GROWTH_MIN_SLOTS = 16  # ... and by at least this many slots (a page of the paged layout)
 # transformers 5.24 renamed `past_key_values` to `cache` in forward and generate (the old name still works there,
 # with a deprecation warning from generate). Internal calls use `**cache_arg(cache)` to be silent on both sides.
 CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
@@ -287,6 +289,12 @@ class CompressedLayer(CacheLayerMixin):
             self.state[name] = state
         return state
 
+    def _grown_capacity(self, needed: int) -> int:
+        """Capacity after a growth that must hold `needed` slots: 1/8 more than now (at least GROWTH_MIN_SLOTS), so a
+        cache that keeps every token (FullCache, KVzip's generated tokens) holds at most ~1.125x the slots it uses
+        while appends still reallocate only O(log n) times."""
+        return max(needed, self.capacity + max(self.capacity // GROWTH_DIVISOR, GROWTH_MIN_SLOTS))
+
     def _grow(self, capacity: int) -> None:
         """Reallocate to (at least) `capacity` slots (zeros: a free slot never holds NaN/Inf garbage the kernel could
         read; a paged store rounds up to whole pages)."""
@@ -311,7 +319,7 @@ class CompressedLayer(CacheLayerMixin):
         q_len = keys.shape[-2]
         start, end = self.used, self.used + q_len
         if end > self.capacity:
-            self._grow(end if self.capacity == 0 else max(end, self.capacity + self.capacity // 2))
+            self._grow(end if self.capacity == 0 else self._grown_capacity(end))
         self.store.write_range(start, keys, values)
         if q_len == 1:
             self._positions.narrow(-1, start, 1).fill_(self.seen)
@@ -328,7 +336,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         free_count = int(free.sum(dim=-1).min())
         if free_count < q_len:
-            self._grow(max(self.capacity + q_len - free_count, self.capacity + self.capacity // 2))
+            self._grow(self._grown_capacity(self.capacity + q_len - free_count))
             free = self._positions == -1
         slots = (~free).to(torch.uint8).argsort(dim=-1, stable=True)[..., :q_len]  # (B, Hp, q)
         self.store.write_slots(slots, keys, values)
@@ -343,7 +351,7 @@ class CompressedLayer(CacheLayerMixin):
         has_free, first_free = free.max(dim=-1, keepdim=True)  # (B, Hp, 1)
         last = int(torch.where(has_free, first_free, self.capacity).max())
         if last == self.capacity:  # some row or head has no free slot
-            self._grow(self.capacity + max(1, self.capacity // 2))
+            self._grow(self._grown_capacity(self.capacity + 1))
             first_free = (self._positions == -1).max(dim=-1, keepdim=True)[1]
             last = int(first_free.max())
         if first_free.numel() == 1:

@@ -101,7 +101,8 @@ def test_full_cache_equals_explicit_mask_reference(tiny_model):
 
 
 def test_kv_bytes_counts_allocated_and_used_slots(tiny_model):
-    """kv_bytes(): the allocated slot buffers (capacity grows geometrically); kv_bytes_used(): the kept tokens."""
+    """kv_bytes(): the allocated slot buffers (capacity grows by 1/8, at least 16 slots); kv_bytes_used(): the kept
+    tokens."""
     ids, mask = left_padded(PROMPTS)
     cache = FullCache(tiny_model)
     _generate(tiny_model, cache, ids, mask, max_new_tokens=4)
@@ -112,7 +113,7 @@ def test_kv_bytes_counts_allocated_and_used_slots(tiny_model):
     assert cache.kv_bytes_used() == real * per_token
     capacity = cache.layers[0].capacity
     assert cache.kv_bytes() == capacity * len(PROMPTS) * per_token
-    assert ids.shape[1] + 3 <= capacity <= 2 * (ids.shape[1] + 3)
+    assert ids.shape[1] + 3 <= capacity <= max(1.125 * (ids.shape[1] + 3), ids.shape[1] + 3 + 16)
 
 
 @pytest.mark.integration

@@ -118,18 +118,25 @@ def test_a_long_prefill_through_a_budgeted_cache_gives_memory_back():
     assert cache.kv_bytes() < full.kv_bytes() / 10
 
 
-def test_full_cache_grows_geometrically():
+def test_full_cache_grows_geometrically_and_holds_at_most_an_eighth_more():
+    """Appends reallocate by 1/8 of the capacity (at least 16 slots): few reallocations, and the slots held stay
+    within 1.125x of those used (+16) at every step (a 1.5x growth would hold up to 1.5x)."""
     cache = FullCache(MODEL)
-    capacities = []
+    capacities, ratios = [], []
     with torch.no_grad():
-        MODEL(torch.arange(3, 35).unsqueeze(0), **cache_arg(cache), use_cache=True)
-        for t in range(40):
-            MODEL(torch.tensor([[5]]), attention_mask=torch.ones(1, 33 + t, dtype=torch.long), **cache_arg(cache),
+        MODEL(torch.arange(3, 35).repeat(20).unsqueeze(0), **cache_arg(cache), use_cache=True)  # 640 tokens
+        for t in range(200):
+            MODEL(torch.tensor([[5]]), attention_mask=torch.ones(1, 641 + t, dtype=torch.long), **cache_arg(cache),
                   use_cache=True)
             capacities.append(cache.layers[0].capacity)
-    grows = sorted(set(capacities))
-    assert grows == [48, 72]  # 32 -> 48 -> 72: two reallocations for 40 appended tokens, not 40
-    assert cache.kv_bytes_used() == cache.kv_bytes()  # 32 + 40 tokens fill the 72 slots exactly
+            ratios.append(cache.kv_bytes() / cache.kv_bytes_used())
+    assert sorted(set(capacities)) == [720, 810, 911]  # 640 -> 720 -> 810 -> 911: 3 reallocations for 200 tokens
+    assert max(ratios) == pytest.approx(810 / 721) and max(ratios) < 1.125  # right after the second growth
+    small = FullCache(MODEL)
+    with torch.no_grad():
+        MODEL(torch.arange(3, 35).unsqueeze(0), **cache_arg(small), use_cache=True)
+        MODEL(torch.tensor([[5]]), attention_mask=torch.ones(1, 33, dtype=torch.long), **cache_arg(small))
+    assert small.layers[0].capacity == 32 + 16  # at least GROWTH_MIN_SLOTS
 
 
 @pytest.mark.parametrize("name", sorted(CACHES))
