@@ -149,8 +149,10 @@ def _rss() -> int:
 
 
 def _kept_tokens(cache) -> int:
-    if hasattr(cache, "kept_counts"):
-        return int(cache.kept_counts().max())
+    """Tokens kept per layer and kv head, averaged (rounded): with head-adaptive budgets (kvzip's global allocation,
+    AdaKV) or per-layer ones (pyramidkv) the largest lane would overstate what the cache holds."""
+    if hasattr(cache, "mean_kept_counts"):
+        return round(float(cache.mean_kept_counts().mean()))
     return cache.get_seq_length()
 
 

@@ -80,6 +80,14 @@ def test_speed_grid_rows_on_a_tiny_model(tiny_model):
     # every fed token is stored: prefill (40) + warm-up step (1) + 2 rounds x 2 steps
     assert by_name["dynamic"]["kept_tokens"] == by_name["full"]["kept_tokens"] == 40 + 1 + 4
     assert by_name["sink_window"]["kept_tokens"] == 10  # ceil(0.25 * 40)
+    adakv = speed.run_length(tiny_model, None, ids, ["snapkv:allocation=adakv"], fraction=0.25, rounds=1, steps=1)[0]
+    cache = speed.build_cache("snapkv:allocation=adakv", tiny_model, None, 40, 0.25)
+    with torch.no_grad():
+        tiny_model(ids, past_key_values=cache)
+    counts = torch.stack([layer.valid.sum(-1)[0] for layer in cache.layers])  # (L, Hkv)
+    assert counts.float().std() > 0  # the heads keep different counts: the largest would overstate
+    # the mean lane (the decode steps keep the budget), not the largest one
+    assert adakv["kept_tokens"] == round(counts.double().mean().item()) == 10 < int(counts.max())
     assert by_name["dynamic"]["kv_bytes"] == by_name["full"]["kv_bytes"] > by_name["sink_window"]["kv_bytes"]
     for row in rows:
         assert len(row["step_seconds"]) == 2
