@@ -28,7 +28,7 @@ PRESETS = {
     # Measured on 2 shared CPU cores (SmolLM2-135M fp32): see docs/bench.md.
     "quick": {
         # 12 strategies (kvzip since 2026-11-29) + the 2 trained anchor rows: trimmed for 15 min on 2 idle cores
-        # (6.9 min before kvzip; 88 cells took 50 min on 2 loaded cores, not re-timed idle: docs/bench.md).
+        # (88 cells: 6.7 min on 2 idle cores, 2026-12-01; docs/bench.md).
         # perplexity, needle and speed at 1K and SST-2; the QA tasks (obqa, piqa, boolq) and the 2K lengths are in
         # "full", the 0.5 budget and 2K lengths in "strategies".
         "tasks": ["ppl", "needle", "speed", "sst2"],
