@@ -24,7 +24,8 @@ import torch
 CONFIG_KEY = "kvcompress_anchor"
 ANCHOR_FILE = "anchor.json"
 MODES = ("ep", "ac")
-RULE_KEYS = {"keep_first": 0, "keep_segments": 1}  # optional AnchorCache options a model's configuration may carry
+# the AnchorCache rule options a model's configuration may carry, at the paper's values (also each one's minimum)
+PAPER_RULE = {"keep_first": 0, "keep_segments": 1}
 ADAPTER_ROOT = pathlib.Path(__file__).parent / "anchors"
 
 
@@ -38,7 +39,7 @@ def anchor_config(model) -> dict | None:
     if not isinstance(value, dict) or value.get("mode") not in MODES or not value.get("anchor_ids"):
         raise ValueError(f"the model's config.{CONFIG_KEY} is malformed (needs mode in {MODES} and anchor_ids): "
                          f"{value!r}")
-    for key, minimum in RULE_KEYS.items():
+    for key, minimum in PAPER_RULE.items():
         if key in value and (type(value[key]) is not int or value[key] < minimum):
             raise ValueError(f"the model's config.{CONFIG_KEY}[{key!r}] must be an integer >= {minimum}, got "
                              f"{value[key]!r}")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..anchor_model import anchor_config
+from ..anchor_model import PAPER_RULE, anchor_config
 from ..anchor_tokens import AC_TOKEN, anchor_token_id, sentence_end_ids
 from ..cache import CompressedCache, CompressedLayer
 from ..registry import register
 from ..validate import as_int, as_token_ids
 
 MODES = ("ep", "ac")
-PAPER_RULE = {"keep_first": 0, "keep_segments": 1}
 
 
 def anchor_rule(model, keep_first: int | None = None, keep_segments: int | None = None) -> tuple[int, int]:
