@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import pathlib
 import sys
@@ -146,18 +145,15 @@ def trained_anchor_rows(model: str | None) -> list[str]:
 
 
 def _check_resumed_shots(parser, out: pathlib.Path, shots: int | None) -> None:
-    """Refuse to resume a folder whose finished multiple-choice cells used other demonstrations than this run would
-    (their scores would sit beside this run's under the same cell keys)."""
-    from . import tasks
+    """Refuse to resume a folder whose finished multiple-choice cells (those `--resume` keeps) used other
+    demonstrations than this run would (their scores would sit beside this run's under the same cell keys)."""
+    from . import runner, tasks
 
-    path = out / "results.json"
-    if not path.is_file():
-        return
-    for key, cell in json.loads(path.read_text()).get("cells", {}).items():
-        default = getattr(tasks.TASKS.get(cell.get("task_name")), "shots", None)
-        if "shots" in cell and cell["shots"] != (default if shots is None else shots):
-            parser.error(f"--resume: cell {key} of {path} used {cell['shots']} shots, this run would use "
-                         f"{default if shots is None else shots}: pass --shots {cell['shots']} or another --out")
+    for key, cell in runner.finished_cells(out).items():
+        wanted = getattr(tasks.TASKS.get(cell.get("task_name")), "shots", None) if shots is None else shots
+        if "shots" in cell and cell["shots"] != wanted:
+            parser.error(f"--resume: cell {key} of {out} used {cell['shots']} shots, this run would use {wanted}: "
+                         f"pass --shots {cell['shots']} or another --out")
 
 
 def _split(text: str) -> list[str]:

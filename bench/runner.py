@@ -320,8 +320,7 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
             "metric": cell.task.metric, "started_at": _now()}
     if issubclass(cls, AnchorCache):  # tables mark the AnLLM rule on a model never anchor-trained
         base["anchor_trained"] = anchor_config(model) is not None
-        base["anchor_rule"] = dict(zip(("keep_first", "keep_segments"), anchor_rule(
-            model, options.get("keep_first"), options.get("keep_segments"))))
+        base["anchor_rule"] = anchor_rule(model, options.get("keep_first"), options.get("keep_segments"))
     torch.manual_seed(config.seed)
     cpu_start = time.process_time()
     try:

@@ -138,7 +138,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     args = p.parse_args()
     model, tokenizer = load_model(args.model, device=args.device)
-    ANCHOR_OPTIONS.update(zip(("keep_first", "keep_segments"), anchor_rule(model, args.keep_first, args.keep_segments)))
+    ANCHOR_OPTIONS.update(anchor_rule(model, args.keep_first, args.keep_segments))
     config = anchor_config(model)
     ac = config is not None and config["mode"] == "ac"
     anchor_ids = torch.tensor(config["anchor_ids"]) if config else torch.tensor(sentence_end_ids(tokenizer))

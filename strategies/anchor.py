@@ -13,12 +13,12 @@ from ..validate import as_int, as_token_ids
 MODES = ("ep", "ac")
 
 
-def anchor_rule(model, keep_first: int | None = None, keep_segments: int | None = None) -> tuple[int, int]:
-    """(keep_first, keep_segments) an AnchorCache uses on `model`: the explicit values, else those the model's
-    anchor configuration carries, else the paper's rule (0, 1)."""
-    rule = {**PAPER_RULE, **{k: v for k, v in (anchor_config(model) or {}).items() if k in PAPER_RULE}}
-    return (rule["keep_first"] if keep_first is None else keep_first,
-            rule["keep_segments"] if keep_segments is None else keep_segments)
+def anchor_rule(model, keep_first: int | None = None, keep_segments: int | None = None) -> dict[str, int]:
+    """{"keep_first": ..., "keep_segments": ...} an AnchorCache uses on `model`: the explicit values, else those the
+    model's anchor configuration carries, else the paper's rule (0, 1)."""
+    carried = anchor_config(model) or {}
+    explicit = {"keep_first": keep_first, "keep_segments": keep_segments}
+    return {k: explicit[k] if explicit[k] is not None else carried.get(k, paper) for k, paper in PAPER_RULE.items()}
 
 
 @register("anchor")
@@ -109,7 +109,8 @@ class AnchorCache(CompressedCache):
                                      f"the model was trained with anchor id {config['anchor_ids']}: use the tokenizer "
                                      "saved with the model")
             anchor_ids = anchor_ids or sorted(config["anchor_ids"])
-        self.keep_first, self.keep_segments = anchor_rule(model, self.keep_first, self.keep_segments)
+        rule = anchor_rule(model, self.keep_first, self.keep_segments)
+        self.keep_first, self.keep_segments = rule["keep_first"], rule["keep_segments"]
         mode = mode or "ep"
         if anchor_ids is None:
             if tokenizer is None:
