@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<UTC time>)")
     p.add_argument("--resume", action="store_true", help="keep finished cells of --out/results.json")
+    p.add_argument("--share-prefill", action="store_true",
+                   help="needle and RULER tasks: prefill each sample ONCE for all budgets of a strategy (the same "
+                        "scores, bitwise; the cells' prefill time, wall time and peak memory are then the shared run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list strategies and tasks, then exit")
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, parser, runner.RunConfig(
             model_name=args.model, device=device, dtype=args.dtype, tasks=selected, strategies=strategies,
             budgets=budgets, out=out, limits=limits, seed=args.seed, repeats=repeats, resume=args.resume,
-            options=options, progress=not args.no_progress, preset=args.preset))
+            options=options, progress=not args.no_progress, preset=args.preset, share_prefill=args.share_prefill))
     finally:
         runner.close_distributed()
 

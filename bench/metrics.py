@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from kvcompress.cache import cache_arg
+from kvcompress.shared_prefill import prefill_shared
 
 # ------------------------------------------------------------------------------------------------------------
 # KV statistics
@@ -82,6 +83,20 @@ def prefill(model, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
     logits = model(ids.to(model.device), **cache_arg(cache), use_cache=True, logits_to_keep=1).logits
     sync(model.device)
     return logits[:, -1].float(), time.perf_counter() - start
+
+
+@torch.no_grad()
+def prefill_caches(model, caches: Sequence, ids: torch.Tensor) -> float:
+    """Feed `ids` (1, n) into every cache of `caches` (fresh caches of one strategy, e.g. one per budget): one plain
+    forward for one cache, else ONE forward shared by all (`kvcompress.shared_prefill.prefill_shared`, which leaves
+    each cache bitwise as its own forward would). Returns the seconds of it all (the forward and every cut)."""
+    if len(caches) == 1:
+        return prefill(model, caches[0], ids)[1]
+    sync(model.device)
+    start = time.perf_counter()
+    prefill_shared(model, list(caches), ids.to(model.device), logits_to_keep=1)
+    sync(model.device)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()

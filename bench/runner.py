@@ -130,6 +130,7 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     progress: bool = True
     preset: str = "quick"
+    share_prefill: bool = False  # one prefill per sample for a strategy's budgets (`share_units`)
 
 
 def run(config: RunConfig, model, tokenizer) -> dict:
@@ -158,7 +159,8 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     results = {"environment": environment(config), "config": describe(config), "cells": dict(finished)}
     cells = grid(config.tasks, config.strategies, config.budgets)
     results["config"]["cells"] = [c.key for c in cells]
-    mine = [c for c in cells if c.key not in finished][rank::world]
+    units = share_units([c for c in cells if c.key not in finished], config.share_prefill)[rank::world]
+    mine = [cell for unit in units for cell in unit]
     done: dict[str, dict] = {}  # this process's cells of this run
     prepared: dict[tuple[str, str], object] = {}  # (task label, model) -> the task's data
     models = {config.model_name: (model, tokenizer)}  # a strategy spec's model=ALIAS rows run on that model
@@ -166,8 +168,10 @@ def run(config: RunConfig, model, tokenizer) -> dict:
         _warm_up(model, tokenizer)
     bar = tqdm(total=len(mine), disable=not config.progress or rank != 0, unit="cell", dynamic_ncols=True)
     try:
-        for cell in mine:
-            bar.set_description(cell.key)
+        for unit in units:
+            cell = unit[0]
+            bar.set_description(cell.key if len(unit) == 1 else f"{cell.task_label}|{cell.strategy}|"
+                                + ",".join(c.budget.label for c in unit))
             cls, options = registry.resolve(cell.strategy)
             name = options.pop("model", None) or config.model_name
             if name not in models:
@@ -177,11 +181,16 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             if data not in prepared:  # per model: its tokenizer may differ (an AC model's inserts <AC>)
                 prepared[data] = prepare_task(cell, cell_tokenizer, config)
             if isinstance(prepared[data], PrepareError):  # the task's data could not be prepared
-                done[cell.key] = prepared[data].cell(cell)
+                outcome = [prepared[data].cell(c) for c in unit]
+            elif len(unit) == 1:
+                outcome = [run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)]
             else:
-                done[cell.key] = run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)
-                done[cell.key]["model"] = name
-            done[cell.key]["rank"] = rank  # the process that ran it (0 without torchrun)
+                outcome = run_shared_cells(unit, (cls, options), cell_model, cell_tokenizer, prepared[data], config)
+            for c, result in zip(unit, outcome):
+                if not isinstance(prepared[data], PrepareError):
+                    result["model"] = name
+                result["rank"] = rank  # the process that ran it (0 without torchrun)
+                done[c.key] = result
             results["environment"]["finished_at"] = _now()
             if world > 1:
                 write_json(config.out / f"results.rank{rank}.json", {"rank": rank, "world_size": world,
@@ -189,7 +198,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             else:
                 results["cells"].update(done)
                 save_results(path, results, done, on_disk_at_start)
-            bar.update(1)
+            bar.update(len(unit))
     finally:
         bar.close()
     if world > 1:
@@ -314,13 +323,7 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
         except ValueError as error:
             raise NotApplicable(str(error)) from error
 
-    base = {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
-            "strategy": cell.strategy, "cache_class": cls.__name__, "budget": cell.budget.label,
-            "budget_fraction": cell.budget.fraction, "budget_tokens_fixed": cell.budget.tokens,
-            "metric": cell.task.metric, "started_at": _now()}
-    if issubclass(cls, AnchorCache):  # tables mark the AnLLM rule on a model never anchor-trained
-        base["anchor_trained"] = anchor_config(model) is not None
-        base["anchor_rule"] = anchor_rule(model, options.get("keep_first"), options.get("keep_segments"))
+    base = _cell_base(cell, cls, options, model)
     torch.manual_seed(config.seed)
     cpu_start = time.process_time()
     try:
@@ -333,6 +336,67 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
         return {**base, "status": "n/a", "error": str(error)}
     except Exception as error:  # noqa: BLE001 - one failing strategy/task pair must not stop the grid
         return {**base, "status": "error", "error": f"{type(error).__name__}: {error}"}
+    return _cell_result(cell, base, result, memory, wall[0], time.process_time() - cpu_start, config)
+
+
+def share_units(cells: list[Cell], share: bool) -> list[list[Cell]]:
+    """The cells to run, in order, as units: with `share`, the cells of one task and strategy spec at several budgets
+    form one unit, run by `run_shared_cells` (when the task can share prefills, `Task.shares_prefill`); every other
+    cell is a unit of its own."""
+    units: list[list[Cell]] = []
+    shared: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        key = (cell.task_label, cell.strategy)
+        if share and cell.task.shares_prefill and cell.budget != NO_BUDGET and key in shared:
+            shared[key].append(cell)
+            continue
+        units.append([cell])
+        shared[key] = units[-1]
+    return units
+
+
+def run_shared_cells(cells: list[Cell], strategy: tuple[type, dict], model, tokenizer, prepared,
+                     config: RunConfig) -> list[dict]:
+    """The cells of one task and strategy at several budgets, each sample prefilled ONCE for all of them
+    (`Task.run_budgets`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as its own prefill
+    would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the budgets);
+    its `prefill_seconds` is the shared prefill (the forward and every budget's cut), and `seconds`, `cpu_seconds`
+    and the peak memory are the unit's. If the unit fails, its cells run one by one (`run_cell`), each recording
+    the unit's error as `shared_prefill_error`."""
+    cls, options = strategy
+    task = cells[0].task
+
+    def make_caches(context_tokens: int):
+        return [cls.for_budget(model, tokenizer, c.budget.resolve(context_tokens), **options) for c in cells]
+
+    bases = [_cell_base(cell, cls, options, model) for cell in cells]
+    torch.manual_seed(config.seed)
+    cpu_start = time.process_time()
+    try:
+        with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
+            results = task.run_budgets(model, tokenizer, make_caches, prepared, count=len(cells))
+    except Exception as error:  # noqa: BLE001 - e.g. a budget its strategy refuses: each cell alone says which
+        alone = [run_cell(cell, strategy, model, tokenizer, prepared, config) for cell in cells]
+        return [{**cell, "shared_prefill_error": f"{type(error).__name__}: {error}"} for cell in alone]
+    cpu = time.process_time() - cpu_start
+    labels = [cell.budget.label for cell in cells]
+    return [{**_cell_result(cell, base, result, memory, wall[0], cpu, config), "prefill_shared_with": labels}
+            for cell, base, result in zip(cells, bases, results)]
+
+
+def _cell_base(cell: Cell, cls: type, options: dict, model) -> dict:
+    base = {"task": cell.task_label, "task_name": cell.task.name, "context_length": cell.length,
+            "strategy": cell.strategy, "cache_class": cls.__name__, "budget": cell.budget.label,
+            "budget_fraction": cell.budget.fraction, "budget_tokens_fixed": cell.budget.tokens,
+            "metric": cell.task.metric, "started_at": _now()}
+    if issubclass(cls, AnchorCache):  # tables mark the AnLLM rule on a model never anchor-trained
+        base["anchor_trained"] = anchor_config(model) is not None
+        base["anchor_rule"] = anchor_rule(model, options.get("keep_first"), options.get("keep_segments"))
+    return base
+
+
+def _cell_result(cell: Cell, base: dict, result: dict, memory, seconds: float, cpu_seconds: float,
+                 config: RunConfig) -> dict:
     context = result.get("context_tokens")
     result.setdefault("decode_tokens_per_s", None)
     result.setdefault("prefill_seconds", None)
@@ -344,8 +408,8 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
         "peak_memory_kind": memory.kind,
         "peak_memory_total_mb": memory.peak_total_mb,
         "process_maxrss_mb": metrics.process_maxrss_mb(),
-        "seconds": wall[0],
-        "cpu_seconds": time.process_time() - cpu_start,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "repeats": config.repeats,
         "status": "ok",
     }
@@ -439,6 +503,7 @@ def describe(config: RunConfig) -> dict:
         "seed": config.seed,
         "repeats": config.repeats,
         "options": config.options,
+        "share_prefill": config.share_prefill,
         "score": "accuracy: argmax of the summed log-likelihood of each answer (lm-eval acc); accuracy_norm: "
         "divided by the answer's UTF-8 byte length (acc_norm)",
     }

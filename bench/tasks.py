@@ -39,8 +39,7 @@ import pathlib
 import random
 import re
 import time
-from dataclasses import replace
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -89,6 +88,21 @@ class Task:
 
     def run(self, model, tokenizer, make_cache: MakeCache, prepared, *, repeats: int, progress=None) -> dict:
         raise NotImplementedError
+
+    # tasks that can serve several budgets of one strategy from one prefill per sample (`--share-prefill`)
+    # implement run_budgets(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
+    # make_caches(context_tokens) returns `count` fresh caches (one per budget); run() is then its count=1 case
+    shares_prefill = False
+
+
+@dataclass
+class _Tally:
+    """What one cache of `run_budgets` collects over the samples."""
+
+    scores: list = field(default_factory=list)
+    stats: list = field(default_factory=list)
+    decode_rates: list = field(default_factory=list)
+    answers: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,36 +309,43 @@ class Needle(Task):
                             "number": str(number), "depth": depth})
         return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
 
+    shares_prefill = True
+
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        correct, stats, prefill_times, decode_rates, answers = 0, [], [], [], []
+        return self.run_budgets(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+
+    def run_budgets(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
+        """`run` for `count` caches per sample (`make_caches`), prefilled by one shared forward; a result each."""
+        prefill_times, runs = [], [_Tally() for _ in range(count)]
         for sample in prepared["samples"]:
             prefix = sample["prefix"]
-            cache = make_cache(prefix.shape[1])
-            _, seconds = metrics.prefill(model, cache, prefix)
-            prefill_times.append(seconds)
-            stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
-            logits, _ = metrics.prefill(model, cache, sample["question"])
-            steps = prepared["answer_tokens"] - 1
-            tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
-            if steps:
-                decode_rates.append(steps / seconds)
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            hit = sample["number"] in re.sub(r"[\s,]", "", text)
-            correct += int(hit)
-            answers.append({"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit})
+            caches = make_caches(prefix.shape[1])
+            prefill_times.append(metrics.prefill_caches(model, caches, prefix))
+            for cache, tally in zip(caches, runs):
+                tally.stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
+                logits, _ = metrics.prefill(model, cache, sample["question"])
+                steps = prepared["answer_tokens"] - 1
+                tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
+                if steps:
+                    tally.decode_rates.append(steps / seconds)
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                hit = sample["number"] in re.sub(r"[\s,]", "", text)
+                tally.scores.append(float(hit))
+                tally.answers.append({"depth": sample["depth"], "number": sample["number"], "answer": text,
+                                      "correct": hit})
             if progress:
                 progress()
         n = len(prepared["samples"])
-        return {
-            "accuracy": correct / n if n else None,
+        return [{
+            "accuracy": sum(tally.scores) / n if n else None,
             "n_examples": n,
             "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
             "prefill_seconds": metrics.median(prefill_times),
-            "decode_tokens_per_s": metrics.median(decode_rates),
+            "decode_tokens_per_s": metrics.median(tally.decode_rates),
             "query": self.query,
-            "answers": answers,
-            **metrics.mean_stats(stats),
-        }
+            "answers": tally.answers,
+            **metrics.mean_stats(tally.stats),
+        } for tally in runs]
 
 
 NEEDLE_KEYS = ("apple", "river", "candle", "violin", "harbor", "meadow", "lantern", "copper")
@@ -470,35 +491,41 @@ class Ruler(Task):
                           "prompt_tokens": sample.tokens})
         return {"samples": items, "answer_tokens": ruler.ANSWER_TOKENS[self.kind], "query": self.query}
 
+    shares_prefill = True
+
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        scores, stats, prefill_times, decode_rates, answers = [], [], [], [], []
+        return self.run_budgets(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+
+    def run_budgets(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
+        """`run` for `count` caches per sample (`make_caches`), prefilled by one shared forward; a result each."""
+        prefill_times, runs = [], [_Tally() for _ in range(count)]
         for sample in prepared["samples"]:
             prefix = sample["prefix"]
-            cache = make_cache(prefix.shape[1])
-            _, seconds = metrics.prefill(model, cache, prefix)
-            prefill_times.append(seconds)
-            stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
-            logits, _ = metrics.prefill(model, cache, sample["tail"])
-            text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
-                                                  sample["answers"])
-            if steps:
-                decode_rates.append(steps / seconds)
-            scores.append(ruler.score(text, sample["answers"]))
-            answers.append({"expected": sample["answers"], "answer": text, "score": scores[-1]})
+            caches = make_caches(prefix.shape[1])
+            prefill_times.append(metrics.prefill_caches(model, caches, prefix))
+            for cache, tally in zip(caches, runs):
+                tally.stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
+                logits, _ = metrics.prefill(model, cache, sample["tail"])
+                text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
+                                                      sample["answers"])
+                if steps:
+                    tally.decode_rates.append(steps / seconds)
+                tally.scores.append(ruler.score(text, sample["answers"]))
+                tally.answers.append({"expected": sample["answers"], "answer": text, "score": tally.scores[-1]})
             if progress:
                 progress()
-        n = len(scores)
-        return {
-            "accuracy": sum(scores) / n if n else None,
+        n = len(prepared["samples"])
+        return [{
+            "accuracy": sum(tally.scores) / n if n else None,
             "n_examples": n,
             "query": prepared["query"],
             "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
             "prompt_tokens": prepared["samples"][0]["prompt_tokens"] if n else None,
             "prefill_seconds": metrics.median(prefill_times),
-            "decode_tokens_per_s": metrics.median(decode_rates),
-            "answers": answers,
-            **metrics.mean_stats(stats),
-        }
+            "decode_tokens_per_s": metrics.median(tally.decode_rates),
+            "answers": tally.answers,
+            **metrics.mean_stats(tally.stats),
+        } for tally in runs]
 
 
 @torch.no_grad()

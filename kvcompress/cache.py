@@ -109,6 +109,7 @@ class CompressedLayer(CacheLayerMixin):
         self.new_slots: torch.Tensor | None = None  # (B, Hp, q) slots written by the last update; None: [used-q, used)
         self.awaiting_attention = False  # update() ran, the core's finish_forward() not yet
         self.observation: attention.Observation | None = None  # set by the core during finish_forward only
+        self.deferred: tuple[attention.Observation | None] | None = None  # `prefill_shared`: eviction not applied yet
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -201,7 +202,7 @@ class CompressedLayer(CacheLayerMixin):
         self.dense, self.holes, self.ordered = True, False, True
         self.new_slots = None
         self.awaiting_attention = False
-        self.observation = None
+        self.observation = self.deferred = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row r becomes old row `beam_idx[r]` (keys, values and positions move together, so the
@@ -238,6 +239,19 @@ class CompressedLayer(CacheLayerMixin):
         state.pop("_cache", None)  # a weak proxy; the owning cache restores it (CompressedCache.__setstate__)
         state["_view"] = None
         return state
+
+    def copy_for(self, cache: CompressedCache) -> CompressedLayer:
+        """An independent copy of this layer (tensors copied) belonging to `cache`."""
+        twin = copy.copy(self)
+        twin._cache = weakref.proxy(cache)
+        for name in ("_positions", "new_slots"):
+            tensor = getattr(self, name)
+            setattr(twin, name, None if tensor is None else tensor.clone())
+        twin.store = None if self.store is None else self.store.clone()
+        twin.demoted = None if self.demoted is None else self.demoted.clone()
+        twin._view = None
+        twin.state = {name: value.clone() for name, value in self.state.items()}
+        return twin
 
     # slots ------------------------------------------------------------------------------------------------
     @property
@@ -419,14 +433,33 @@ class CompressedLayer(CacheLayerMixin):
         return torch.arange(start, self.used, device=self._positions.device).expand(self._positions.shape[0], q_len)
 
     def finish_forward(self) -> None:
-        """Called by the core after the kernel: apply the strategy's eviction."""
+        """Called by the core after the kernel: apply the strategy's eviction (or, in the forward of
+        `prefill_shared`, keep the observation so that each cache sharing the forward applies its own later)."""
         self.awaiting_attention = False
         try:
-            if self._cache.evicts:
-                self._cache.evict(self)
-            self.store.settle(self._positions, self.seen)  # a quantized store quantizes its aged pages
+            if self._cache._deferring:
+                if self.deferred is not None:
+                    raise RuntimeError("a cache deferring its eviction (prefill_shared) takes one forward")
+                self.deferred = (self.observation,)
+            else:
+                self._evict()
         finally:
             self._view = None
+
+    def _evict(self) -> None:
+        if self._cache.evicts:
+            self._cache.evict(self)
+        self.store.settle(self._positions, self.seen)  # a quantized store quantizes its aged pages
+
+    def apply_deferred(self) -> None:
+        """Apply the eviction `finish_forward` deferred, with the observation of that forward (`prefill_shared`)."""
+        if self.deferred is None:
+            return
+        (self.observation,), self.deferred = self.deferred, None
+        try:
+            self._evict()
+        finally:
+            self.observation = None
 
     def keep_only(self, keep: torch.Tensor) -> None:
         """Free every slot in [0, used) where `keep` ((B, 1 or Hkv, used) bool) is False. Kept slots never move,
@@ -539,6 +572,7 @@ class CompressedCache(Cache):
     # False for strategies that keep different tokens per kv head: positions="cache" re-rotates one token set
     # shared by every kv head (a rank within the cache per row), so they accept only positions="original"
     supports_cache_positions = True
+    _deferring = False  # True during the one forward of `prefill_shared`: layers keep their observation, evict later
 
     def __init_subclass__(cls, **kwargs):
         """Every strategy's constructor also takes the storage options (`set_storage`: kv_bits, residual, group)."""
@@ -719,6 +753,26 @@ class CompressedCache(Cache):
         """Strategy hook: called after every forward of the model that used this cache, once every layer has
         attended and evicted (e.g. to compress across layers, or to run forwards of its own: KVzip)."""
 
+    def prepare_deferred(self) -> None:
+        """Strategy hook of `kvcompress.shared_prefill.prefill_shared`, called once after its shared forward (whose
+        `after_forward` is not called): the budget-independent part of `after_forward` (e.g. KVzip's reconstruction
+        scores), which every cache sharing the forward then inherits. Default: nothing."""
+
+    def finish_deferred(self) -> None:
+        """Strategy hook of `prefill_shared`, called on each cache sharing the forward after its layers applied
+        their deferred eviction: the rest of `after_forward`. Default: `after_forward()` (all of it)."""
+        self.after_forward()
+
+    def copy_state_into(self, target: CompressedCache, keep: set[str]) -> None:
+        """Make `target` (a cache of the same class on the same model) hold a copy of this cache's state: every
+        attribute is copied (tensors cloned, layers copied) except the link to the model (`target` keeps its own
+        hooks) and the attributes named in `keep` (`target`'s settings, e.g. its budget)."""
+        own = {"layers", "_hooks", "_model_ref", "rope"} | set(keep)
+        for name, value in vars(self).items():
+            if name not in own:
+                setattr(target, name, copy.deepcopy(value))
+        target.layers = [layer.copy_for(target) for layer in self.layers]
+
     def clone(self) -> CompressedCache:
         """An independent copy (tensors copied, its own hooks on the model), e.g. to answer many queries from one
         compressed prefix without recomputing it. `copy.deepcopy(cache)` does the same. The hooks of a clone are
@@ -729,18 +783,7 @@ class CompressedCache(Cache):
         for name, value in vars(self).items():
             if name not in shared:
                 setattr(new, name, copy.deepcopy(value))
-        new.layers = []
-        for layer in self.layers:
-            twin = copy.copy(layer)
-            twin._cache = weakref.proxy(new)
-            for name in ("_positions", "new_slots"):
-                tensor = getattr(layer, name)
-                setattr(twin, name, None if tensor is None else tensor.clone())
-            twin.store = None if layer.store is None else layer.store.clone()
-            twin.demoted = None if layer.demoted is None else layer.demoted.clone()
-            twin._view = None
-            twin.state = {name: value.clone() for name, value in layer.state.items()}
-            new.layers.append(twin)
+        new.layers = [layer.copy_for(new) for layer in self.layers]
         model = None if self._model_ref is None else self._model_ref()
         if self._model_ref is not None and model is None and self.needs_token_ids:
             raise RuntimeError("the model of this cache is gone; cannot clone a cache that records token ids")
@@ -1093,7 +1136,8 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
         target = cache_ref()
         if target is not None and getattr(target, "_in_forward", False):
             target._in_forward = False
-            target.after_forward()
+            if not target._deferring:  # prefill_shared runs the strategy's hooks itself
+                target.after_forward()
 
     def record(module, args):
         target = cache_ref()

@@ -98,6 +98,7 @@ class KVzipCache(CompressedCache):
         self._scored: torch.Tensor | None = None  # (B,) per row: stream positions below were scored by a cut
         self._reconstructing: int | None = None  # while reconstructing: where the repeat tokens start
         self._next_position: torch.Tensor | None = None  # (B,) RoPE position the next token of each row gets
+        self._rows_to_cut: torch.Tensor | None = None  # (B,) bool: rows scored by prepare_deferred, not yet cut
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> KVzipCache:
@@ -144,19 +145,29 @@ class KVzipCache(CompressedCache):
         token, is kept as is; deciding per row keeps a padded batch equal to its rows run alone)."""
         if self._reconstructing is not None:
             return
+        self.prepare_deferred()
+        self.finish_deferred()
+
+    def prepare_deferred(self) -> None:
+        """The reconstruction (budget-independent; `prefill_shared` runs it once for every budget): scores the rows
+        to cut and records them in `_rows_to_cut` (B,) bool, or None when no row is to be cut."""
         layer = self.layers[0]
         positions = layer.positions[:, 0]  # (B, used): every kv head holds every token fed since the last cut
         if self._scored is None:
             self._scored = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
         new = (positions >= layer.seen - layer.new_tokens).sum(dim=-1)  # real tokens of this forward, per row
         rows = new > 1
-        if not bool(rows.any()):
-            return
-        model = self._model_ref()
-        with torch.no_grad(), attention.capture_paused():
-            self._reconstruct(model, rows)
-        self._cut(rows)
-        self._scored = torch.where(rows, self.get_seq_length(), self._scored)
+        self._rows_to_cut = rows if bool(rows.any()) else None
+        if self._rows_to_cut is not None:
+            with torch.no_grad(), attention.capture_paused():
+                self._reconstruct(self._model_ref(), rows)
+
+    def finish_deferred(self) -> None:
+        """The cut of the rows `prepare_deferred` scored, to this cache's budget."""
+        rows, self._rows_to_cut = self._rows_to_cut, None
+        if rows is not None:
+            self._cut(rows)
+            self._scored = torch.where(rows, self.get_seq_length(), self._scored)
 
     # scoring ------------------------------------------------------------------------------------------------------
     def _scores(self, layer: CompressedLayer) -> torch.Tensor:
@@ -253,7 +264,7 @@ class KVzipCache(CompressedCache):
 
     def reset(self) -> None:
         super().reset()
-        self._scored, self._reconstructing, self._next_position = None, None, None
+        self._scored, self._reconstructing, self._next_position, self._rows_to_cut = None, None, None, None
 
     def _reindex_rows(self, index: torch.Tensor) -> None:
         super()._reindex_rows(index)

@@ -408,3 +408,28 @@ def test_shots_sets_the_demonstrations_and_a_resume_with_other_shots_is_refused(
         assert "used 3 shots" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*base, "--shots", "-1"])
+
+
+def test_share_prefill_gives_the_cells_of_a_run_without_it(tiny_dir, tmp_path, capsys):
+    """--share-prefill (one prefill per sample for a strategy's budgets) changes no score, kept count or answer;
+    a strategy whose storage cannot share (quantized) falls back to one cell at a time and says why."""
+    argv = ["--model", str(tiny_dir), "--strategies", "snapkv,kvzip,h2o,sink_window:kv_bits=4,full", "--tasks",
+            "ruler_niah_single_number@512,needle@512", "--query", "after,before", "--budgets", "0.25,0.5",
+            "--limit", "2", "--no-progress", "--no-plots"]
+    runs = {}
+    for name, extra in (("alone", []), ("shared", ["--share-prefill"])):
+        code, captured = _run_cli(argv + extra + ["--out", str(tmp_path / name)], capsys)
+        assert code == 0, captured.err
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())["cells"]
+    alone, shared = runs["alone"], runs["shared"]
+    assert set(alone) == set(shared) and len(alone) == 2 * 2 * (4 * 2 + 1)
+    same = ("status", "accuracy", "n_examples", "answers", "kv_bytes", "kv_tokens_kept", "kept_fraction",
+            "budget_tokens", "context_tokens")
+    for key, cell in alone.items():
+        assert cell["status"] == "ok", (key, cell.get("error"))
+        assert {f: shared[key].get(f) for f in same} == {f: cell.get(f) for f in same}, key
+        sharing = key.split("|")[1] in ("snapkv", "kvzip", "h2o")
+        assert shared[key].get("prefill_shared_with") == (["0.25", "0.5"] if sharing else None), key
+        assert ("shared_prefill_error" in shared[key]) == ("kv_bits" in key), key
+    assert "kv_bits" in shared["needle@512|sink_window:kv_bits=4|0.5"]["shared_prefill_error"]
+    assert json.loads((tmp_path / "shared" / "results.json").read_text())["config"]["share_prefill"] is True

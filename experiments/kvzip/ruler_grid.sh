@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 16 "must show": the six RULER-4K niah tasks in both query modes, every strategy at kept fractions 0.1 / 0.25 /
-# 0.5, 30 samples per cell (95% intervals in the output). ~55-75 CPU-hours on 2 cores, so it spans sessions: the
-# default --out is TRACKED (docs/results/ruler4k-grid), so the cells a session finishes are committed and the next
-# session resumes from them. Order: 25% (the issue's bar) for every task and mode first, then 50%, then 10%.
+# 0.5, 30 samples per cell (95% intervals in the output). Each sample is prefilled ONCE for a strategy's three budgets
+# (`--share-prefill`: bitwise the scores of three separate prefills), ~25 CPU-hours on 2 cores, so it spans sessions:
+# the default --out is TRACKED (docs/results/ruler4k-grid), so the cells a session finishes are committed and the
+# next session resumes from them. Order: task by task, every strategy (all budgets at once) per task.
 # Several copies may run at once into the same folder (the bench merges under a lock); give each a different
-# `--query` or budget to avoid running a cell twice.
+# `--query` to avoid running a cell twice.
 # Usage: nice -n 15 bash experiments/kvzip/ruler_grid.sh [out] [query: after|before|both] [budgets: 0.25,0.5,0.1]
 set -euo pipefail
 out=${1:-docs/results/ruler4k-grid}
@@ -14,9 +15,7 @@ budgets=${3:-0.25,0.5,0.1}
 tasks=ruler_niah_single_number@4096,ruler_niah_single_word@4096,ruler_niah_single_uuid@4096
 tasks=$tasks,ruler_niah_multikey@4096,ruler_niah_multivalue@4096,ruler_niah_multiquery@4096
 strategies=full,kvzip,kvzip:allocation=layer,snapkv,sink_window,h2o,tova,pyramidkv,knorm,expected_attention
-for budget in ${budgets//,/ }; do
-  for query in $queries; do
-    OMP_NUM_THREADS=1 python -m kvcompress.bench --tasks "$tasks" --query "$query" --budgets "$budget" --limit 30 \
-        --strategies "$strategies" --threads 1 --no-progress --no-plots --out "$out" --resume
-  done
+for query in $queries; do
+  OMP_NUM_THREADS=1 python -m kvcompress.bench --tasks "$tasks" --query "$query" --budgets "$budgets" --limit 30 \
+      --strategies "$strategies" --threads 1 --no-progress --no-plots --share-prefill --out "$out" --resume
 done
