@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/bench-<UTC time>)")
     p.add_argument("--resume", action="store_true", help="keep finished cells of --out/results.json")
     p.add_argument("--share-prefill", action="store_true",
-                   help="needle and RULER tasks: prefill each sample ONCE for all budgets of a strategy (the same "
-                        "scores, bitwise; the cells' prefill time, wall time and peak memory are then the shared run's)")
+                   help="needle and RULER tasks: prefill each sample ONCE for all cells of a task whose caches the "
+                        "core serves alike (the same scores, bitwise; those cells' prefill time, wall time and peak "
+                        "memory are then the shared run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--list", action="store_true", help="list strategies and tasks, then exit")

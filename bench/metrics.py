@@ -87,9 +87,9 @@ def prefill(model, cache, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 @torch.no_grad()
 def prefill_caches(model, caches: Sequence, ids: torch.Tensor) -> float:
-    """Feed `ids` (1, n) into every cache of `caches` (fresh caches of one strategy, e.g. one per budget): one plain
-    forward for one cache, else ONE forward shared by all (`kvcompress.shared_prefill.prefill_shared`, which leaves
-    each cache bitwise as its own forward would). Returns the seconds of it all (the forward and every cut)."""
+    """Feed `ids` (1, n) into every cache of `caches` (fresh caches): one plain forward for one cache, else
+    `kvcompress.shared_prefill.prefill_shared` (one forward per group of caches the core serves alike; each cache
+    ends bitwise as its own forward would leave it). Returns the seconds of it all (the forwards and every cut)."""
     if len(caches) == 1:
         return prefill(model, caches[0], ids)[1]
     sync(model.device)

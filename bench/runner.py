@@ -130,7 +130,7 @@ class RunConfig:
     options: dict = field(default_factory=dict)
     progress: bool = True
     preset: str = "quick"
-    share_prefill: bool = False  # one prefill per sample for a strategy's budgets (`share_units`)
+    share_prefill: bool = False  # one prefill per sample for the cells of a task that can share it (`share_units`)
 
 
 def run(config: RunConfig, model, tokenizer) -> dict:
@@ -159,7 +159,9 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     results = {"environment": environment(config), "config": describe(config), "cells": dict(finished)}
     cells = grid(config.tasks, config.strategies, config.budgets)
     results["config"]["cells"] = [c.key for c in cells]
-    units = share_units([c for c in cells if c.key not in finished], config.share_prefill)[rank::world]
+    pending = [c for c in cells if c.key not in finished]
+    units = share_units(pending, _shared_forward_key(model, tokenizer) if config.share_prefill else None)
+    units = units[rank::world]
     mine = [cell for unit in units for cell in unit]
     done: dict[str, dict] = {}  # this process's cells of this run
     prepared: dict[tuple[str, str], object] = {}  # (task label, model) -> the task's data
@@ -184,8 +186,8 @@ def run(config: RunConfig, model, tokenizer) -> dict:
                 outcome = [prepared[data].cell(c) for c in unit]
             elif len(unit) == 1:
                 outcome = [run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)]
-            else:
-                outcome = run_shared_cells(unit, (cls, options), cell_model, cell_tokenizer, prepared[data], config)
+            else:  # cells on the run's model (share_units)
+                outcome = run_shared_cells(unit, cell_model, cell_tokenizer, prepared[data], config)
             for c, result in zip(unit, outcome):
                 if not isinstance(prepared[data], PrepareError):
                     result["model"] = name
@@ -339,47 +341,72 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
     return _cell_result(cell, base, result, memory, wall[0], time.process_time() - cpu_start, config)
 
 
-def share_units(cells: list[Cell], share: bool) -> list[list[Cell]]:
-    """The cells to run, in order, as units: with `share`, the cells of one task and strategy spec at several budgets
-    form one unit, run by `run_shared_cells` (when the task can share prefills, `Task.shares_prefill`); every other
-    cell is a unit of its own."""
+def share_units(cells: list[Cell], key=None) -> list[list[Cell]]:
+    """The cells to run, in order, as units: the cells with the same `key(cell)` (not None) form one unit, run by
+    `run_shared_cells`; every other cell is a unit of its own. No key: every cell alone."""
     units: list[list[Cell]] = []
-    shared: dict[tuple[str, str], list[Cell]] = {}
+    shared: dict = {}
     for cell in cells:
-        key = (cell.task_label, cell.strategy)
-        if share and cell.task.shares_prefill and cell.budget != NO_BUDGET and key in shared:
-            shared[key].append(cell)
+        group = key(cell) if key is not None else None
+        if group is not None and group in shared:
+            shared[group].append(cell)
             continue
         units.append([cell])
-        shared[key] = units[-1]
+        if group is not None:
+            shared[group] = units[-1]
     return units
 
 
-def run_shared_cells(cells: list[Cell], strategy: tuple[type, dict], model, tokenizer, prepared,
-                     config: RunConfig) -> list[dict]:
-    """The cells of one task and strategy at several budgets, each sample prefilled ONCE for all of them
-    (`Task.run_budgets`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as its own prefill
-    would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the budgets);
-    its `prefill_seconds` is the shared prefill (the forward and every budget's cut), and `seconds`, `cpu_seconds`
-    and the peak memory are the unit's. If the unit fails, its cells run one by one (`run_cell`), each recording
-    the unit's error as `shared_prefill_error`."""
-    cls, options = strategy
+def _shared_forward_key(model, tokenizer):
+    """`share_units`' key for `--share-prefill`: (task, `kvcompress.shared_prefill.forward_key`) for a cell whose task
+    can share prefills (`Task.shares_prefill`) and whose strategy runs on the run's model and builds (a cache built
+    at the task's length tells its key); None for any other cell (it runs alone: an n/a strategy records why)."""
+    from kvcompress import registry
+    from kvcompress.shared_prefill import forward_key
+
+    def key(cell: Cell):
+        if not cell.task.shares_prefill:
+            return None
+        cls, options = registry.resolve(cell.strategy)
+        if "model" in options or options.get("kv_bits") is not None or options.get("evicted", "drop") != "drop":
+            return None
+        try:
+            cache = cls.for_budget(model, tokenizer, cell.budget.resolve(cell.length or 1024), **options)
+        except ValueError:
+            return None
+        return cell.task_label, forward_key(cache, 2)
+
+    return key
+
+
+def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunConfig) -> list[dict]:
+    """Cells of one task (strategies, budgets) whose caches the core serves alike, each sample prefilled ONCE for all
+    of them (`Task.run_shared`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as its own
+    prefill would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the
+    unit's strategy|budget labels); its `prefill_seconds` is the shared prefill (the forward and every cut), and
+    `seconds`, `cpu_seconds` and the peak memory are the unit's. If the unit fails, its cells run one by one
+    (`run_cell`), each recording the unit's error as `shared_prefill_error`."""
+    from kvcompress import registry
+
+    strategies = [registry.resolve(cell.strategy) for cell in cells]
     task = cells[0].task
 
     def make_caches(context_tokens: int):
-        return [cls.for_budget(model, tokenizer, c.budget.resolve(context_tokens), **options) for c in cells]
+        return [cls.for_budget(model, tokenizer, cell.budget.resolve(context_tokens), **options)
+                for cell, (cls, options) in zip(cells, strategies)]
 
-    bases = [_cell_base(cell, cls, options, model) for cell in cells]
+    bases = [_cell_base(cell, cls, options, model) for cell, (cls, options) in zip(cells, strategies)]
     torch.manual_seed(config.seed)
     cpu_start = time.process_time()
     try:
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
-            results = task.run_budgets(model, tokenizer, make_caches, prepared, count=len(cells))
-    except Exception as error:  # noqa: BLE001 - e.g. a budget its strategy refuses: each cell alone says which
-        alone = [run_cell(cell, strategy, model, tokenizer, prepared, config) for cell in cells]
+            results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells))
+    except Exception as error:  # noqa: BLE001 - the cells alone say which one fails, and how
+        alone = [run_cell(cell, strategy, model, tokenizer, prepared, config)
+                 for cell, strategy in zip(cells, strategies)]
         return [{**cell, "shared_prefill_error": f"{type(error).__name__}: {error}"} for cell in alone]
     cpu = time.process_time() - cpu_start
-    labels = [cell.budget.label for cell in cells]
+    labels = [f"{cell.strategy}|{cell.budget.label}" for cell in cells]
     return [{**_cell_result(cell, base, result, memory, wall[0], cpu, config), "prefill_shared_with": labels}
             for cell, base, result in zip(cells, bases, results)]
 

@@ -89,15 +89,15 @@ class Task:
     def run(self, model, tokenizer, make_cache: MakeCache, prepared, *, repeats: int, progress=None) -> dict:
         raise NotImplementedError
 
-    # tasks that can serve several budgets of one strategy from one prefill per sample (`--share-prefill`)
-    # implement run_budgets(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
-    # make_caches(context_tokens) returns `count` fresh caches (one per budget); run() is then its count=1 case
+    # tasks that can serve several caches (strategies, budgets) from one prefill per sample (`--share-prefill`)
+    # implement run_shared(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
+    # make_caches(context_tokens) returns `count` fresh caches; run() is then its count=1 case
     shares_prefill = False
 
 
 @dataclass
 class _Tally:
-    """What one cache of `run_budgets` collects over the samples."""
+    """What one cache of `run_shared` collects over the samples."""
 
     scores: list = field(default_factory=list)
     stats: list = field(default_factory=list)
@@ -312,10 +312,11 @@ class Needle(Task):
     shares_prefill = True
 
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        return self.run_budgets(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
 
-    def run_budgets(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
-        """`run` for `count` caches per sample (`make_caches`), prefilled by one shared forward; a result each."""
+    def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
+        """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a
+        result each."""
         prefill_times, runs = [], [_Tally() for _ in range(count)]
         for sample in prepared["samples"]:
             prefix = sample["prefix"]
@@ -494,10 +495,11 @@ class Ruler(Task):
     shares_prefill = True
 
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        return self.run_budgets(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
 
-    def run_budgets(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
-        """`run` for `count` caches per sample (`make_caches`), prefilled by one shared forward; a result each."""
+    def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
+        """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a
+        result each."""
         prefill_times, runs = [], [_Tally() for _ in range(count)]
         for sample in prepared["samples"]:
             prefix = sample["prefix"]

@@ -222,14 +222,24 @@ def kvcompress_attention(
         observed = mask
         if new_padding is not None and isinstance(mask, torch.Tensor) and not bool(new_padding.all()):
             observed = mask & new_padding.to(mask.device).view(mask.shape[0], 1, q_len, 1)  # pads observe nothing
-        layer.observation = observe(layer._cache, query, key, observed, scaling, probs, reductions)
-        if layer.observation is not None and key.shape[-2] > layer.used:  # demoted pairs: not the strategy's slots
-            layer.observation = layer.observation.narrow(layer.used)
+        slots = (key.shape[-2], layer.used)
+        layer.observation = _own_slots(observe(layer._cache, query, key, observed, scaling, probs, reductions), *slots)
+        sharing = layer._cache._deferring
+        if sharing:  # prefill_shared: the observation of each other cache sharing this forward, as it would take it
+            layer.shared_observations = {
+                name: _own_slots(observe(other, query, key, observed, scaling, probs, reductions), *slots)
+                for name, other in sharing.items()}
         try:
             layer.finish_forward()
         finally:
             layer.observation = None
     return output, weights
+
+
+def _own_slots(observation: Observation | None, keys: int, used: int) -> Observation | None:
+    """The observation of a layer's `used` own slots of the `keys` attended (demoted pairs, attended after them,
+    are not the strategy's)."""
+    return observation.narrow(used) if observation is not None and keys > used else observation
 
 
 def _mask_for(spec: MaskSpec, kv_positions, layer, q_len: int, kv_len: int):
@@ -505,6 +515,13 @@ class Observation:
         cut = (lambda t: None if t is None else t[..., :slots])
         return Observation(queries=self.queries, probs=cut(self.probs), received=cut(self.received),
                            max_received=cut(self.max_received))
+
+
+def observation_key(cache) -> tuple[bool, int, bool, bool]:
+    """What `observe` computes for `cache` (queries, window, received, max received): two caches with equal keys
+    observe a forward identically."""
+    return (bool(getattr(cache, "observe_queries", False)), int(getattr(cache, "observe_window", 0) or 0),
+            bool(getattr(cache, "observe_received", False)), bool(getattr(cache, "observe_max_received", False)))
 
 
 def observes(cache) -> bool:

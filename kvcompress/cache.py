@@ -109,7 +109,9 @@ class CompressedLayer(CacheLayerMixin):
         self.new_slots: torch.Tensor | None = None  # (B, Hp, q) slots written by the last update; None: [used-q, used)
         self.awaiting_attention = False  # update() ran, the core's finish_forward() not yet
         self.observation: attention.Observation | None = None  # set by the core during finish_forward only
-        self.deferred: tuple[attention.Observation | None] | None = None  # `prefill_shared`: eviction not applied yet
+        # `prefill_shared`: the observations of a forward whose eviction is deferred, by `attention.observation_key`
+        self.deferred: dict[tuple, attention.Observation | None] | None = None
+        self.shared_observations: dict[tuple, attention.Observation | None] = {}  # set by the core while deferring
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -203,6 +205,7 @@ class CompressedLayer(CacheLayerMixin):
         self.new_slots = None
         self.awaiting_attention = False
         self.observation = self.deferred = None
+        self.shared_observations = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row r becomes old row `beam_idx[r]` (keys, values and positions move together, so the
@@ -437,10 +440,11 @@ class CompressedLayer(CacheLayerMixin):
         `prefill_shared`, keep the observation so that each cache sharing the forward applies its own later)."""
         self.awaiting_attention = False
         try:
-            if self._cache._deferring:
+            if self._cache._deferring is not None:
                 if self.deferred is not None:
                     raise RuntimeError("a cache deferring its eviction (prefill_shared) takes one forward")
-                self.deferred = (self.observation,)
+                self.deferred = {attention.observation_key(self._cache): self.observation, **self.shared_observations}
+                self.shared_observations = {}
             else:
                 self._evict()
         finally:
@@ -455,7 +459,7 @@ class CompressedLayer(CacheLayerMixin):
         """Apply the eviction `finish_forward` deferred, with the observation of that forward (`prefill_shared`)."""
         if self.deferred is None:
             return
-        (self.observation,), self.deferred = self.deferred, None
+        self.observation, self.deferred = self.deferred[attention.observation_key(self._cache)], None
         try:
             self._evict()
         finally:
@@ -572,7 +576,9 @@ class CompressedCache(Cache):
     # False for strategies that keep different tokens per kv head: positions="cache" re-rotates one token set
     # shared by every kv head (a rank within the cache per row), so they accept only positions="original"
     supports_cache_positions = True
-    _deferring = False  # True during the one forward of `prefill_shared`: layers keep their observation, evict later
+    # during the one forward of `prefill_shared`: {observation key: cache} of the other caches sharing it (the core
+    # computes their observations too); the layers keep the observations and evict later. None otherwise.
+    _deferring: dict | None = None
 
     def __init_subclass__(cls, **kwargs):
         """Every strategy's constructor also takes the storage options (`set_storage`: kv_bits, residual, group)."""
@@ -1136,7 +1142,7 @@ def _install_hooks(model: PreTrainedModel, cache: CompressedCache) -> list:
         target = cache_ref()
         if target is not None and getattr(target, "_in_forward", False):
             target._in_forward = False
-            if not target._deferring:  # prefill_shared runs the strategy's hooks itself
+            if target._deferring is None:  # prefill_shared runs the strategy's hooks itself
                 target.after_forward()
 
     def record(module, args):

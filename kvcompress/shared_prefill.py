@@ -1,24 +1,40 @@
-"""One prefill forward for several caches of one strategy that differ only in their budget.
+"""One prefill forward for many caches: several budgets of a strategy, and several strategies.
 
-A cache compresses a prefill AFTER each layer's attention (the forward's outputs do not depend on what it keeps), so
-the forward, and the observation its strategy takes of it, is the same for every budget: only the cut differs.
-`prefill_shared` runs that forward once, with the eviction deferred, then gives each cache a copy of the prefilled
-layers and lets it apply its own eviction with the forward's observation. The result is bitwise the one each cache
-gets from running the forward itself (tests/test_shared_prefill.py checks every registered strategy), for the cost
-of one forward plus one eviction per cache: what a sweep over budgets (the bench's `--share-prefill`) pays.
+A cache compresses a prefill AFTER each layer's attention, and the forward's outputs do not depend on what it keeps:
+the forward is the same for every cache whose core takes the same path through it (same kernel, same storage), and
+only the observation (what the core shows the strategy) and the cut differ. `prefill_shared` runs that forward once
+per such group, with eviction deferred: the core computes the observation of every cache of the group, each layer
+keeps them, then every cache gets a copy of the prefilled layers and applies its own eviction with its own
+observation. The result is bitwise the one each cache gets from running the forward itself
+(tests/test_shared_prefill.py checks every registered strategy, mixed in one call), for the cost of one forward per
+group plus one eviction per cache: what a sweep over budgets and strategies (the bench's `--share-prefill`) pays.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import attention
 from .cache import CompressedCache, cache_arg
 
-# settings that shape the forward itself (what the core observes, how keys and values are stored): they must match
-SHARED_SETTINGS = ("observe_queries", "observe_window", "observe_received", "observe_max_received", "needs_token_ids",
-                   "kv_bits", "residual", "group", "evicted", "position_mode", "page_size")
+# what makes the core take another path through a forward, so that caches differing in it cannot share one: the
+# kernel (blockwise with reductions for strategies observing all queries; a decode step's kernel for those observing
+# probabilities), the storage, the positions, whether input ids are recorded
+_FORWARD_SETTINGS = ("observe_received", "observe_max_received", "needs_token_ids", "position_mode", "page_size")
+_HOOKS = ("before_forward", "after_forward", "prepare_deferred")
 # attributes that are the link to the model, never a setting
 _LINKS = {"layers", "_hooks", "_model_ref", "rope"}
+
+
+def forward_key(cache: CompressedCache, query_length: int) -> tuple:
+    """Caches with equal keys can share a forward of `query_length` tokens: the core takes the same path through it
+    for each (settings in `_FORWARD_SETTINGS`, the storage layout, and for one token
+    `attention.observes_probabilities`, which picks the decode kernel), and a strategy that runs code of its own
+    around a forward (overrides `before_forward`, `after_forward` or `prepare_deferred`: KVzip) shares only with its
+    own class."""
+    own_hooks = any(getattr(type(cache), hook) is not getattr(CompressedCache, hook) for hook in _HOOKS)
+    return (tuple(getattr(cache, name) for name in _FORWARD_SETTINGS), cache.storage_layout(),
+            query_length == 1 and attention.observes_probabilities(cache), type(cache) if own_hooks else None)
 
 
 def _same(a, b) -> bool:
@@ -38,13 +54,9 @@ def _settings(cache: CompressedCache) -> dict:
 def _check(model, caches: list[CompressedCache]) -> None:
     if not caches:
         raise ValueError("caches must hold at least one cache")
-    first = caches[0]
     for i, cache in enumerate(caches):
         if not isinstance(cache, CompressedCache):
             raise TypeError(f"caches[{i}] is a {type(cache).__name__}, not a kvcompress CompressedCache")
-        if type(cache) is not type(first):
-            raise ValueError(f"caches must be of one strategy: caches[0] is a {type(first).__name__}, caches[{i}] "
-                             f"a {type(cache).__name__}")
         if any(cache is other for other in caches[:i]):
             raise ValueError(f"caches[{i}] appears twice in caches")
         if not cache.is_bound or cache._model_ref() is not model:
@@ -52,56 +64,84 @@ def _check(model, caches: list[CompressedCache]) -> None:
         if any(layer.is_initialized for layer in cache.layers):
             raise ValueError(f"caches[{i}] has been used: prefill_shared fills fresh caches")
         if cache.kv_bits is not None or cache.evicted != "drop":
-            raise ValueError("prefill_shared does not take quantized or demoted storage (kv_bits / evicted): their "
-                             "stores settle pages as they evict")
-        for name in SHARED_SETTINGS:
-            if not _same(getattr(cache, name), getattr(first, name)):
-                raise ValueError(f"caches[{i}] has {name}={getattr(cache, name)!r} and caches[0] "
-                                 f"{getattr(first, name)!r}: caches sharing a forward must observe and store it alike")
-        if cache.storage_layout() != first.storage_layout():
-            raise ValueError(f"caches[{i}] stores its layers {cache.storage_layout()!r}, caches[0] "
-                             f"{first.storage_layout()!r}: caches sharing a forward must store it alike")
+            raise ValueError(f"caches[{i}] has quantized or demoted storage (kv_bits / evicted), which prefill_shared "
+                             "does not take: such stores settle pages as they evict")
+
+
+def _groups(caches: list[CompressedCache], query_length: int) -> list[list[CompressedCache]]:
+    groups: dict[tuple, list[CompressedCache]] = {}
+    for cache in caches:
+        groups.setdefault(forward_key(cache, query_length), []).append(cache)
+    return list(groups.values())
 
 
 @torch.no_grad()
-def prefill_shared(model, caches: list[CompressedCache], input_ids: torch.Tensor, **forward_kwargs):
-    """Prefill `input_ids` into every cache of `caches` with ONE forward of `model`.
+def prefill_shared(model, caches: list[CompressedCache], input_ids: torch.Tensor, **forward_kwargs) -> list:
+    """Prefill `input_ids` into every cache of `caches` with one forward of `model` per group of caches that can
+    share it (`forward_key`).
 
     Args:
         model: the causal LM every cache was built for.
-        caches: fresh caches of one strategy class (e.g. `cls.for_budget(model, tokenizer, b)` for several budgets
-            b) that differ only in settings applied at eviction (budget, window sizes, ...): same observation, same
-            storage, nothing fed yet. ValueError otherwise, naming the cache and the setting.
+        caches: fresh caches (nothing fed yet) of any strategies and budgets, without quantized storage. ValueError
+            otherwise, naming the cache.
         input_ids: (B, L) the prompt.
-        forward_kwargs: passed to the model's forward (attention_mask, position_ids, ...).
+        forward_kwargs: passed to the model's forward (attention_mask, position_ids, logits_to_keep, ...).
 
     Returns:
-        The forward's output (logits (B, L, V)). Afterwards every cache holds exactly (bitwise) what it would hold
-        had it run `model(input_ids, past_key_values=cache, **forward_kwargs)` itself.
+        The model's output for each cache, in order (one object per forward: caches of one group share it; caches
+        of different groups may differ in the last bits, as their own forwards would). Afterwards every cache holds
+        exactly (bitwise) what it would hold had it run `model(input_ids, past_key_values=cache, **forward_kwargs)`
+        itself.
 
-    How: caches[0] runs the forward with its eviction deferred (each layer keeps the observation its strategy
-    declared, `CompressedLayer.deferred`), then its strategy's `prepare_deferred` (budget-independent work after a
-    forward: KVzip's reconstruction). Each other cache takes a copy of that state, keeping the attributes in which
-    it differed from caches[0] before the forward (its settings), and applies the eviction layer by layer
-    (`evict`, with the forward's observation), then `finish_deferred` (KVzip's cut). caches[0] does the same last.
-    Eviction is per layer and after that layer's attention in a normal forward too, so deferring it changes nothing
-    that later layers compute.
+    How, per group: its first cache runs the forward with eviction deferred: the core computes the observation of
+    every cache of the group (`attention.observation_key`: once per distinct one) and each layer keeps them
+    (`CompressedLayer.deferred`). Then its strategy's `prepare_deferred` runs (budget-independent work after a
+    forward, KVzip's reconstruction; only strategies that override it or the other forward hooks share with their
+    own class alone). The first cache of each other strategy class takes a copy of the prefilled layers and
+    recorded ids. Every other cache of a class takes a copy of its class's first cache's state, keeping the
+    attributes in which it differed from it before the forward (its settings: budget, windows, ...). Each cache
+    then applies its eviction layer by layer (`evict`, with its observation) and `finish_deferred` (KVzip's cut);
+    a class's first cache does so last. Eviction is per layer and after that layer's attention in a normal forward
+    too, so deferring it changes nothing that later layers compute.
     """
     _check(model, caches)
-    source = caches[0]
-    settings = [_settings(cache) for cache in caches]
-    source._deferring = True
+    outputs = {}
+    for group in _groups(caches, input_ids.shape[-1]):
+        output = _prefill_group(model, group, input_ids, forward_kwargs)
+        outputs.update({id(cache): output for cache in group})
+    return [outputs[id(cache)] for cache in caches]
+
+
+def _prefill_group(model, group: list[CompressedCache], input_ids: torch.Tensor, forward_kwargs: dict):
+    settings = {id(cache): _settings(cache) for cache in group}
+    classes: dict[type, list[CompressedCache]] = {}
+    for cache in group:
+        classes.setdefault(type(cache), []).append(cache)
+    source = group[0]
+    own = attention.observation_key(source)
+    source._deferring = {key: cache for cache in group[::-1]
+                         if (key := attention.observation_key(cache)) != own}  # one cache per other observation
     try:
         output = model(input_ids, use_cache=True, **forward_kwargs, **cache_arg(source))
     finally:
-        source._deferring = False
+        source._deferring = None
     source.prepare_deferred()
-    for cache, own in list(zip(caches, settings))[1:] + [(source, settings[0])]:
-        if cache is not source:
-            differ = {name for name in own.keys() | settings[0].keys()
-                      if not _same(own.get(name), settings[0].get(name))}
-            source.copy_state_into(cache, differ)
-        for layer in cache.layers:
-            layer.apply_deferred()
-        cache.finish_deferred()
+    for members in classes.values():
+        first = members[0]
+        if first is not source:  # another strategy: the prefilled layers and ids, its own everything else
+            first.layers = [layer.copy_for(first) for layer in source.layers]
+            first.token_ids = None if source.token_ids is None else source.token_ids.clone()
+            first.prepare_deferred()
+    for members in classes.values():
+        first = members[0]
+        base = settings[id(first)]
+        for cache in members[1:] + [first]:
+            if cache is not first:
+                own_settings = settings[id(cache)]
+                differ = {name for name in own_settings.keys() | base.keys()
+                          if not _same(own_settings.get(name), base.get(name))}
+                first.copy_state_into(cache, differ)
+            for layer in cache.layers:
+                layer.apply_deferred()
+            cache.finish_deferred()
     return output

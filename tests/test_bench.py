@@ -411,10 +411,10 @@ def test_shots_sets_the_demonstrations_and_a_resume_with_other_shots_is_refused(
 
 
 def test_share_prefill_gives_the_cells_of_a_run_without_it(tiny_dir, tmp_path, capsys):
-    """--share-prefill (one prefill per sample for a strategy's budgets) changes no score, kept count or answer;
-    a strategy whose storage cannot share (quantized) falls back to one cell at a time and says why."""
-    argv = ["--model", str(tiny_dir), "--strategies", "snapkv,kvzip,h2o,sink_window:kv_bits=4,full", "--tasks",
-            "ruler_niah_single_number@512,needle@512", "--query", "after,before", "--budgets", "0.25,0.5",
+    """--share-prefill (one prefill per sample for the cells of a task the core serves alike) changes no score, kept
+    count or answer; cells that cannot share (quantized storage, n/a strategies) run alone."""
+    argv = ["--model", str(tiny_dir), "--strategies", "snapkv,kvzip,h2o,sink_window:kv_bits=4,full,label_words",
+            "--tasks", "ruler_niah_single_number@512,needle@512", "--query", "after,before", "--budgets", "0.25,0.5",
             "--limit", "2", "--no-progress", "--no-plots"]
     runs = {}
     for name, extra in (("alone", []), ("shared", ["--share-prefill"])):
@@ -422,14 +422,32 @@ def test_share_prefill_gives_the_cells_of_a_run_without_it(tiny_dir, tmp_path, c
         assert code == 0, captured.err
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())["cells"]
     alone, shared = runs["alone"], runs["shared"]
-    assert set(alone) == set(shared) and len(alone) == 2 * 2 * (4 * 2 + 1)
+    assert set(alone) == set(shared) and len(alone) == 2 * 2 * (4 * 2 + 2)
     same = ("status", "accuracy", "n_examples", "answers", "kv_bytes", "kv_tokens_kept", "kept_fraction",
             "budget_tokens", "context_tokens")
+    units = {"snapkv": ["snapkv|0.25", "snapkv|0.5", "full|-"], "full": ["snapkv|0.25", "snapkv|0.5", "full|-"],
+             "kvzip": ["kvzip|0.25", "kvzip|0.5"], "h2o": ["h2o|0.25", "h2o|0.5"]}
     for key, cell in alone.items():
-        assert cell["status"] == "ok", (key, cell.get("error"))
+        strategy = key.split("|")[1]
+        assert cell["status"] == ("n/a" if strategy == "label_words" else "ok"), (key, cell.get("error"))
         assert {f: shared[key].get(f) for f in same} == {f: cell.get(f) for f in same}, key
-        sharing = key.split("|")[1] in ("snapkv", "kvzip", "h2o")
-        assert shared[key].get("prefill_shared_with") == (["0.25", "0.5"] if sharing else None), key
-        assert ("shared_prefill_error" in shared[key]) == ("kv_bits" in key), key
-    assert "kv_bits" in shared["needle@512|sink_window:kv_bits=4|0.5"]["shared_prefill_error"]
+        assert shared[key].get("prefill_shared_with") == units.get(strategy), key
+        assert "shared_prefill_error" not in shared[key]
     assert json.loads((tmp_path / "shared" / "results.json").read_text())["config"]["share_prefill"] is True
+
+
+def test_a_failing_shared_unit_runs_its_cells_alone(tiny_dir, tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(metrics, "prefill_shared", broken)  # the shared forward of more than one cache
+    out = tmp_path / "run"
+    code, captured = _run_cli(["--model", str(tiny_dir), "--strategies", "snapkv,full", "--tasks", "needle@512",
+                               "--budgets", "0.5", "--limit", "2", "--no-progress", "--no-plots", "--share-prefill",
+                               "--out", str(out)], capsys)
+    assert code == 0, captured.err
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert len(cells) == 2
+    for cell in cells.values():
+        assert cell["status"] == "ok" and cell["shared_prefill_error"] == "RuntimeError: planted"
+        assert "prefill_shared_with" not in cell

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import kvcompress.strategies  # noqa: F401  (registers the built-in strategies)
-from kvcompress import H2OCache, SnapKVCache, registry
+from kvcompress import CompressedCache, FullCache, H2OCache, SnapKVCache, registry
 from kvcompress.cache import cache_arg
-from kvcompress.shared_prefill import prefill_shared
+from kvcompress.shared_prefill import forward_key, prefill_shared
 from kvcompress.testing import CharTokenizer, left_padded, tiny_llama
 
 from kept_sets import kept_sets
@@ -27,6 +27,21 @@ def _prompt(seed: int):
     return ids, mask, tail, steps
 
 
+class _KeepIdsOfParity(CompressedCache):
+    """A strategy choosing tokens by their input id (it records the ids): keeps ids of one parity, and the newest."""
+
+    needs_token_ids = True
+    parity = 0
+
+    def select(self, layer):
+        ids = self.ids_at(layer.positions)
+        return layer.valid & ((ids % 2 == self.parity) | (layer.positions == layer.seen - 1))
+
+
+class _KeepOddIds(_KeepIdsOfParity):
+    parity = 1
+
+
 def _caches(spec: str):
     cls, options = registry.resolve(spec)
     return [cls.for_budget(MODEL, TOKENIZER, budget, **options) for budget in BUDGETS]
@@ -44,27 +59,59 @@ def _continue(cache, mask, tail, steps):
     return out
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefill_equals_each_cache_prefilled_alone(spec, seed):
-    ids, mask, tail, steps = _prompt(seed)
-    alone = _caches(spec)
-    with torch.no_grad():
-        alone_logits = [MODEL(ids, attention_mask=mask, **cache_arg(c)).logits for c in alone]
-    shared = _caches(spec)
-    logits = prefill_shared(MODEL, shared, ids, attention_mask=mask).logits
-    for budget, a, s, a_logits in zip(BUDGETS, alone, shared, alone_logits):
-        assert torch.equal(logits, a_logits)
-        assert kept_sets(s) == kept_sets(a), f"budget {budget}: other kept sets after the shared prefill"
+def _check_equal_to_alone(caches, alone, ids, mask, tail, steps, outputs, alone_outputs):
+    for i, (s, a) in enumerate(zip(caches, alone)):
+        name = f"caches[{i}] ({type(a).__name__})"
+        assert torch.equal(outputs[i].logits, alone_outputs[i]), f"{name}: other prefill logits"
+        assert kept_sets(s) == kept_sets(a), f"{name}: other kept sets after the shared prefill"
         assert s.kv_bytes() == a.kv_bytes() and s.kv_bytes_used() == a.kv_bytes_used()
         for layer_s, layer_a in zip(s.layers, a.layers):
             assert torch.equal(layer_s.keys, layer_a.keys) and torch.equal(layer_s.values, layer_a.values)
             assert layer_s.deferred is None
         for (ls, ks), (la, ka) in zip(_continue(s, mask, tail, steps), _continue(a, mask, tail, steps)):
-            assert torch.equal(ls, la), f"budget {budget}: other logits after the shared prefill"
+            assert torch.equal(ls, la), f"{name}: other logits after the shared prefill"
             assert ks == ka
+
+
+def _alone(caches, ids, mask):
+    with torch.no_grad():
+        return [MODEL(ids, attention_mask=mask, **cache_arg(c)).logits for c in caches]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefill_equals_each_cache_prefilled_alone(spec, seed):
+    ids, mask, tail, steps = _prompt(seed)
+    alone, shared = _caches(spec), _caches(spec)
+    alone_outputs = _alone(alone, ids, mask)
+    outputs = prefill_shared(MODEL, shared, ids, attention_mask=mask)
+    _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
     # the budgets must matter, or this test could not tell a shared cut from a copied one
     assert len({str(kept_sets(c)) for c in shared}) == len(BUDGETS)
+
+
+def test_every_strategy_and_budget_in_one_call_and_the_forwards_it_runs():
+    """All specs x budgets (and budgets that give snapkv another observation window) in one call: each cache as
+    alone; one forward per group of caches the core serves alike (h2o's blockwise kernel, each kvzip layout)."""
+    ids, mask, tail, steps = _prompt(5)
+    specs = SPECS + ["full", "sink_window"]
+    budgets = BUDGETS + (8,)
+    make = lambda: [registry.resolve(spec)[0].for_budget(MODEL, TOKENIZER, b, **registry.resolve(spec)[1])  # noqa
+                    for spec in specs for b in (budgets if registry.get(spec.split(":")[0]).uses_budget else [None])]
+    by_ids = lambda: [_KeepIdsOfParity(MODEL), _KeepOddIds(MODEL)]  # noqa: E731 - two classes sharing recorded ids
+    alone, shared = make() + by_ids(), make() + by_ids()
+    alone_outputs = _alone(alone, ids, mask)
+    forwards = []
+    handle = MODEL.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        outputs = prefill_shared(MODEL, shared, ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    groups = {forward_key(c, ids.shape[1]) for c in shared}
+    # h2o (and AdaKV's paged layouts, each kvzip allocation) take their own forward; every other strategy one
+    assert len(forwards) == len(groups) <= 7
+    assert sum(1 for c in shared if isinstance(c, (SnapKVCache, H2OCache))) > 2
+    _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
 
 
 def test_a_cache_that_kept_the_first_caches_budget_is_caught():
@@ -91,19 +138,25 @@ def test_one_cache_is_a_plain_prefill():
     assert kept_sets(shared) == kept_sets(alone)
 
 
+def test_forward_groups():
+    """The strategies the core serves through the same path share a forward; the others take their own."""
+    def key(cache, length=40):
+        return forward_key(cache, length)
+    snapkv, tova, full = SnapKVCache(MODEL, budget=70), registry.get("tova")(MODEL, budget=9), FullCache(MODEL)
+    assert key(snapkv) == key(tova) == key(full) == key(SnapKVCache(MODEL, budget=8, window=4))
+    assert key(H2OCache(MODEL)) != key(full)  # its prefill's kernel is blockwise (attention received)
+    assert key(snapkv, 1) != key(full, 1)  # one token: strategies observing probabilities take the decode kernel
+    kvzip = registry.get("kvzip")
+    assert key(kvzip(MODEL, TOKENIZER)) != key(kvzip(MODEL, TOKENIZER, allocation="layer"))  # paged vs dense
+    assert key(kvzip(MODEL, TOKENIZER, allocation="layer")) != key(SnapKVCache(MODEL, budget=70))  # its own hooks
+
+
 def test_bad_input_is_refused_by_name():
     ids = torch.randint(3, 128, (1, 20))
     with pytest.raises(ValueError, match="at least one cache"):
         prefill_shared(MODEL, [], ids)
-    with pytest.raises(ValueError, match="of one strategy"):
-        prefill_shared(MODEL, [SnapKVCache(MODEL, budget=70), H2OCache(MODEL)], ids)
-    with pytest.raises(ValueError, match="observe_window"):  # a window of 4 vs 64: the observation differs
-        prefill_shared(MODEL, [SnapKVCache.for_budget(MODEL, None, 70), SnapKVCache.for_budget(MODEL, None, 8)], ids)
-    with pytest.raises(ValueError, match="kv_bits"):
-        prefill_shared(MODEL, [H2OCache(MODEL, kv_bits=4), H2OCache(MODEL, kv_bits=4)], ids)
-    with pytest.raises(ValueError, match="stores its layers"):
-        kvzip = registry.get("kvzip")
-        prefill_shared(MODEL, [kvzip(MODEL, TOKENIZER), kvzip(MODEL, TOKENIZER, allocation="layer")], ids)
+    with pytest.raises(ValueError, match=r"caches\[1\] has quantized or demoted storage"):
+        prefill_shared(MODEL, [H2OCache(MODEL), H2OCache(MODEL, kv_bits=4)], ids)
     same = H2OCache(MODEL)
     with pytest.raises(ValueError, match="twice"):
         prefill_shared(MODEL, [same, same], ids)
@@ -120,7 +173,7 @@ def test_bad_input_is_refused_by_name():
 
 def test_a_second_forward_while_deferring_is_refused():
     cache = H2OCache(MODEL)
-    cache._deferring = True
+    cache._deferring = {}
     ids = torch.randint(3, 128, (1, 12))
     with torch.no_grad():
         MODEL(ids, **cache_arg(cache))

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 16 "must show": the six RULER-4K niah tasks in both query modes, every strategy at kept fractions 0.1 / 0.25 /
-# 0.5, 30 samples per cell (95% intervals in the output). Each sample is prefilled ONCE for a strategy's three budgets
-# (`--share-prefill`: bitwise the scores of three separate prefills), ~25 CPU-hours on 2 cores, so it spans sessions:
-# the default --out is TRACKED (docs/results/ruler4k-grid), so the cells a session finishes are committed and the
-# next session resumes from them. Order: task by task, every strategy (all budgets at once) per task.
+# 0.5, 30 samples per cell (95% intervals in the output). `--share-prefill`: each sample is prefilled once per group
+# of strategies the core serves alike (4 forwards and 2 KVzip reconstructions per sample for the 28 cells of a task
+# and mode; scores bitwise those of separate prefills): about 1.75 CPU-hours per task and mode at 1 thread, ~20 in
+# all, so it spans sessions. The default --out is TRACKED (docs/results/ruler4k-grid): the cells a session finishes
+# are committed and the next session resumes from them (a unit killed midway is lost: the longest, kvzip's, is
+# ~30 CPU-minutes).
 # Several copies may run at once into the same folder (the bench merges under a lock); give each a different
 # `--query` to avoid running a cell twice.
 # Usage: nice -n 15 bash experiments/kvzip/ruler_grid.sh [out] [query: after|before|both] [budgets: 0.25,0.5,0.1]
