@@ -3,6 +3,7 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg, prepare
+from .shared_prefill import prefill_shared
 from .strategies import (
     AnchorCache,
     ExpectedAttentionCache,
@@ -38,6 +39,7 @@ __all__ = [
     "cache_arg",
     "capture",
     "enable",
+    "prefill_shared",
     "prepare",
     "registry",
     "set_backend",
