@@ -59,8 +59,11 @@ def _check(model, caches: list[CompressedCache]) -> None:
             raise TypeError(f"caches[{i}] is a {type(cache).__name__}, not a kvcompress CompressedCache")
         if any(cache is other for other in caches[:i]):
             raise ValueError(f"caches[{i}] appears twice in caches")
-        if not cache.is_bound or cache._model_ref() is not model:
-            raise ValueError(f"caches[{i}] was not built for this model")
+        if not cache.is_bound:
+            raise ValueError(f"caches[{i}] has no model yet: build it with the model ({type(cache).__name__}(model, "
+                             "...)) to prefill it with others")
+        if cache._model_ref() is not model:
+            raise ValueError(f"caches[{i}] was built for another model")
         if any(layer.is_initialized for layer in cache.layers):
             raise ValueError(f"caches[{i}] has been used: prefill_shared fills fresh caches")
         if cache.kv_bits is not None or cache.evicted != "drop":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kvcompress.strategies  # noqa: F401  (registers the built-in strategies)
-from kvcompress import CompressedCache, FullCache, H2OCache, SnapKVCache, registry
+from kvcompress import AnchorCache, CompressedCache, FullCache, H2OCache, SinkWindowCache, SnapKVCache, registry
 from kvcompress.cache import cache_arg
 from kvcompress.shared_prefill import forward_key, prefill_shared
 from kvcompress.testing import CharTokenizer, left_padded, tiny_llama
@@ -98,7 +98,8 @@ def test_every_strategy_and_budget_in_one_call_and_the_forwards_it_runs():
     budgets = BUDGETS + (8,)
     make = lambda: [registry.resolve(spec)[0].for_budget(MODEL, TOKENIZER, b, **registry.resolve(spec)[1])  # noqa
                     for spec in specs for b in (budgets if registry.get(spec.split(":")[0]).uses_budget else [None])]
-    by_ids = lambda: [_KeepIdsOfParity(MODEL), _KeepOddIds(MODEL)]  # noqa: E731 - two classes sharing recorded ids
+    by_ids = lambda: [_KeepIdsOfParity(MODEL), _KeepOddIds(MODEL),  # noqa: E731 - two classes sharing recorded ids
+                      SinkWindowCache(MODEL, n_sink=2, window=20, positions="cache")]  # keys re-rotated: own forward
     alone, shared = make() + by_ids(), make() + by_ids()
     alone_outputs = _alone(alone, ids, mask)
     forwards = []
@@ -109,7 +110,7 @@ def test_every_strategy_and_budget_in_one_call_and_the_forwards_it_runs():
         handle.remove()
     groups = {forward_key(c, ids.shape[1]) for c in shared}
     # h2o (and AdaKV's paged layouts, each kvzip allocation) take their own forward; every other strategy one
-    assert len(forwards) == len(groups) <= 7
+    assert len(forwards) == len(groups) <= 8
     assert sum(1 for c in shared if isinstance(c, (SnapKVCache, H2OCache))) > 2
     _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
 
@@ -160,8 +161,10 @@ def test_bad_input_is_refused_by_name():
     same = H2OCache(MODEL)
     with pytest.raises(ValueError, match="twice"):
         prefill_shared(MODEL, [same, same], ids)
-    with pytest.raises(ValueError, match="not built for this model"):
+    with pytest.raises(ValueError, match=r"caches\[1\] was built for another model"):
         prefill_shared(MODEL, [H2OCache(MODEL), H2OCache(tiny_llama(seed=4))], ids)
+    with pytest.raises(ValueError, match=r"caches\[0\] has no model yet"):
+        prefill_shared(MODEL, [AnchorCache(), H2OCache(MODEL)], ids)
     used = H2OCache(MODEL)
     with torch.no_grad():
         MODEL(ids, **cache_arg(used))
