@@ -16,7 +16,7 @@ budgets=${3:-0.25,0.5,0.1}
 [ "$queries" = both ] && queries="after before"
 tasks=ruler_niah_single_number@4096,ruler_niah_single_word@4096,ruler_niah_single_uuid@4096
 tasks=$tasks,ruler_niah_multikey@4096,ruler_niah_multivalue@4096,ruler_niah_multiquery@4096
-strategies=full,kvzip,kvzip:allocation=layer,snapkv,sink_window,h2o,tova,pyramidkv,knorm,expected_attention
+strategies=full,kvzip,kvzip:allocation=layer,snapkv,sink_window,h2o,tova,pyramidkv,knorm,expected_attention,anchor
 for query in $queries; do
   OMP_NUM_THREADS=1 python -m kvcompress.bench --tasks "$tasks" --query "$query" --budgets "$budgets" --limit 30 \
       --strategies "$strategies" --threads 1 --no-progress --no-plots --share-prefill --out "$out" --resume
