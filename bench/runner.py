@@ -29,7 +29,7 @@ from kvcompress.strategies.anchor import anchor_rule
 
 from . import leaderboard, metrics, stats
 from .plots import strategy_label
-from .tasks import Icl, Task
+from .tasks import Icl, SharedPrefillTask, Task
 
 RESULTS = "results.json"
 
@@ -172,8 +172,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     try:
         for unit in units:
             cell = unit[0]
-            bar.set_description(cell.key if len(unit) == 1 else f"{cell.task_label}|{cell.strategy}|"
-                                + ",".join(c.budget.label for c in unit))
+            bar.set_description(cell.key if len(unit) == 1 else f"{cell.task_label}|{len(unit)} cells, one prefill")
             cls, options = registry.resolve(cell.strategy)
             name = options.pop("model", None) or config.model_name
             if name not in models:
@@ -359,30 +358,30 @@ def share_units(cells: list[Cell], key=None) -> list[list[Cell]]:
 
 def _shared_forward_key(model, tokenizer):
     """`share_units`' key for `--share-prefill`: (task, `kvcompress.shared_prefill.forward_key`) for a cell whose task
-    can share prefills (`Task.shares_prefill`) and whose strategy runs on the run's model and builds (a cache built
+    can share prefills (`SharedPrefillTask`) and whose strategy runs on the run's model and builds (a cache built
     at the task's length tells its key); None for any other cell (it runs alone: an n/a strategy records why)."""
     from kvcompress import registry
-    from kvcompress.shared_prefill import forward_key
+    from kvcompress.shared_prefill import forward_key, shareable_storage
 
     def key(cell: Cell):
-        if not cell.task.shares_prefill:
+        if not isinstance(cell.task, SharedPrefillTask):
             return None
         cls, options = registry.resolve(cell.strategy)
-        if "model" in options or options.get("kv_bits") is not None or options.get("evicted", "drop") != "drop":
+        if "model" in options:
             return None
         try:
             cache = cls.for_budget(model, tokenizer, cell.budget.resolve(cell.length or 1024), **options)
         except ValueError:
             return None
-        return cell.task_label, forward_key(cache, 2)
+        return (cell.task_label, forward_key(cache, 2)) if shareable_storage(cache) else None
 
     return key
 
 
 def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunConfig) -> list[dict]:
     """Cells of one task (strategies, budgets) whose caches the core serves alike, each sample prefilled ONCE for all
-    of them (`Task.run_shared`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as its own
-    prefill would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the
+    of them (`SharedPrefillTask.run_shared`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as
+    its own prefill would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the
     unit's strategy|budget labels); its `prefill_seconds` is the shared prefill (the forward and every cut), and
     `seconds`, `cpu_seconds` and the peak memory are the unit's. If the unit fails, its cells run one by one
     (`run_cell`), each recording the unit's error as `shared_prefill_error`."""

@@ -89,10 +89,18 @@ class Task:
     def run(self, model, tokenizer, make_cache: MakeCache, prepared, *, repeats: int, progress=None) -> dict:
         raise NotImplementedError
 
-    # tasks that can serve several caches (strategies, budgets) from one prefill per sample (`--share-prefill`)
-    # implement run_shared(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
-    # make_caches(context_tokens) returns `count` fresh caches; run() is then its count=1 case
-    shares_prefill = False
+
+@dataclass
+class SharedPrefillTask(Task):
+    """A task that serves several caches (strategies, budgets) from one prefill per sample: it implements
+    run_shared(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
+    make_caches(context_tokens) returns `count` fresh caches; `run` is its count=1 case."""
+
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
+        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+
+    def run_shared(self, model, tokenizer, make_caches, prepared, *, count: int, progress=None) -> list[dict]:
+        raise NotImplementedError
 
 
 @dataclass
@@ -275,7 +283,7 @@ NEEDLE_QUESTION = "\n\nQuestion: What is the special magic number mentioned in t
 
 
 @dataclass
-class Needle(Task):
+class Needle(SharedPrefillTask):
     depths: tuple[float, ...] = (0.25, 0.75)
     answer_tokens: int = 8
 
@@ -308,11 +316,6 @@ class Needle(Task):
             samples.append({"prefix": torch.tensor([ids]), "question": torch.tensor([tail]),
                             "number": str(number), "depth": depth})
         return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
-
-    shares_prefill = True
-
-    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
 
     def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
         """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a
@@ -467,7 +470,7 @@ QUERY_MODES = ("after", "before")
 
 
 @dataclass
-class Ruler(Task):
+class Ruler(SharedPrefillTask):
     """`ruler_<kind>@L`: `limit` samples (default `samples`) of `ruler.generate(kind, ..., length=L)`, one seed each.
 
     Each sample: a fresh cache, the prefix prefilled in one forward (the cache compresses after it), then the rest
@@ -491,11 +494,6 @@ class Ruler(Task):
             items.append({"prefix": torch.tensor([prefix]), "tail": torch.tensor([tail]), "answers": sample.answers,
                           "prompt_tokens": sample.tokens})
         return {"samples": items, "answer_tokens": ruler.ANSWER_TOKENS[self.kind], "query": self.query}
-
-    shares_prefill = True
-
-    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
 
     def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
         """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a

@@ -42,6 +42,11 @@ GROWTH_MIN_SLOTS = 16  # ... and by at least this many slots (a page of the page
 CACHE_ARG = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
 
 
+# attributes of a CompressedCache that tie it to its model (hooks, weak reference, rotary module) or hold its layers:
+# never copied as state by `clone` / `copy_state_into`, never a setting (`shared_prefill`)
+MODEL_LINKS = frozenset({"layers", "_hooks", "_model_ref", "rope"})
+
+
 def cache_arg(cache: Cache) -> dict:
     """`{"cache": cache}` on transformers >= 5.24, `{"past_key_values": cache}` before."""
     return {CACHE_ARG: cache}
@@ -773,9 +778,8 @@ class CompressedCache(Cache):
         """Make `target` (a cache of the same class on the same model) hold a copy of this cache's state: every
         attribute is copied (tensors cloned, layers copied) except the link to the model (`target` keeps its own
         hooks) and the attributes named in `keep` (`target`'s settings, e.g. its budget)."""
-        own = {"layers", "_hooks", "_model_ref", "rope"} | set(keep)
         for name, value in vars(self).items():
-            if name not in own:
+            if name not in MODEL_LINKS and name not in keep:
                 setattr(target, name, copy.deepcopy(value))
         target.layers = [layer.copy_for(target) for layer in self.layers]
 
@@ -785,9 +789,8 @@ class CompressedCache(Cache):
         removed when the clone is garbage-collected."""
         new = object.__new__(type(self))  # not copy.copy: __getstate__/__setstate__ are for pickling only
         new.__dict__.update(vars(self))
-        shared = {"layers", "_hooks", "_model_ref", "rope"}
         for name, value in vars(self).items():
-            if name not in shared:
+            if name not in MODEL_LINKS:
                 setattr(new, name, copy.deepcopy(value))
         new.layers = [layer.copy_for(new) for layer in self.layers]
         model = None if self._model_ref is None else self._model_ref()

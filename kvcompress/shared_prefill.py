@@ -15,15 +15,19 @@ from __future__ import annotations
 import torch
 
 from . import attention
-from .cache import CompressedCache, cache_arg
+from .cache import MODEL_LINKS, CompressedCache, cache_arg
 
 # what makes the core take another path through a forward, so that caches differing in it cannot share one: the
 # kernel (blockwise with reductions for strategies observing all queries; a decode step's kernel for those observing
 # probabilities), the storage, the positions, whether input ids are recorded
 _FORWARD_SETTINGS = ("observe_received", "observe_max_received", "needs_token_ids", "position_mode", "page_size")
 _HOOKS = ("before_forward", "after_forward", "prepare_deferred")
-# attributes that are the link to the model, never a setting
-_LINKS = {"layers", "_hooks", "_model_ref", "rope"}
+
+
+def shareable_storage(cache: CompressedCache) -> bool:
+    """Whether `cache`'s storage can take a shared prefill: not quantized or demoted (`kv_bits` / `evicted`), whose
+    stores settle pages as they evict."""
+    return cache.kv_bits is None and cache.evicted == "drop"
 
 
 def forward_key(cache: CompressedCache, query_length: int) -> tuple:
@@ -48,7 +52,7 @@ def _same(a, b) -> bool:
 
 
 def _settings(cache: CompressedCache) -> dict:
-    return {name: value for name, value in vars(cache).items() if name not in _LINKS}
+    return {name: value for name, value in vars(cache).items() if name not in MODEL_LINKS}
 
 
 def _check(model, caches: list[CompressedCache]) -> None:
@@ -66,7 +70,7 @@ def _check(model, caches: list[CompressedCache]) -> None:
             raise ValueError(f"caches[{i}] was built for another model")
         if any(layer.is_initialized for layer in cache.layers):
             raise ValueError(f"caches[{i}] has been used: prefill_shared fills fresh caches")
-        if cache.kv_bits is not None or cache.evicted != "drop":
+        if not shareable_storage(cache):
             raise ValueError(f"caches[{i}] has quantized or demoted storage (kv_bits / evicted), which prefill_shared "
                              "does not take: such stores settle pages as they evict")
 
