@@ -29,6 +29,8 @@ from kvcompress.strategies.anchor import anchor_rule
 
 from . import leaderboard, metrics, stats
 from .plots import strategy_label
+from .journal import SampleJournal
+from .journal import discard as discard_journals
 from .tasks import Icl, SharedPrefillTask, Task
 
 RESULTS = "results.json"
@@ -199,6 +201,7 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             else:
                 results["cells"].update(done)
                 save_results(path, results, done, on_disk_at_start)
+            discard_journals(config.out, [c.key for c in unit if done[c.key].get("status") in ("ok", "n/a")])
             bar.update(len(unit))
     finally:
         bar.close()
@@ -331,6 +334,9 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
             if isinstance(cell.task, Icl):
                 result = run_icl_cell(cell, model, tokenizer, prepared, make_cache)
+            elif isinstance(cell.task, SharedPrefillTask):
+                result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats,
+                                       journal=sample_journal([cell], config))
             else:
                 result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats)
     except NotApplicable as error:
@@ -399,7 +405,8 @@ def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunC
     cpu_start = time.process_time()
     try:
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
-            results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells))
+            results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells),
+                                      journal=sample_journal(cells, config))
     except Exception as error:  # noqa: BLE001 - the cells alone say which one fails, and how
         alone = [run_cell(cell, strategy, model, tokenizer, prepared, config)
                  for cell, strategy in zip(cells, strategies)]
@@ -408,6 +415,14 @@ def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunC
     labels = [f"{cell.strategy}|{cell.budget.label}" for cell in cells]
     return [{**_cell_result(cell, base, result, memory, wall[0], cpu, config), "prefill_shared_with": labels}
             for cell, base, result in zip(cells, bases, results)]
+
+
+def sample_journal(cells: list[Cell], config: RunConfig) -> SampleJournal:
+    """The journal of `cells` run together (`kvcompress.bench.journal`): a killed run resumes at their first
+    unfinished sample. Its records are reused only for the same model, dtype, device, seed and task options."""
+    fingerprint = {"model": config.model_name, "dtype": config.dtype, "device": config.device, "seed": config.seed,
+                   "options": config.options}
+    return SampleJournal(config.out, [cell.key for cell in cells], fingerprint, fresh=not config.resume)
 
 
 def _cell_base(cell: Cell, cls: type, options: dict, model) -> dict:
@@ -434,8 +449,8 @@ def _cell_result(cell: Cell, base: dict, result: dict, memory, seconds: float, c
         "peak_memory_kind": memory.kind,
         "peak_memory_total_mb": memory.peak_total_mb,
         "process_maxrss_mb": metrics.process_maxrss_mb(),
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
+        "seconds": seconds + result.get("resumed_seconds", 0.0),  # a resumed cell: the runs' sum
+        "cpu_seconds": cpu_seconds + result.get("resumed_cpu_seconds", 0.0),
         "repeats": config.repeats,
         "status": "ok",
     }

@@ -92,15 +92,92 @@ class Task:
 
 @dataclass
 class SharedPrefillTask(Task):
-    """A task that serves several caches (strategies, budgets) from one prefill per sample: it implements
-    run_shared(model, tokenizer, make_caches, prepared, *, count, progress) -> `count` results, where
-    make_caches(context_tokens) returns `count` fresh caches; `run` is its count=1 case."""
+    """A task of prompts answered one by one (needle, RULER) that serves several caches (strategies, budgets) from
+    one prefill per sample: `run_shared` runs the samples, each prefilled once into `count` fresh caches (`make_caches
+    (context_tokens)`), then answered from each cache by `answer`; `run` is its count=1 case.
 
-    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None):
-        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress)[0]
+    A `journal` (`kvcompress.bench.journal.SampleJournal`: the runner passes one) keeps each finished sample's
+    per-cache records, so a run killed midway resumes at the first sample it had not finished; the results are
+    those of an uninterrupted run (the records are the same numbers, the samples the same tokens)."""
 
-    def run_shared(self, model, tokenizer, make_caches, prepared, *, count: int, progress=None) -> list[dict]:
+    def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None, journal=None):
+        return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress,
+                               journal=journal)[0]
+
+    def answer(self, model, tokenizer, cache, sample: dict, prepared) -> dict:
+        """Answer `sample` from `cache` (its prefix prefilled): {"score", "answer" (a dict for the cell's answers
+        list), "decode_rate" (tokens/s, None without a decode step)}."""
         raise NotImplementedError
+
+    def summary(self, prepared) -> dict:
+        """Fields of every result beside the scores (e.g. the query mode)."""
+        return {}
+
+    def run_shared(self, model, tokenizer, make_caches, prepared, *, count: int, progress=None,
+                   journal=None) -> list[dict]:
+        """`count` results, one per cache of `make_caches`; with a `journal`, samples it holds are not run again
+        (`resumed_samples`, and their wall and CPU seconds as `resumed_seconds` / `resumed_cpu_seconds`)."""
+        prefill_times, runs = [], [_Tally() for _ in range(count)]
+        resumed = {"resumed_samples": 0, "resumed_seconds": 0.0, "resumed_cpu_seconds": 0.0}
+        for index, sample in enumerate(prepared["samples"]):
+            digest = sample_digest(sample)
+            done = journal.load(index, digest) if journal is not None else None
+            if done is None:
+                done = self._run_sample(model, tokenizer, make_caches, sample, prepared)
+                if journal is not None:
+                    journal.save(index, digest, done)
+            else:
+                resumed["resumed_samples"] += 1
+                resumed["resumed_seconds"] += done["seconds"]
+                resumed["resumed_cpu_seconds"] += done["cpu_seconds"]
+            prefill_times.append(done["prefill_seconds"])
+            for record, tally in zip(done["records"], runs):
+                tally.add(record)
+            if progress:
+                progress()
+        n = len(prepared["samples"])
+        return [{
+            "accuracy": sum(tally.scores) / n if n else None,
+            "n_examples": n,
+            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
+            "prefill_seconds": metrics.median(prefill_times),
+            "decode_tokens_per_s": metrics.median(tally.decode_rates),
+            **self.summary(prepared),
+            "answers": tally.answers,
+            **metrics.mean_stats(tally.stats),
+            **(resumed if resumed["resumed_samples"] else {}),
+        } for tally in runs]
+
+    def _run_sample(self, model, tokenizer, make_caches, sample: dict, prepared) -> dict:
+        """One sample through fresh caches: {"prefill_seconds", "seconds", "cpu_seconds", "records": one per cache
+        ({"score", "answer", "decode_rate", "stats": `metrics.kv_stats` after the prefix})}."""
+        start, cpu_start = time.perf_counter(), time.process_time()
+        prefix = sample["prefix"]
+        caches = make_caches(prefix.shape[1])
+        prefill_seconds = metrics.prefill_caches(model, caches, prefix)
+        records = []
+        for cache in caches:
+            stats = metrics.kv_stats(cache, model, prefix.shape[1])
+            records.append({**self.answer(model, tokenizer, cache, sample, prepared), "stats": stats})
+        return {"prefill_seconds": prefill_seconds, "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu_start, "records": records}
+
+
+def sample_digest(sample: dict) -> str:
+    """A digest of what a `SharedPrefillTask` sample feeds and expects (its tensors' token ids and its other
+    fields): a journal's record of the sample is reused only for the same digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(sample):
+        value = sample[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(str(tuple(value.shape)).encode())
+            h.update(value.to(torch.int64).cpu().numpy().tobytes())
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 @dataclass
@@ -111,6 +188,13 @@ class _Tally:
     stats: list = field(default_factory=list)
     decode_rates: list = field(default_factory=list)
     answers: list = field(default_factory=list)
+
+    def add(self, record: dict) -> None:
+        self.scores.append(record["score"])
+        self.stats.append(record["stats"])
+        if record["decode_rate"] is not None:
+            self.decode_rates.append(record["decode_rate"])
+        self.answers.append(record["answer"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -317,39 +401,17 @@ class Needle(SharedPrefillTask):
                             "number": str(number), "depth": depth})
         return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
 
-    def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
-        """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a
-        result each."""
-        prefill_times, runs = [], [_Tally() for _ in range(count)]
-        for sample in prepared["samples"]:
-            prefix = sample["prefix"]
-            caches = make_caches(prefix.shape[1])
-            prefill_times.append(metrics.prefill_caches(model, caches, prefix))
-            for cache, tally in zip(caches, runs):
-                tally.stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
-                logits, _ = metrics.prefill(model, cache, sample["question"])
-                steps = prepared["answer_tokens"] - 1
-                tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
-                if steps:
-                    tally.decode_rates.append(steps / seconds)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                hit = sample["number"] in re.sub(r"[\s,]", "", text)
-                tally.scores.append(float(hit))
-                tally.answers.append({"depth": sample["depth"], "number": sample["number"], "answer": text,
-                                      "correct": hit})
-            if progress:
-                progress()
-        n = len(prepared["samples"])
-        return [{
-            "accuracy": sum(tally.scores) / n if n else None,
-            "n_examples": n,
-            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
-            "prefill_seconds": metrics.median(prefill_times),
-            "decode_tokens_per_s": metrics.median(tally.decode_rates),
-            "query": self.query,
-            "answers": tally.answers,
-            **metrics.mean_stats(tally.stats),
-        } for tally in runs]
+    def answer(self, model, tokenizer, cache, sample, prepared):
+        logits, _ = metrics.prefill(model, cache, sample["question"])
+        steps = prepared["answer_tokens"] - 1
+        tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        hit = sample["number"] in re.sub(r"[\s,]", "", text)
+        return {"score": float(hit), "decode_rate": steps / seconds if steps else None,
+                "answer": {"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit}}
+
+    def summary(self, prepared):
+        return {"query": self.query}
 
 
 NEEDLE_KEYS = ("apple", "river", "candle", "violin", "harbor", "meadow", "lantern", "copper")
@@ -495,37 +557,17 @@ class Ruler(SharedPrefillTask):
                           "prompt_tokens": sample.tokens})
         return {"samples": items, "answer_tokens": ruler.ANSWER_TOKENS[self.kind], "query": self.query}
 
-    def run_shared(self, model, tokenizer, make_caches, prepared, *, count, progress=None):
-        """`run` for `count` caches per sample (`make_caches`), prefilled together (`metrics.prefill_caches`); a
-        result each."""
-        prefill_times, runs = [], [_Tally() for _ in range(count)]
-        for sample in prepared["samples"]:
-            prefix = sample["prefix"]
-            caches = make_caches(prefix.shape[1])
-            prefill_times.append(metrics.prefill_caches(model, caches, prefix))
-            for cache, tally in zip(caches, runs):
-                tally.stats.append(metrics.kv_stats(cache, model, prefix.shape[1]))
-                logits, _ = metrics.prefill(model, cache, sample["tail"])
-                text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
-                                                      sample["answers"])
-                if steps:
-                    tally.decode_rates.append(steps / seconds)
-                tally.scores.append(ruler.score(text, sample["answers"]))
-                tally.answers.append({"expected": sample["answers"], "answer": text, "score": tally.scores[-1]})
-            if progress:
-                progress()
-        n = len(prepared["samples"])
-        return [{
-            "accuracy": sum(tally.scores) / n if n else None,
-            "n_examples": n,
-            "query": prepared["query"],
-            "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
-            "prompt_tokens": prepared["samples"][0]["prompt_tokens"] if n else None,
-            "prefill_seconds": metrics.median(prefill_times),
-            "decode_tokens_per_s": metrics.median(tally.decode_rates),
-            "answers": tally.answers,
-            **metrics.mean_stats(tally.stats),
-        } for tally in runs]
+    def answer(self, model, tokenizer, cache, sample, prepared):
+        logits, _ = metrics.prefill(model, cache, sample["tail"])
+        text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
+                                              sample["answers"])
+        score = ruler.score(text, sample["answers"])
+        return {"score": score, "decode_rate": steps / seconds if steps else None,
+                "answer": {"expected": sample["answers"], "answer": text, "score": score}}
+
+    def summary(self, prepared):
+        samples = prepared["samples"]
+        return {"query": prepared["query"], "prompt_tokens": samples[0]["prompt_tokens"] if samples else None}
 
 
 @torch.no_grad()

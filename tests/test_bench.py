@@ -451,3 +451,91 @@ def test_a_failing_shared_unit_runs_its_cells_alone(tiny_dir, tmp_path, capsys, 
     for cell in cells.values():
         assert cell["status"] == "ok" and cell["shared_prefill_error"] == "RuntimeError: planted"
         assert "prefill_shared_with" not in cell
+
+
+class Killed(BaseException):
+    """What a kill does to a run: nothing in the bench catches it (KeyboardInterrupt would do, but pytest takes
+    that one for itself)."""
+
+
+def _killed_after(monkeypatch, samples: int | None):
+    """Make the bench die (`Killed`) when it starts sample `samples` + 1 of this run, counted over all cells and units
+    (None: never); returns the list of samples run (each a call of `SharedPrefillTask._run_sample`)."""
+    from kvcompress.bench.tasks import SharedPrefillTask
+
+    monkeypatch.undo()  # the real _run_sample again
+    real, calls = SharedPrefillTask._run_sample, []
+
+    def counted(self, *args, **kwargs):
+        if samples is not None and len(calls) == samples:
+            raise Killed
+        calls.append(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SharedPrefillTask, "_run_sample", counted)
+    return calls
+
+
+def test_a_killed_run_resumes_inside_its_unit_and_equals_an_uninterrupted_one(tiny_dir, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The sample journal: a run killed in its first unit's third sample, then resumed, runs only the samples it had
+    not finished and ends with the scores, kept bytes and answers of a run never killed; the journals go once the
+    cells are saved. A run without --resume does not take the journal."""
+    argv = ["--model", str(tiny_dir), "--strategies", "snapkv,kvzip,full", "--tasks", "ruler_niah_single_number@512",
+            "--budgets", "0.5", "--limit", "4", "--no-progress", "--no-plots", "--share-prefill"]
+    code, captured = _run_cli(argv + ["--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, captured.err
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["cells"]
+    assert not (tmp_path / "whole" / "samples").exists()
+
+    out = tmp_path / "killed"
+    calls = _killed_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        cli.main(argv + ["--out", str(out)])
+    journals = sorted((out / "samples").glob("*.jsonl"))
+    assert len(journals) == 2 and all(len(p.read_text().splitlines()) == 2 for p in journals)  # snapkv, full
+    with open(journals[0], "a") as f:
+        f.write('{"fingerprint": "cut short by the ki')  # a line a kill cut: skipped
+
+    calls = _killed_after(monkeypatch, None)
+    code, captured = _run_cli(argv + ["--out", str(out), "--resume"], capsys)
+    assert code == 0, captured.err
+    assert len(calls) == 4 - 2 + 4  # the snapkv+full unit's last two samples, then the kvzip cell's four
+    resumed = json.loads((out / "results.json").read_text())["cells"]
+    assert set(resumed) == set(whole)
+    same = ("status", "accuracy", "n_examples", "answers", "kv_bytes", "kv_tokens_kept", "kept_fraction",
+            "budget_tokens", "context_tokens", "prefill_shared_with")
+    for key, cell in whole.items():
+        assert {f: resumed[key].get(f) for f in same} == {f: cell.get(f) for f in same}, key
+        assert resumed[key].get("resumed_samples") == (None if "kvzip" in key else 2), key
+    assert not (out / "samples").exists()
+
+    calls = _killed_after(monkeypatch, 2)  # killed again; this time the rerun is not a resume
+    with pytest.raises(Killed):
+        cli.main(argv + ["--out", str(out / "again")])
+    calls = _killed_after(monkeypatch, None)
+    code, captured = _run_cli(argv + ["--out", str(out / "again")], capsys)
+    assert code == 0, captured.err
+    assert len(calls) == 8
+    assert all("resumed_samples" not in cell
+               for cell in json.loads((out / "again" / "results.json").read_text())["cells"].values())
+
+
+def test_a_journal_gives_a_sample_back_only_when_everything_matches(tmp_path):
+    from kvcompress.bench.journal import SampleJournal
+
+    done = {"prefill_seconds": 1.5, "seconds": 2.0, "cpu_seconds": 3.0,
+            "records": [{"score": 1.0, "answer": {"a": "x"}, "decode_rate": 0.1 + 0.2, "stats": {"kv_bytes": 7}},
+                        {"score": 0.0, "answer": {"a": "y"}, "decode_rate": None, "stats": {"kv_bytes": 9}}]}
+    keys, fingerprint = ["t|a|0.5", "t|b|0.5"], {"model": "m", "seed": 0}
+    SampleJournal(tmp_path, keys, fingerprint).save(0, "d0", done)
+    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "d0") == done  # floats exact through JSON
+    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "other digest") is None
+    assert SampleJournal(tmp_path, keys, fingerprint).load(1, "d0") is None
+    assert SampleJournal(tmp_path, keys, {"model": "m", "seed": 1}).load(0, "d0") is None
+    assert SampleJournal(tmp_path, keys + ["t|c|0.5"], fingerprint).load(0, "d0") is None  # a cell lacks it
+    assert SampleJournal(tmp_path, keys[::-1], fingerprint).load(0, "d0")["records"] == done["records"][::-1]
+    with pytest.raises(ValueError, match="2 records for a journal of 1 cells"):
+        SampleJournal(tmp_path, keys[:1], fingerprint).save(1, "d1", done)
+    assert SampleJournal(tmp_path, keys, fingerprint, fresh=True).load(0, "d0") is None
+    assert not (tmp_path / "samples").exists()

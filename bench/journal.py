@@ -1,0 +1,93 @@
+"""Per-sample records of the cells being run, so a killed bench resumes inside a cell, not at its start.
+
+`--resume` skips the cells results.json holds; a cell is written there only when all its samples are done. On the
+long tasks (a RULER-4K unit of shared-prefill cells on qwen2.5-0.5b: about an hour at 1 thread) a kill lost the whole
+unit. The runner therefore hands each `SharedPrefillTask` (needle, RULER) a `SampleJournal` for the cells it runs:
+after each sample the task appends that sample's record for each cell to `<out>/samples/<cell>.jsonl`, and a later
+run with `--resume` takes the samples found there instead of running them again. Once the cell is saved in
+results.json its journal is deleted (`discard`).
+
+A record is reused only when everything it depends on is the same: the cell key (task with its length and query
+mode, strategy spec, budget), the run's `fingerprint` (model, dtype, device, seed, task options) and the sample's
+digest (its token ids and expected answers, `tasks.sample_digest`). A line cut short by a kill is skipped. JSON keeps
+every float exactly, so a resumed cell's scores, kept bytes and answers are those of an uninterrupted run; its
+timings are the sum of the runs' (the cell says how many samples it resumed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+
+FOLDER = "samples"
+
+
+def journal_path(out: pathlib.Path, cell_key: str) -> pathlib.Path:
+    """`<out>/samples/<readable cell key>-<hash>.jsonl` (the hash keeps keys that read alike apart)."""
+    readable = re.sub(r"[^A-Za-z0-9@=.,+-]+", "_", cell_key)[:120]
+    return out / FOLDER / f"{readable}-{hashlib.sha256(cell_key.encode()).hexdigest()[:10]}.jsonl"
+
+
+class SampleJournal:
+    """The journal of the cells `cell_keys` (one unit: the cells whose samples are run together, one record per cell
+    per sample, in this order), under `out`. `fresh=True` (a run without --resume) starts their journals empty."""
+
+    def __init__(self, out: pathlib.Path, cell_keys: list[str], fingerprint: dict, *, fresh: bool = False):
+        self.paths = [journal_path(out, key) for key in cell_keys]
+        self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+        if fresh:
+            discard(out, cell_keys)
+        self._found = [self._read(path) for path in self.paths]
+
+    def _read(self, path: pathlib.Path) -> dict[tuple[int, str], dict]:
+        found: dict[tuple[int, str], dict] = {}
+        if not path.is_file():
+            return found
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                if entry["fingerprint"] == self.fingerprint:
+                    found[(entry["index"], entry["digest"])] = entry
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+                continue
+        return found
+
+    def load(self, index: int, digest: str) -> dict | None:
+        """Sample `index` with `digest` as `SharedPrefillTask` ran it ({"prefill_seconds", "seconds",
+        "cpu_seconds", "records": one per cell}), if every cell of the unit has it; else None."""
+        entries = [found.get((index, digest)) for found in self._found]
+        if any(entry is None for entry in entries):
+            return None
+        first = entries[0]
+        return {"prefill_seconds": first["prefill_seconds"], "seconds": first["seconds"],
+                "cpu_seconds": first["cpu_seconds"], "records": [entry["record"] for entry in entries]}
+
+    def save(self, index: int, digest: str, done: dict) -> None:
+        """Append sample `index`'s records (`done` as `load` returns it), flushed to disk before returning."""
+        if len(done["records"]) != len(self.paths):
+            raise ValueError(f"{len(done['records'])} records for a journal of {len(self.paths)} cells")
+        for path, found, record in zip(self.paths, self._found, done["records"]):
+            entry = {"fingerprint": self.fingerprint, "index": index, "digest": digest,
+                     "prefill_seconds": done["prefill_seconds"], "seconds": done["seconds"],
+                     "cpu_seconds": done["cpu_seconds"], "record": record}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            found[(index, digest)] = entry
+
+
+def discard(out: pathlib.Path, cell_keys: list[str]) -> None:
+    """Delete the journals of `cell_keys` (cells saved in results.json), and the folder once empty."""
+    for key in cell_keys:
+        journal_path(out, key).unlink(missing_ok=True)
+    folder = out / FOLDER
+    if folder.is_dir() and not any(folder.iterdir()):
+        try:
+            folder.rmdir()
+        except OSError:  # another process wrote into it meanwhile
+            pass
