@@ -19,8 +19,9 @@ from .cache import MODEL_LINKS, CompressedCache, cache_arg
 
 # what makes the core take another path through a forward, so that caches differing in it cannot share one: the
 # kernel (blockwise with reductions for strategies observing all queries; a decode step's kernel for those observing
-# probabilities), the storage, the positions, whether input ids are recorded
-_FORWARD_SETTINGS = ("observe_received", "observe_max_received", "needs_token_ids", "position_mode", "page_size")
+# probabilities), the storage, the positions. (Recording the input ids, `needs_token_ids`, changes no computation: a
+# group's forward runs on a cache that records them when any of its caches needs them.)
+_FORWARD_SETTINGS = ("observe_received", "observe_max_received", "position_mode", "page_size")
 _HOOKS = ("before_forward", "after_forward", "prepare_deferred")
 
 
@@ -76,10 +77,11 @@ def _check(model, caches: list[CompressedCache]) -> None:
 
 
 def _groups(caches: list[CompressedCache], query_length: int) -> list[list[CompressedCache]]:
+    """The caches by `forward_key`; in each group a cache that records input ids first (the forward runs on it)."""
     groups: dict[tuple, list[CompressedCache]] = {}
     for cache in caches:
         groups.setdefault(forward_key(cache, query_length), []).append(cache)
-    return list(groups.values())
+    return [sorted(group, key=lambda cache: not cache.needs_token_ids) for group in groups.values()]
 
 
 @torch.no_grad()
@@ -100,7 +102,8 @@ def prefill_shared(model, caches: list[CompressedCache], input_ids: torch.Tensor
         exactly (bitwise) what it would hold had it run `model(input_ids, past_key_values=cache, **forward_kwargs)`
         itself.
 
-    How, per group: its first cache runs the forward with eviction deferred: the core computes the observation of
+    How, per group: its first cache (one that records input ids, if any of the group does) runs the forward with
+    eviction deferred: the core computes the observation of
     every cache of the group (`attention.observation_key`: once per distinct one) and each layer keeps them
     (`CompressedLayer.deferred`). Then its strategy's `prepare_deferred` runs (budget-independent work after a
     forward, KVzip's reconstruction; only strategies that override it or the other forward hooks share with their
@@ -137,7 +140,8 @@ def _prefill_group(model, group: list[CompressedCache], input_ids: torch.Tensor,
         first = members[0]
         if first is not source:  # another strategy: the prefilled layers and ids, its own everything else
             first.layers = [layer.copy_for(first) for layer in source.layers]
-            first.token_ids = None if source.token_ids is None else source.token_ids.clone()
+            first.token_ids = source.token_ids.clone() if first.needs_token_ids and source.token_ids is not None \
+                else None  # the ids only where its own forward would record them
             first.prepare_deferred()
     for members in classes.values():
         first = members[0]

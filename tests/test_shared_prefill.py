@@ -65,6 +65,8 @@ def _check_equal_to_alone(caches, alone, ids, mask, tail, steps, outputs, alone_
         assert torch.equal(outputs[i].logits, alone_outputs[i]), f"{name}: other prefill logits"
         assert kept_sets(s) == kept_sets(a), f"{name}: other kept sets after the shared prefill"
         assert s.kv_bytes() == a.kv_bytes() and s.kv_bytes_used() == a.kv_bytes_used()
+        assert (s.token_ids is None) == (a.token_ids is None), f"{name}: recorded ids where alone it has none"
+        assert s.token_ids is None or torch.equal(s.token_ids, a.token_ids)
         for layer_s, layer_a in zip(s.layers, a.layers):
             assert torch.equal(layer_s.keys, layer_a.keys) and torch.equal(layer_s.values, layer_a.values)
             assert layer_s.deferred is None
@@ -150,6 +152,31 @@ def test_forward_groups():
     kvzip = registry.get("kvzip")
     assert key(kvzip(MODEL, TOKENIZER)) != key(kvzip(MODEL, TOKENIZER, allocation="layer"))  # paged vs dense
     assert key(kvzip(MODEL, TOKENIZER, allocation="layer")) != key(SnapKVCache(MODEL, budget=70))  # its own hooks
+    assert key(_KeepOddIds(MODEL)) == key(full)  # recording the input ids changes no computation
+
+
+def test_a_group_runs_its_forward_on_a_cache_that_records_ids():
+    """Caches recording input ids share the forward of caches that do not: the forward runs on one that records
+    them, only those that record them get them. Planted: a group led by a cache that does not record them leaves the
+    id strategies without ids."""
+    ids, mask, tail, steps = _prompt(4)
+    make = lambda: [FullCache(MODEL), SnapKVCache(MODEL, budget=70), _KeepOddIds(MODEL),  # noqa: E731
+                    AnchorCache(MODEL, anchor_ids=[5, 7, 9])]
+    alone, shared = make(), make()
+    alone_outputs = _alone(alone, ids, mask)
+    forwards = []
+    handle = MODEL.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        outputs = prefill_shared(MODEL, shared, ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert len(forwards) == 1
+    _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
+    planted = make()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("kvcompress.shared_prefill._groups", lambda caches, length: [list(caches)])
+        with pytest.raises(AttributeError):  # ids_at on no ids
+            prefill_shared(MODEL, planted, ids, attention_mask=mask)
 
 
 def test_bad_input_is_refused_by_name():

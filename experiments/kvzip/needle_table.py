@@ -1,11 +1,13 @@
-"""The README's headline table: needle@2048 per strategy and kept fraction, both query modes, each score with its
-95% interval (Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders
-of `needle_grid.sh` (several folders: runs of the same grid split across processes; a cell present twice is taken
-from the latest run, by `started_at`; a results.json file may be named instead of its folder). Prints the README's
-compact table (a column per kept fraction); writes the merged results.json, every cell with its paired difference
-and the device it ran on (table.md) and the bench's plot beside it.
+"""The README's headline table: one task (default needle@2048; `--task` names another, e.g.
+ruler_niah_single_number@4096) per strategy and kept fraction, both query modes, each score with its 95% interval
+(Wilson) and the paired difference to the full cache (Newcombe), from one or more bench result folders of
+`needle_grid.sh` or `ruler_grid.sh` (several folders: runs of the same grid split across processes; a cell present
+twice is taken from the latest run, by `started_at`; a results.json file may be named instead of its folder). Prints
+the README's compact table (a column per kept fraction); writes the merged results.json, every cell with its paired
+difference and the device it ran on (table.md) and the bench's plot beside it.
 
     python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
+    python experiments/kvzip/needle_table.py --task ruler_niah_single_number@4096 --out DIR docs/results/ruler4k-grid
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder for the merged results.json and plot")
+    parser.add_argument("--task", default="needle@2048", help="the task label without its query mode")
     args = parser.parse_args()
     merged: dict = {"cells": {}}
     for folder in args.folders:
@@ -28,7 +31,7 @@ def main() -> None:
         merged.setdefault("environment", results.get("environment"))
         device = (results.get("environment") or {}).get("device", "cpu")
         for key, cell in results["cells"].items():
-            if cell.get("task", "").startswith("needle@"):
+            if cell.get("task", "").split(":")[0] == args.task:
                 cell.setdefault("device", device.split(":")[0])
                 if cell["strategy"] == "anchor":  # the bare spec runs on the bench's model: never anchor-trained
                     cell.setdefault("anchor_trained", False)

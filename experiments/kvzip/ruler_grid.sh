@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16 "must show": the six RULER-4K niah tasks in both query modes, every strategy at kept fractions 0.1 / 0.25 /
 # 0.5, 30 samples per cell (95% intervals in the output). `--share-prefill`: each sample is prefilled once per group
-# of strategies the core serves alike (5 forwards and 2 KVzip reconstructions per sample for the 29 cells of a task
+# of strategies the core serves alike (4 forwards and 2 KVzip reconstructions per sample for the 29 cells of a task
 # and mode; scores bitwise those of separate prefills). SmolLM2-135M: about 1.75 CPU-hours per task and mode at
 # 1 thread; qwen2.5-0.5b: about 3.1. It spans sessions: the --out folders are TRACKED, so the cells a session
 # finishes are committed and the next session resumes from them; a unit killed midway resumes at its first
