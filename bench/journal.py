@@ -4,7 +4,9 @@
 long tasks (a RULER-4K unit of shared-prefill cells on qwen2.5-0.5b: about an hour at 1 thread) a kill lost the whole
 unit. The runner therefore hands each `SharedPrefillTask` (needle, RULER) a `SampleJournal` for the cells it runs:
 after each sample the task appends that sample's record for each cell to `<out>/samples/<cell>.jsonl`, and a later
-run with `--resume` takes the samples found there instead of running them again. Once the cell is saved in
+run with `--resume` takes the samples found there instead of running them again. Journals are per cell, so a unit
+may differ from the one that wrote them (a strategy added to the run, a code change that shares a forward with
+more caches): each sample is run for the unit's cells that lack it, prefilled together. Once the cell is saved in
 results.json its journal is deleted (`discard`).
 
 A record is reused only when everything it depends on is the same: the cell key (task with its length and query
@@ -23,6 +25,7 @@ import pathlib
 import re
 
 FOLDER = "samples"
+ENTRY = ("prefill_seconds", "seconds", "cpu_seconds", "record")  # what a cell's line keeps of a sample
 
 
 def journal_path(out: pathlib.Path, cell_key: str) -> pathlib.Path:
@@ -55,30 +58,25 @@ class SampleJournal:
                 continue
         return found
 
-    def load(self, index: int, digest: str) -> dict | None:
-        """Sample `index` with `digest` as `SharedPrefillTask` ran it ({"prefill_seconds", "seconds",
-        "cpu_seconds", "records": one per cell}), if every cell of the unit has it; else None."""
+    def load(self, index: int, digest: str) -> list[dict | None]:
+        """Sample `index` with `digest` as each cell's journal holds it (None where it does not): an entry
+        {"prefill_seconds", "seconds", "cpu_seconds", "record"} per cell (`SharedPrefillTask._run_sample`)."""
         entries = [found.get((index, digest)) for found in self._found]
-        if any(entry is None for entry in entries):
-            return None
-        first = entries[0]
-        return {"prefill_seconds": first["prefill_seconds"], "seconds": first["seconds"],
-                "cpu_seconds": first["cpu_seconds"], "records": [entry["record"] for entry in entries]}
+        return [None if entry is None else {name: entry[name] for name in ENTRY} for entry in entries]
 
-    def save(self, index: int, digest: str, done: dict) -> None:
-        """Append sample `index`'s records (`done` as `load` returns it), flushed to disk before returning."""
-        if len(done["records"]) != len(self.paths):
-            raise ValueError(f"{len(done['records'])} records for a journal of {len(self.paths)} cells")
-        for path, found, record in zip(self.paths, self._found, done["records"]):
-            entry = {"fingerprint": self.fingerprint, "index": index, "digest": digest,
-                     "prefill_seconds": done["prefill_seconds"], "seconds": done["seconds"],
-                     "cpu_seconds": done["cpu_seconds"], "record": record}
+    def save(self, index: int, digest: str, entries: dict[int, dict]) -> None:
+        """Append sample `index`'s entry of each cell in `entries` (cell position -> entry as `load` gives it),
+        flushed to disk before returning."""
+        for position, entry in entries.items():
+            path = self.paths[position]
+            line = {"fingerprint": self.fingerprint, "index": index, "digest": digest,
+                    **{name: entry[name] for name in ENTRY}}
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write(json.dumps(line) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            found[(index, digest)] = entry
+            self._found[position][(index, digest)] = line
 
 
 def discard(out: pathlib.Path, cell_keys: list[str]) -> None:

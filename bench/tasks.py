@@ -97,8 +97,9 @@ class SharedPrefillTask(Task):
     (context_tokens)`), then answered from each cache by `answer`; `run` is its count=1 case.
 
     A `journal` (`kvcompress.bench.journal.SampleJournal`: the runner passes one) keeps each finished sample's
-    per-cache records, so a run killed midway resumes at the first sample it had not finished; the results are
-    those of an uninterrupted run (the records are the same numbers, the samples the same tokens)."""
+    record per cache, so a run killed midway resumes at the first sample it had not finished, and a cache added to
+    a unit runs the samples alone that the others already have; the results are those of an uninterrupted run (the
+    records are the same numbers, the samples the same tokens)."""
 
     def run(self, model, tokenizer, make_cache, prepared, *, repeats, progress=None, journal=None):
         return self.run_shared(model, tokenizer, lambda n: [make_cache(n)], prepared, count=1, progress=progress,
@@ -115,24 +116,20 @@ class SharedPrefillTask(Task):
 
     def run_shared(self, model, tokenizer, make_caches, prepared, *, count: int, progress=None,
                    journal=None) -> list[dict]:
-        """`count` results, one per cache of `make_caches`; with a `journal`, samples it holds are not run again
-        (`resumed_samples`, and their wall and CPU seconds as `resumed_seconds` / `resumed_cpu_seconds`)."""
-        prefill_times, runs = [], [_Tally() for _ in range(count)]
-        resumed = {"resumed_samples": 0, "resumed_seconds": 0.0, "resumed_cpu_seconds": 0.0}
+        """`count` results, one per cache of `make_caches`. With a `journal`, a sample is run only for the caches
+        whose record of it the journal lacks (a result that took some: `resumed_samples`, and their wall and CPU
+        seconds as `resumed_seconds` / `resumed_cpu_seconds`)."""
+        runs = [_Tally() for _ in range(count)]
         for index, sample in enumerate(prepared["samples"]):
             digest = sample_digest(sample)
-            done = journal.load(index, digest) if journal is not None else None
-            if done is None:
-                done = self._run_sample(model, tokenizer, make_caches, sample, prepared)
+            found = journal.load(index, digest) if journal is not None else [None] * count
+            missing = [i for i, entry in enumerate(found) if entry is None]
+            if missing:
+                fresh = self._run_sample(model, tokenizer, make_caches, sample, prepared, missing)
                 if journal is not None:
-                    journal.save(index, digest, done)
-            else:
-                resumed["resumed_samples"] += 1
-                resumed["resumed_seconds"] += done["seconds"]
-                resumed["resumed_cpu_seconds"] += done["cpu_seconds"]
-            prefill_times.append(done["prefill_seconds"])
-            for record, tally in zip(done["records"], runs):
-                tally.add(record)
+                    journal.save(index, digest, dict(zip(missing, fresh)))
+            for i, (entry, tally) in enumerate(zip(found, runs)):
+                tally.add(fresh[missing.index(i)] if entry is None else entry, resumed=entry is not None)
             if progress:
                 progress()
         n = len(prepared["samples"])
@@ -140,27 +137,30 @@ class SharedPrefillTask(Task):
             "accuracy": sum(tally.scores) / n if n else None,
             "n_examples": n,
             "context_tokens": prepared["samples"][0]["prefix"].shape[1] if n else None,
-            "prefill_seconds": metrics.median(prefill_times),
+            "prefill_seconds": metrics.median(tally.prefill_times),
             "decode_tokens_per_s": metrics.median(tally.decode_rates),
             **self.summary(prepared),
             "answers": tally.answers,
             **metrics.mean_stats(tally.stats),
-            **(resumed if resumed["resumed_samples"] else {}),
+            **tally.resumed,
         } for tally in runs]
 
-    def _run_sample(self, model, tokenizer, make_caches, sample: dict, prepared) -> dict:
-        """One sample through fresh caches: {"prefill_seconds", "seconds", "cpu_seconds", "records": one per cache
-        ({"score", "answer", "decode_rate", "stats": `metrics.kv_stats` after the prefix})}."""
+    def _run_sample(self, model, tokenizer, make_caches, sample: dict, prepared, which: list[int]) -> list[dict]:
+        """One sample through the caches `which` of `make_caches` (prefilled together): one entry each,
+        {"prefill_seconds", "seconds", "cpu_seconds" (the sample's, shared by its caches), "record": {"score",
+        "answer", "decode_rate", "stats": `metrics.kv_stats` after the prefix}}."""
         start, cpu_start = time.perf_counter(), time.process_time()
         prefix = sample["prefix"]
         caches = make_caches(prefix.shape[1])
+        caches = [caches[i] for i in which]
         prefill_seconds = metrics.prefill_caches(model, caches, prefix)
         records = []
         for cache in caches:
             stats = metrics.kv_stats(cache, model, prefix.shape[1])
             records.append({**self.answer(model, tokenizer, cache, sample, prepared), "stats": stats})
-        return {"prefill_seconds": prefill_seconds, "seconds": time.perf_counter() - start,
-                "cpu_seconds": time.process_time() - cpu_start, "records": records}
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        return [{"prefill_seconds": prefill_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                 "record": record} for record in records]
 
 
 def sample_digest(sample: dict) -> str:
@@ -188,8 +188,17 @@ class _Tally:
     stats: list = field(default_factory=list)
     decode_rates: list = field(default_factory=list)
     answers: list = field(default_factory=list)
+    prefill_times: list = field(default_factory=list)
+    resumed: dict = field(default_factory=dict)  # samples taken from a journal, and their seconds
 
-    def add(self, record: dict) -> None:
+    def add(self, entry: dict, resumed: bool) -> None:
+        """One sample's entry (`SharedPrefillTask._run_sample`), run now or `resumed` from a journal."""
+        if resumed:
+            for name, value in (("resumed_samples", 1), ("resumed_seconds", entry["seconds"]),
+                                ("resumed_cpu_seconds", entry["cpu_seconds"])):
+                self.resumed[name] = self.resumed.get(name, 0) + value
+        self.prefill_times.append(entry["prefill_seconds"])
+        record = entry["record"]
         self.scores.append(record["score"])
         self.stats.append(record["stats"])
         if record["decode_rate"] is not None:

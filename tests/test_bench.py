@@ -521,21 +521,52 @@ def test_a_killed_run_resumes_inside_its_unit_and_equals_an_uninterrupted_one(ti
                for cell in json.loads((out / "again" / "results.json").read_text())["cells"].values())
 
 
+def test_a_unit_that_gained_a_cell_runs_only_that_cell_on_the_journaled_samples(tiny_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Resumed with one more strategy in the killed unit, the samples the journal holds run for the new cell alone
+    (one prefill of one cache), the others for the whole unit; every cell as in a run never killed."""
+    base = ["--model", str(tiny_dir), "--tasks", "needle@512", "--budgets", "0.5", "--limit", "3", "--no-progress",
+            "--no-plots", "--share-prefill"]
+    code, captured = _run_cli(base + ["--strategies", "snapkv,full,sink_window", "--out", str(tmp_path / "whole")],
+                              capsys)
+    assert code == 0, captured.err
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["cells"]
+    out = tmp_path / "run"
+    _killed_after(monkeypatch, 2)
+    with pytest.raises(Killed):
+        cli.main(base + ["--strategies", "snapkv,full", "--out", str(out)])
+    prefilled = []
+    calls = _killed_after(monkeypatch, None)
+    monkeypatch.setattr(metrics, "prefill_caches", lambda model, caches, ids, real=metrics.prefill_caches:
+                        prefilled.append(len(caches)) or real(model, caches, ids))
+    code, captured = _run_cli(base + ["--strategies", "snapkv,full,sink_window", "--out", str(out), "--resume"],
+                              capsys)
+    assert code == 0, captured.err
+    assert len(calls) == 3 and prefilled == [1, 1, 3]  # sink_window alone on the two journaled samples
+    resumed = json.loads((out / "results.json").read_text())["cells"]
+    for key, cell in whole.items():
+        assert {f: resumed[key].get(f) for f in ("accuracy", "answers", "kv_bytes", "prefill_shared_with")} == \
+            {f: cell.get(f) for f in ("accuracy", "answers", "kv_bytes", "prefill_shared_with")}, key
+        assert resumed[key].get("resumed_samples") == (None if "sink_window" in key else 2), key
+
+
 def test_a_journal_gives_a_sample_back_only_when_everything_matches(tmp_path):
     from kvcompress.bench.journal import SampleJournal
 
-    done = {"prefill_seconds": 1.5, "seconds": 2.0, "cpu_seconds": 3.0,
-            "records": [{"score": 1.0, "answer": {"a": "x"}, "decode_rate": 0.1 + 0.2, "stats": {"kv_bytes": 7}},
-                        {"score": 0.0, "answer": {"a": "y"}, "decode_rate": None, "stats": {"kv_bytes": 9}}]}
+    entries = [{"prefill_seconds": 1.5, "seconds": 2.0, "cpu_seconds": 3.0,
+                "record": {"score": 1.0, "answer": {"a": "x"}, "decode_rate": 0.1 + 0.2, "stats": {"kv_bytes": 7}}},
+               {"prefill_seconds": 1.5, "seconds": 2.0, "cpu_seconds": 3.0,
+                "record": {"score": 0.0, "answer": {"a": "y"}, "decode_rate": None, "stats": {"kv_bytes": 9}}}]
     keys, fingerprint = ["t|a|0.5", "t|b|0.5"], {"model": "m", "seed": 0}
-    SampleJournal(tmp_path, keys, fingerprint).save(0, "d0", done)
-    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "d0") == done  # floats exact through JSON
-    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "other digest") is None
-    assert SampleJournal(tmp_path, keys, fingerprint).load(1, "d0") is None
-    assert SampleJournal(tmp_path, keys, {"model": "m", "seed": 1}).load(0, "d0") is None
-    assert SampleJournal(tmp_path, keys + ["t|c|0.5"], fingerprint).load(0, "d0") is None  # a cell lacks it
-    assert SampleJournal(tmp_path, keys[::-1], fingerprint).load(0, "d0")["records"] == done["records"][::-1]
-    with pytest.raises(ValueError, match="2 records for a journal of 1 cells"):
-        SampleJournal(tmp_path, keys[:1], fingerprint).save(1, "d1", done)
-    assert SampleJournal(tmp_path, keys, fingerprint, fresh=True).load(0, "d0") is None
+    SampleJournal(tmp_path, keys, fingerprint).save(0, "d0", dict(enumerate(entries)))
+    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "d0") == entries  # floats exact through JSON
+    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "other digest") == [None, None]
+    assert SampleJournal(tmp_path, keys, fingerprint).load(1, "d0") == [None, None]
+    assert SampleJournal(tmp_path, keys, {"model": "m", "seed": 1}).load(0, "d0") == [None, None]
+    assert SampleJournal(tmp_path, ["t|c|0.5"] + keys, fingerprint).load(0, "d0") == [None] + entries  # a new cell
+    assert SampleJournal(tmp_path, keys[::-1], fingerprint).load(0, "d0") == entries[::-1]
+    journal = SampleJournal(tmp_path, keys, fingerprint)
+    journal.save(1, "d1", {1: entries[1]})
+    assert journal.load(1, "d1") == [None, entries[1]] == SampleJournal(tmp_path, keys, fingerprint).load(1, "d1")
+    assert SampleJournal(tmp_path, keys, fingerprint, fresh=True).load(0, "d0") == [None, None]
     assert not (tmp_path / "samples").exists()
