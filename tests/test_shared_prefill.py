@@ -75,6 +75,16 @@ def _check_equal_to_alone(caches, alone, ids, mask, tail, steps, outputs, alone_
             assert ks == ka
 
 
+def _prefill_counting_forwards(caches, ids, mask):
+    """prefill_shared's outputs, and how many forwards of the model it ran."""
+    forwards = []
+    handle = MODEL.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        return prefill_shared(MODEL, caches, ids, attention_mask=mask), len(forwards)
+    finally:
+        handle.remove()
+
+
 def _alone(caches, ids, mask):
     with torch.no_grad():
         return [MODEL(ids, attention_mask=mask, **cache_arg(c)).logits for c in caches]
@@ -104,15 +114,10 @@ def test_every_strategy_and_budget_in_one_call_and_the_forwards_it_runs():
                       SinkWindowCache(MODEL, n_sink=2, window=20, positions="cache")]  # keys re-rotated: own forward
     alone, shared = make() + by_ids(), make() + by_ids()
     alone_outputs = _alone(alone, ids, mask)
-    forwards = []
-    handle = MODEL.register_forward_hook(lambda *_: forwards.append(1))
-    try:
-        outputs = prefill_shared(MODEL, shared, ids, attention_mask=mask)
-    finally:
-        handle.remove()
+    outputs, forwards = _prefill_counting_forwards(shared, ids, mask)
     groups = {forward_key(c, ids.shape[1]) for c in shared}
     # h2o (and AdaKV's paged layouts, each kvzip allocation) take their own forward; every other strategy one
-    assert len(forwards) == len(groups) <= 8
+    assert forwards == len(groups) <= 8
     assert sum(1 for c in shared if isinstance(c, (SnapKVCache, H2OCache))) > 2
     _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
 
@@ -164,13 +169,8 @@ def test_a_group_runs_its_forward_on_a_cache_that_records_ids():
                     AnchorCache(MODEL, anchor_ids=[5, 7, 9])]
     alone, shared = make(), make()
     alone_outputs = _alone(alone, ids, mask)
-    forwards = []
-    handle = MODEL.register_forward_hook(lambda *_: forwards.append(1))
-    try:
-        outputs = prefill_shared(MODEL, shared, ids, attention_mask=mask)
-    finally:
-        handle.remove()
-    assert len(forwards) == 1
+    outputs, forwards = _prefill_counting_forwards(shared, ids, mask)
+    assert forwards == 1
     _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
     planted = make()
     with pytest.MonkeyPatch.context() as patch:
