@@ -186,9 +186,11 @@ def run(config: RunConfig, model, tokenizer) -> dict:
             if isinstance(prepared[data], PrepareError):  # the task's data could not be prepared
                 outcome = [prepared[data].cell(c) for c in unit]
             elif len(unit) == 1:
-                outcome = [run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config)]
+                outcome = [run_cell(cell, (cls, options), cell_model, cell_tokenizer, prepared[data], config,
+                                    progress=_sample_counter(bar, prepared[data]))]
             else:  # cells on the run's model (share_units)
-                outcome = run_shared_cells(unit, cell_model, cell_tokenizer, prepared[data], config)
+                outcome = run_shared_cells(unit, cell_model, cell_tokenizer, prepared[data], config,
+                                           progress=_sample_counter(bar, prepared[data]))
             for c, result in zip(unit, outcome):
                 if not isinstance(prepared[data], PrepareError):
                     result["model"] = name
@@ -224,6 +226,20 @@ def run(config: RunConfig, model, tokenizer) -> dict:
     if world > 1:
         torch.distributed.barrier()  # results.json is complete before any rank returns
     return results
+
+
+def _sample_counter(bar, prepared):
+    """A task's progress callback showing "sample k/n" (needle, RULER: their units run long) or "step k" beside the
+    cell bar."""
+    total = len(prepared["samples"]) if isinstance(prepared, dict) and "samples" in prepared else None
+    done = [0]
+    bar.set_postfix_str("")  # the last unit's count
+
+    def step():
+        done[0] += 1
+        bar.set_postfix_str(f"sample {done[0]}/{total}" if total else f"step {done[0]}")
+
+    return step
 
 
 def finished_cells(out: pathlib.Path) -> dict[str, dict]:
@@ -311,7 +327,8 @@ class NotApplicable(Exception):
     """The strategy cannot be built for this task (its `for_budget` refused with a ValueError)."""
 
 
-def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared, config: RunConfig) -> dict:
+def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared, config: RunConfig,
+             progress=None) -> dict:
     """One (task, strategy, budget) measurement; an exception is recorded in the cell, not raised. `strategy`: the
     cache class and its options (`registry.resolve` of the cell's strategy spec, e.g. "kvzip:allocation=layer").
 
@@ -336,9 +353,10 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
                 result = run_icl_cell(cell, model, tokenizer, prepared, make_cache)
             elif isinstance(cell.task, SharedPrefillTask):
                 result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats,
-                                       journal=sample_journal([cell], config))
+                                       progress=progress, journal=sample_journal([cell], config))
             else:
-                result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats)
+                result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats,
+                                       progress=progress)
     except NotApplicable as error:
         return {**base, "status": "n/a", "error": str(error)}
     except Exception as error:  # noqa: BLE001 - one failing strategy/task pair must not stop the grid
@@ -384,7 +402,7 @@ def _shared_forward_key(model, tokenizer):
     return key
 
 
-def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunConfig) -> list[dict]:
+def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunConfig, progress=None) -> list[dict]:
     """Cells of one task (strategies, budgets) whose caches the core serves alike, each sample prefilled ONCE for all
     of them (`SharedPrefillTask.run_shared`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as
     its own prefill would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the
@@ -405,7 +423,7 @@ def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunC
     cpu_start = time.process_time()
     try:
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
-            results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells),
+            results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells), progress=progress,
                                       journal=sample_journal(cells, config))
     except Exception as error:  # noqa: BLE001 - the cells alone say which one fails, and how
         alone = [run_cell(cell, strategy, model, tokenizer, prepared, config)
