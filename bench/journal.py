@@ -72,8 +72,13 @@ class SampleJournal:
             line = {"fingerprint": self.fingerprint, "index": index, "digest": digest,
                     **{name: entry[name] for name in ENTRY}}
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            with open(path, "a+b") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell():  # a line a kill cut short ends without a newline: this one starts after it
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write((json.dumps(line) + "\n").encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
             self._found[position][(index, digest)] = line

@@ -28,9 +28,9 @@ from kvcompress.strategies import AnchorCache
 from kvcompress.strategies.anchor import anchor_rule
 
 from . import leaderboard, metrics, stats
-from .plots import strategy_label
 from .journal import SampleJournal
 from .journal import discard as discard_journals
+from .plots import strategy_label
 from .tasks import Icl, SharedPrefillTask, Task
 
 RESULTS = "results.json"

@@ -566,7 +566,10 @@ def test_a_journal_gives_a_sample_back_only_when_everything_matches(tmp_path):
     assert SampleJournal(tmp_path, ["t|c|0.5"] + keys, fingerprint).load(0, "d0") == [None] + entries  # a new cell
     assert SampleJournal(tmp_path, keys[::-1], fingerprint).load(0, "d0") == entries[::-1]
     journal = SampleJournal(tmp_path, keys, fingerprint)
+    with open(journal.paths[1], "a") as f:
+        f.write('{"fingerprint": "a line a kill cut sh')
     journal.save(1, "d1", {1: entries[1]})
     assert journal.load(1, "d1") == [None, entries[1]] == SampleJournal(tmp_path, keys, fingerprint).load(1, "d1")
+    assert SampleJournal(tmp_path, keys, fingerprint).load(0, "d0") == entries
     assert SampleJournal(tmp_path, keys, fingerprint, fresh=True).load(0, "d0") == [None, None]
     assert not (tmp_path / "samples").exists()
