@@ -123,13 +123,15 @@ class SharedPrefillTask(Task):
         for index, sample in enumerate(prepared["samples"]):
             digest = sample_digest(sample)
             found = journal.load(index, digest) if journal is not None else [None] * count
+            resumed = [entry is not None for entry in found]
             missing = [i for i, entry in enumerate(found) if entry is None]
             if missing:
-                fresh = self._run_sample(model, tokenizer, make_caches, sample, prepared, missing)
+                ran = dict(zip(missing, self._run_sample(model, tokenizer, make_caches, sample, prepared, missing)))
                 if journal is not None:
-                    journal.save(index, digest, dict(zip(missing, fresh)))
-            for i, (entry, tally) in enumerate(zip(found, runs)):
-                tally.add(fresh[missing.index(i)] if entry is None else entry, resumed=entry is not None)
+                    journal.save(index, digest, ran)
+                found = [ran.get(i, entry) for i, entry in enumerate(found)]
+            for entry, was_resumed, tally in zip(found, resumed, runs):
+                tally.add(entry, resumed=was_resumed)
             if progress:
                 progress()
         n = len(prepared["samples"])
