@@ -351,12 +351,11 @@ def run_cell(cell: Cell, strategy: tuple[type, dict], model, tokenizer, prepared
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
             if isinstance(cell.task, Icl):
                 result = run_icl_cell(cell, model, tokenizer, prepared, make_cache)
-            elif isinstance(cell.task, SharedPrefillTask):
+            else:  # needle and RULER resume inside the cell (their sample journal)
+                journal = {"journal": sample_journal([cell], config)} if isinstance(cell.task, SharedPrefillTask) \
+                    else {}
                 result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats,
-                                       progress=progress, journal=sample_journal([cell], config))
-            else:
-                result = cell.task.run(model, tokenizer, make_cache, prepared, repeats=config.repeats,
-                                       progress=progress)
+                                       progress=progress, **journal)
     except NotApplicable as error:
         return {**base, "status": "n/a", "error": str(error)}
     except Exception as error:  # noqa: BLE001 - one failing strategy/task pair must not stop the grid

@@ -33,6 +33,7 @@ evicts when an anchor token is fed does so only after that forward.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -124,7 +125,7 @@ class SharedPrefillTask(Task):
             digest = sample_digest(sample)
             found = journal.load(index, digest) if journal is not None else [None] * count
             resumed = [entry is not None for entry in found]
-            missing = [i for i, entry in enumerate(found) if entry is None]
+            missing = [i for i, was_resumed in enumerate(resumed) if not was_resumed]
             if missing:
                 ran = dict(zip(missing, self._run_sample(model, tokenizer, make_caches, sample, prepared, missing)))
                 if journal is not None:
@@ -168,8 +169,6 @@ class SharedPrefillTask(Task):
 def sample_digest(sample: dict) -> str:
     """A digest of what a `SharedPrefillTask` sample feeds and expects (its tensors' token ids and its other
     fields): a journal's record of the sample is reused only for the same digest."""
-    import hashlib
-
     h = hashlib.sha256()
     for key in sorted(sample):
         value = sample[key]

@@ -103,9 +103,8 @@ def prefill_shared(model, caches: list[CompressedCache], input_ids: torch.Tensor
         itself.
 
     How, per group: its first cache (one that records input ids, if any of the group does) runs the forward with
-    eviction deferred: the core computes the observation of
-    every cache of the group (`attention.observation_key`: once per distinct one) and each layer keeps them
-    (`CompressedLayer.deferred`). Then its strategy's `prepare_deferred` runs (budget-independent work after a
+    eviction deferred: the core computes the observation of every cache of the group (`attention.observation_key`:
+    once per distinct one) and each layer keeps them (`CompressedLayer.deferred`). Then its strategy's `prepare_deferred` runs (budget-independent work after a
     forward, KVzip's reconstruction; only strategies that override it or the other forward hooks share with their
     own class alone). The first cache of each other strategy class takes a copy of the prefilled layers and
     recorded ids. Every other cache of a class takes a copy of its class's first cache's state, keeping the
