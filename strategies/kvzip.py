@@ -24,9 +24,16 @@ class KVzipCache(CompressedCache):
     Paper: Jang-Hyun Kim, Jinuk Kim, Sangwoo Kwon, Jae W. Lee, Sangdoo Yun, Hyun Oh Song, "KVzip: Query-Agnostic KV
     Cache Compression with Context Reconstruction", NeurIPS 2025, arXiv 2505.23416.
 
-    After a forward of more than one token (a prefill, a prefill chunk, a question), the tokens not scored yet (that
-    forward's, and those generated one at a time since the last cut) are re-fed to the model in chunks of `chunk`
-    tokens, each after a repeat prompt: chunk 0 as `REPEAT_FIRST + suffix + chunk`, chunk i > 0 as
+    When to cut: the first forward of more than one token (the context) is reconstructed and cut. Tokens fed after a
+    cut (a question, generated tokens, a next turn) are kept unscored until more than `slack` of them are held: the
+    forward that takes a row past `slack` (a prefill chunk, a question, a decode step) reconstructs them and cuts the
+    row back to the budget. So a context compressed once answers a question as the paper and kvpress do (the
+    question is not compressed: cutting it to the context's budget evicted the needle's pairs in marginal layers and
+    lost 28 of 30 RULER needles that the uncut question answers, docs/kvzip.md), and a cache holds at most
+    `budget + slack` pairs per layer and kv head (global: on average) through any decoding or chat.
+
+    Reconstruction: the tokens not scored yet are re-fed to the model in chunks of `chunk` tokens, each after a
+    repeat prompt: chunk 0 as `REPEAT_FIRST + suffix + chunk`, chunk i > 0 as
     `REPEAT_NEXT + <the previous chunk's last `overlap` tokens> + suffix + chunk` (suffix: the chat template's
     assistant turn start when the tokenizer has one, else "\\n"; kvpress's prompts). Each reconstruction forward
     runs through this cache: its queries attend to every kept pair plus the forward's own tokens (causal, exact
@@ -43,14 +50,12 @@ class KVzipCache(CompressedCache):
     from ANY reconstruction query since it entered the cache: pairs kept by an earlier cut keep their score and
     take the max with what the later reconstruction queries give them.
 
-    Decoding: a one-token forward evicts nothing: generated tokens are kept (as in the paper and kvpress), so the
-    cache grows by one pair per generated token; the next multi-token forward reconstructs them with its own tokens
-    and cuts back to the budget.
+    Decoding: generated tokens are kept (as in the paper and kvpress) until more than `slack` unscored tokens are
+    held; the step that passes it reconstructs them (with the question before them) and cuts back to the budget.
 
     Deviations from the paper (and its code, github.com/snu-mllab/KVzip):
-    - The paper scores only the prefilled context, once; here every multi-token forward is treated as context
-      (a question fed after compression is reconstructed and cut like the context), so the budget holds after
-      every such forward.
+    - The paper scores only the prefilled context, once; here tokens fed after it are scored too, `slack` at a
+      time, so the memory stays bounded however long the cache is used.
     - Attention probabilities are normalised over every pair the reconstruction query sees (all kept pairs and its
       own chunk), which is what the model attends with; kvpress's KVzipPress normalises over the sinks, the chunk
       being scored and the repeat tokens only (identical for a context of one chunk).
@@ -71,6 +76,8 @@ class KVzipCache(CompressedCache):
         value_norm: KVzip+ (score x value norm).
         n_sink: first real tokens of each row always kept (>= 0).
         overlap: tokens of the previous chunk repeated in the prompt of the next (>= 0).
+        slack: unscored tokens (questions, generated tokens) a cut row holds beyond its budget before they are
+            reconstructed and cut (>= 0; 0: every forward after the first cut reconstructs and cuts).
         positions: "original" only (the choice is per kv head).
     """
 
@@ -79,10 +86,12 @@ class KVzipCache(CompressedCache):
     supports_cache_positions = False  # kv heads keep different pairs
 
     def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "global", chunk: int = 2048,
-                 value_norm: bool = False, n_sink: int = 4, overlap: int = 8, positions: str = "original"):
+                 value_norm: bool = False, n_sink: int = 4, overlap: int = 8, slack: int = 256,
+                 positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
         chunk = as_int(chunk, "chunk", minimum=1)
         n_sink, overlap = as_int(n_sink, "n_sink", minimum=0), as_int(overlap, "overlap", minimum=0)
+        slack = as_int(slack, "slack", minimum=0)
         if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if not isinstance(value_norm, bool):
@@ -91,11 +100,11 @@ class KVzipCache(CompressedCache):
             raise ValueError("KVzipCache needs the tokenizer (tokenizer=...) to encode its repeat prompts")
         super().__init__(model, positions=positions)
         self.budget, self.allocation, self.chunk = budget, allocation, chunk
-        self.value_norm, self.n_sink, self.overlap = value_norm, n_sink, overlap
+        self.value_norm, self.n_sink, self.overlap, self.slack = value_norm, n_sink, overlap, slack
         self.prompt_first = tokenizer.encode(REPEAT_FIRST, add_special_tokens=False)
         self.prompt_next = tokenizer.encode(REPEAT_NEXT, add_special_tokens=False)
         self.suffix = tokenizer.encode(_assistant_suffix(tokenizer), add_special_tokens=False)
-        self._scored: torch.Tensor | None = None  # (B,) per row: stream positions below were scored by a cut
+        self._scored: torch.Tensor | None = None  # (B,) per row: stream positions below were scored by a cut (0: none)
         self._reconstructing: int | None = None  # while reconstructing: where the repeat tokens start
         self._next_position: torch.Tensor | None = None  # (B,) RoPE position the next token of each row gets
         self._rows_to_cut: torch.Tensor | None = None  # (B,) bool: rows scored by prepare_deferred, not yet cut
@@ -103,7 +112,7 @@ class KVzipCache(CompressedCache):
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> KVzipCache:
         """`budget` pairs per layer and kv head (global: that many on average); `options`: the constructor's
-        (allocation, chunk, value_norm, n_sink, overlap)."""
+        (allocation, chunk, value_norm, n_sink, overlap, slack)."""
         return cls(model, tokenizer, **options) if budget is None else cls(model, tokenizer, budget=budget, **options)
 
     @property
@@ -141,8 +150,8 @@ class KVzipCache(CompressedCache):
         score.copy_(torch.where(scored, torch.maximum(score, received), score))
 
     def after_forward(self) -> None:
-        """Reconstruct and cut the rows that got more than one real token in this forward (a row's decode step, one
-        token, is kept as is; deciding per row keeps a padded batch equal to its rows run alone)."""
+        """Reconstruct and cut the rows due for it (`prepare_deferred`; deciding per row keeps a padded batch equal
+        to its rows run alone)."""
         if self._reconstructing is not None:
             return
         self.prepare_deferred()
@@ -150,13 +159,16 @@ class KVzipCache(CompressedCache):
 
     def prepare_deferred(self) -> None:
         """The reconstruction (budget-independent; `prefill_shared` runs it once for every budget): scores the rows
-        to cut and records them in `_rows_to_cut` (B,) bool, or None when no row is to be cut."""
+        to cut and records them in `_rows_to_cut` (B,) bool, or None when no row is to be cut. A row is cut when
+        this forward brought it more than one real token and it was never cut (its context), or when it holds more
+        than `slack` unscored tokens."""
         layer = self.layers[0]
         positions = layer.positions[:, 0]  # (B, used): every kv head holds every token fed since the last cut
         if self._scored is None:
             self._scored = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
         new = (positions >= layer.seen - layer.new_tokens).sum(dim=-1)  # real tokens of this forward, per row
-        rows = new > 1
+        unscored = (positions >= self._scored.view(-1, 1)).sum(dim=-1)
+        rows = ((new > 1) & (self._scored == 0)) | (unscored > self.slack)
         self._rows_to_cut = rows if bool(rows.any()) else None
         if self._rows_to_cut is not None:
             with torch.no_grad(), attention.capture_paused():

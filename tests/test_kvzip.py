@@ -185,9 +185,15 @@ def check_cut(cache, held, kept_after, scores, cut):
                 assert worst >= best - 1e-9 * max(1.0, abs(best)), (b, worst, best)
 
 
+def due_for_a_cut(new: list[int], held: list[int], scored_from: int, cut_before: bool, slack: int) -> bool:
+    """KVzip's rule, written out: a row is cut after its first forward of more than one token (its context), then
+    whenever it holds more than `slack` tokens not scored by a cut (positions >= `scored_from`)."""
+    return (len(new) > 1 and not cut_before) or sum(p >= scored_from for p in held) > slack
+
+
 def check_choice(model, cache, rows, continuation, question, after_prefill=None):
-    """Every kept set of `drive` (prefill, decode steps, question) equals KVzip's choice: cuts after the prefill and
-    the question, nothing evicted at decode steps (the generated token joins every layer and head)."""
+    """Every kept set of `drive` (prefill, decode steps, question) equals KVzip's choice: a cut where
+    `due_for_a_cut` says so, else nothing evicted (the forward's tokens join every layer and head)."""
     ids, mask = left_padded(rows)
     _, kept, records, forwards = drive(model, cache, ids, mask, continuation, question, after_prefill)
     fed = torch.cat([ids, continuation, question, question[:, :1]], dim=1)
@@ -195,16 +201,16 @@ def check_choice(model, cache, rows, continuation, question, after_prefill=None)
     layers, heads, batch = len(kept[0]), len(kept[0][0]), fed.shape[0]
     known = [[[{} for _ in range(heads)] for _ in range(batch)] for _ in range(layers)]  # attention scores so far
     norms = None  # value norms (KVzip+), per layer (B, Hkv, N)
-    scored_from, previous = [0] * batch, None
+    scored_from, cut_before, previous = [0] * batch, [False] * batch, None
     for f, (start, stop) in enumerate(forwards):
         new = [[p for p in range(start, stop) if fed_mask[b, p]] for b in range(batch)]
         held = [[[sorted(set(previous[layer][g][b] if previous else []) | set(new[b])) for b in range(batch)]
                  for g in range(heads)] for layer in range(layers)]
-        cut = [len(n) > 1 for n in new]  # a row's one-token forward (decode step) evicts nothing
+        cut = [due_for_a_cut(new[b], held[0][0][b], scored_from[b], cut_before[b], cache.slack) for b in range(batch)]
         for b in range(batch):
             if not cut[b]:
                 assert all(kept[f][layer][g][b] == held[layer][g][b] for layer in range(layers) for g in range(heads)), \
-                    f"forward {f} evicted from row {b}, which got one token"
+                    f"forward {f} evicted from row {b}, which was not due for a cut"
         if any(cut):
             forward_records = [r for r in records if r["q_offset"] < stop]
             rows_from = [scored_from[b] if cut[b] else None for b in range(batch)]
@@ -217,6 +223,7 @@ def check_choice(model, cache, rows, continuation, question, after_prefill=None)
                            for g in range(heads)] for b in range(batch)] for layer in range(layers)]
             check_cut(cache, held, kept[f], final, cut)
             scored_from = [stop if cut[b] else scored_from[b] for b in range(batch)]
+            cut_before = [cut_before[b] or cut[b] for b in range(batch)]
         previous = kept[f]
 
 
@@ -226,9 +233,10 @@ QUESTION = torch.tensor([[100, 101, 102, 103, 104], [110, 111, 112, 113, 114]])
 
 
 @pytest.mark.parametrize("options", [
-    dict(budget=5, chunk=6, n_sink=1),
-    dict(budget=4, chunk=64, n_sink=2, value_norm=True),
-    dict(budget=5, chunk=7, n_sink=1, overlap=3, allocation="global"),
+    dict(budget=5, chunk=6, n_sink=1, slack=0),  # cuts after every forward
+    dict(budget=4, chunk=64, n_sink=2, value_norm=True, slack=2),  # the third decode step and the question cut
+    dict(budget=5, chunk=7, n_sink=1, overlap=3, allocation="global", slack=4),  # the question cuts
+    dict(budget=5, chunk=6, n_sink=1),  # the default slack: the prefill alone cuts
 ])
 def test_kept_set_is_kvzips_choice_at_prefill_decoding_and_a_later_forward(options):
     check_choice(MODEL64, make(MODEL64, **options), ROWS, CONTINUATION, QUESTION)
@@ -237,7 +245,7 @@ def test_kept_set_is_kvzips_choice_at_prefill_decoding_and_a_later_forward(optio
 def test_kept_set_is_kvzips_choice_on_sliding_window_layers():
     model = tiny_gemma3(seed=2).double()  # sliding window 8 < the 15-token prompt: reconstruction sees only the tail
     for allocation in ("layer", "global"):
-        check_choice(model, make(model, budget=5, chunk=6, n_sink=1, allocation=allocation), ROWS, CONTINUATION,
+        check_choice(model, make(model, budget=5, chunk=6, n_sink=1, allocation=allocation, slack=2), ROWS, CONTINUATION,
                      QUESTION)
 
 
@@ -282,11 +290,11 @@ def poison_free_slots(cache):
 
 def test_a_reused_slot_starts_from_a_zero_score():
     """Slots freed by a cut are refilled by generated tokens: their scores start from 0, whatever the slot held."""
-    check_choice(MODEL64, make(MODEL64, budget=5, chunk=6, n_sink=1), ROWS, CONTINUATION, QUESTION,
+    check_choice(MODEL64, make(MODEL64, budget=5, chunk=6, n_sink=1, slack=3), ROWS, CONTINUATION, QUESTION,
                  after_prefill=poison_free_slots)
     with pytest.raises(AssertionError):
-        check_choice(MODEL64, _StaleScores(MODEL64, TOKENIZER, budget=5, chunk=6, n_sink=1), ROWS, CONTINUATION,
-                     QUESTION, after_prefill=poison_free_slots)
+        check_choice(MODEL64, _StaleScores(MODEL64, TOKENIZER, budget=5, chunk=6, n_sink=1, slack=3), ROWS,
+                     CONTINUATION, QUESTION, after_prefill=poison_free_slots)
 
 
 class _StaleScores(KVzipCache):
@@ -310,7 +318,33 @@ class _GlobalCutPerLayer(KVzipCache):
             self.allocation = allocation
 
 
+class _IgnoresSlack(KVzipCache):
+    """Planted: never cuts again after the context (generated tokens and questions pile up past `slack`)."""
+
+    def prepare_deferred(self):
+        slack, self.slack = self.slack, 10**9
+        try:
+            super().prepare_deferred()
+        finally:
+            self.slack = slack
+
+
+class _CutsEveryMultiTokenForward(KVzipCache):
+    """Planted: the earlier rule: a question cuts the cache back to the budget however short it is."""
+
+    def prepare_deferred(self):
+        slack = self.slack
+        if self.layers[0].new_tokens > 1:
+            self.slack = 1
+        try:
+            super().prepare_deferred()
+        finally:
+            self.slack = slack
+
+
 @pytest.mark.parametrize("planted, options", [
+    (_IgnoresSlack, dict(budget=5, chunk=6, n_sink=1, slack=2)),
+    (_CutsEveryMultiTokenForward, dict(budget=5, chunk=6, n_sink=1)),
     (_SummedOverQueries, dict(budget=5, chunk=6, n_sink=1)),
     (_MeanOverGroup, dict(budget=5, chunk=6, n_sink=1)),
     (_NoRepeatPrompt, dict(budget=5, chunk=6, n_sink=1)),
@@ -343,28 +377,37 @@ def batches(draw):
     continuation = torch.randint(3, 128, (len(rows), draw(st.integers(1, 4))), generator=g)
     question = torch.randint(3, 128, (len(rows), draw(st.integers(2, 5))), generator=g)
     options = dict(budget=draw(st.integers(1, 8)), chunk=draw(st.integers(1, 9)), n_sink=draw(st.integers(0, 2)),
-                   allocation=draw(st.sampled_from(["layer", "global"])))
+                   allocation=draw(st.sampled_from(["layer", "global"])), slack=draw(st.integers(0, 6)))
     return rows, continuation, question, options
 
 
 def check_budget(cache_cls, rows, continuation, question, options):
-    """After a multi-token forward each layer and kv head (layer) or each row over all layers and heads (global)
-    holds at most its budget; a decode step adds exactly its token and evicts nothing."""
+    """After a cut (`due_for_a_cut`) each layer and kv head (layer) or each row over all layers and heads (global)
+    holds at most its budget; any other forward adds exactly its tokens and evicts nothing; so the cache never holds
+    more than budget + slack (per layer and head, or on average)."""
     ids, mask = left_padded(rows)
     cache = cache_cls(MODEL, TOKENIZER, **options)
     _, kept, _, forwards = drive(MODEL, cache, ids, mask, continuation, question)
+    fed_mask = torch.cat([mask, torch.ones(len(rows), forwards[-1][1] - ids.shape[1], dtype=mask.dtype)], dim=1)
     layers, heads = len(kept[0]), len(kept[0][0])
+    scored_from, cut_before = [0] * len(rows), [False] * len(rows)
     for f, (start, stop) in enumerate(forwards):
         for b in range(len(rows)):
             counts = [len(kept[f][layer][g][b]) for layer in range(layers) for g in range(heads)]
-            if stop - start > 1 and options["allocation"] == "global":
-                assert sum(counts) <= options["budget"] * layers * heads, (f, b, counts)
-            elif stop - start > 1:
-                assert max(counts) <= options["budget"], (f, b, counts)
+            before = [kept[f - 1][layer][g][b] if f else [] for layer in range(layers) for g in range(heads)]
+            new = [p for p in range(start, stop) if fed_mask[b, p]]
+            budget = options["budget"]
+            if due_for_a_cut(new, sorted(set(before[0]) | set(new)), scored_from[b], cut_before[b], options["slack"]):
+                scored_from[b], cut_before[b] = stop, True
             else:
-                assert all(stop - 1 in kept[f][layer][g][b] for layer in range(layers) for g in range(heads))
-                before = [len(kept[f - 1][layer][g][b]) if f else 0 for layer in range(layers) for g in range(heads)]
-                assert counts == [n + 1 for n in before], (f, b, counts)
+                assert all(set(new) <= set(k) for k in (kept[f][layer][g][b] for layer in range(layers)
+                                                          for g in range(heads))), (f, b)
+                assert counts == [len(k) + len(new) for k in before], (f, b, counts)
+                budget += options["slack"]
+            if options["allocation"] == "global":
+                assert sum(counts) <= budget * layers * heads, (f, b, counts)
+            else:
+                assert max(counts) <= budget, (f, b, counts)
 
 
 def check_large_budget_is_full_cache(cache_cls, rows, continuation, question, options):
@@ -421,12 +464,12 @@ class _PadsReconstruct(KVzipCache):
 
 
 def planted_example():
-    return ROWS, CONTINUATION, QUESTION, dict(budget=4, chunk=5, n_sink=1, allocation="layer")
+    return ROWS, CONTINUATION, QUESTION, dict(budget=4, chunk=5, n_sink=1, allocation="layer", slack=2)
 
 
 @PROPERTY_SETTINGS
 @given(batches())
-def test_budget_holds_after_each_multi_token_forward_and_decoding_keeps_tokens(example):
+def test_budget_holds_after_each_cut_and_other_forwards_keep_their_tokens(example):
     check_budget(KVzipCache, *example)
 
 

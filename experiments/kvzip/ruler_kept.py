@@ -6,6 +6,8 @@ needle's value tokens), which is what KVzip's scores rest on. Not a test: the me
 RULER paragraph.
 
     OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --samples 0,1,2,4 --caches kvzip,kvzip:chunk=4096
+    OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --model qwen2.5-0.5b --fraction 0.1 \
+        --samples 0,1,2 --caches kvzip,kvzip:allocation=layer
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ def main() -> None:
     parser.add_argument("--caches", default="kvzip,kvzip:chunk=4096")
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer = load_model(DEFAULT_MODEL)
+    model, tokenizer = load_model(args.model)
     essays, rows = essays_text(), []
     for index in (int(i) for i in args.samples.split(",")):
         sample = ruler.generate("niah_single_number", tokenizer, args.length, index, essays)
