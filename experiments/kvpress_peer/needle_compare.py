@@ -19,7 +19,8 @@ kvcompress configurations (SmolLM2-135M from `kvcompress.models.load_model`, fp3
 - `kvzip`: `KVzipCache.for_budget(model, tokenizer, 512, allocation="global")`, 512 = 25% of 2,048 per layer and kv
   head, the same total as KVzipPress(compression_ratio=0.75) keeps (int(30 x 3 x 2048 x 0.75) pairs masked).
 - `kvzip, question one token at a time`: the `kvzip` cache, but the question is fed one token per forward, so
-  KVzipCache does not reconstruct and cut again after the question (it does after every multi-token forward;
+  KVzipCache does not reconstruct and cut again after the question (before 2026-12-01 it did after every
+  multi-token forward; since then a question shorter than `slack` is not cut, so both rows compute the same thing;
   KVzipPress compresses the haystack only). The question's logits are the same computation; only the cut after it
   is skipped. It isolates that one difference.
 Each haystack is compressed once per configuration; the two question modes of `kvzip` answer from two clones of
