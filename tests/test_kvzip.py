@@ -245,8 +245,8 @@ def test_kept_set_is_kvzips_choice_at_prefill_decoding_and_a_later_forward(optio
 def test_kept_set_is_kvzips_choice_on_sliding_window_layers():
     model = tiny_gemma3(seed=2).double()  # sliding window 8 < the 15-token prompt: reconstruction sees only the tail
     for allocation in ("layer", "global"):
-        check_choice(model, make(model, budget=5, chunk=6, n_sink=1, allocation=allocation, slack=2), ROWS, CONTINUATION,
-                     QUESTION)
+        check_choice(model, make(model, budget=5, chunk=6, n_sink=1, allocation=allocation, slack=2), ROWS,
+                     CONTINUATION, QUESTION)
 
 
 class _SummedOverQueries(KVzipCache):

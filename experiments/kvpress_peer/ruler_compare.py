@@ -39,7 +39,8 @@ def write_ids(limit: int, out: pathlib.Path) -> None:
     for index in range(limit):
         sample = ruler.generate(KIND, tokenizer, LENGTH, index, essays)
         if sample.answers != full[index]["expected"]:
-            raise SystemExit(f"sample {index}: answers {sample.answers} differ from the grid's {full[index]['expected']}")
+            raise SystemExit(f"sample {index}: answers {sample.answers} differ from the grid's "
+                             f"{full[index]['expected']}")
         context, question, answer_prefix = ruler.prompt_tokens(tokenizer, sample)
         samples.append({"index": index, "context": context, "question": question + answer_prefix,
                         "answers": sample.answers})
