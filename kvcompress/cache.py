@@ -571,6 +571,7 @@ class CompressedCache(Cache):
     observe_received = False  # attention each slot received, summed over the forward's queries (B, Hq, S)
     observe_max_received = False  # largest attention each slot received from any of the forward's queries (B, Hq, S)
     needs_token_ids = False  # True: record the input ids of every forward (anchors, label words)
+    deferred_settings: tuple[str, ...] = ()  # attributes its own forward hooks read (`prefill_shared` groups by them)
     uses_budget = False  # True: `for_budget` sizes the cache to the budget (the bench sweeps budgets for it)
     layout: str | None = None  # key/value storage (kvcompress.storage): "dense" or "paged"; None: storage_layout()
     page_size = 16  # slots per page of the paged layout

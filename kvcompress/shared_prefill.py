@@ -36,10 +36,12 @@ def forward_key(cache: CompressedCache, query_length: int) -> tuple:
     for each (settings in `_FORWARD_SETTINGS`, the storage layout, and for one token
     `attention.observes_probabilities`, which picks the decode kernel), and a strategy that runs code of its own
     around a forward (overrides `before_forward`, `after_forward` or `prepare_deferred`: KVzip) shares only with its
-    own class."""
+    own class, and only with caches equal in the settings those hooks read (`deferred_settings`: KVzip's chunk,
+    overlap and slack shape its reconstruction)."""
     own_hooks = any(getattr(type(cache), hook) is not getattr(CompressedCache, hook) for hook in _HOOKS)
+    own = (type(cache), tuple(getattr(cache, name) for name in cache.deferred_settings)) if own_hooks else None
     return (tuple(getattr(cache, name) for name in _FORWARD_SETTINGS), cache.storage_layout(),
-            query_length == 1 and attention.observes_probabilities(cache), type(cache) if own_hooks else None)
+            query_length == 1 and attention.observes_probabilities(cache), own)
 
 
 def _same(a, b) -> bool:

@@ -84,6 +84,7 @@ class KVzipCache(CompressedCache):
     uses_budget = True
     needs_token_ids = True
     supports_cache_positions = False  # kv heads keep different pairs
+    deferred_settings = ("chunk", "overlap", "slack")  # what the reconstruction and the choice of rows to cut read
 
     def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "global", chunk: int = 2048,
                  value_norm: bool = False, n_sink: int = 4, overlap: int = 8, slack: int = 256,

@@ -160,6 +160,23 @@ def test_forward_groups():
     assert key(_KeepOddIds(MODEL)) == key(full)  # recording the input ids changes no computation
 
 
+def test_kvzip_caches_that_reconstruct_differently_take_their_own_forward(monkeypatch):
+    """KVzip caches differing in chunk (or overlap, slack) reconstruct differently: each is as alone, in forwards of
+    their own. Planted: grouping them by class alone copies the first cache's reconstruction into the others."""
+    ids, mask, tail, steps = _prompt(6)
+    kvzip = registry.get("kvzip")
+    make = lambda: [kvzip(MODEL, TOKENIZER, budget=66, chunk=chunk) for chunk in (130, 40, 17)]  # noqa: E731
+    alone, shared = make(), make()
+    alone_outputs = _alone(alone, ids, mask)
+    outputs, forwards = _prefill_counting_forwards(shared, ids, mask)
+    assert forwards == 3
+    _check_equal_to_alone(shared, alone, ids, mask, tail, steps, outputs, alone_outputs)
+    monkeypatch.setattr(kvzip, "deferred_settings", ())
+    planted = make()
+    _prefill_counting_forwards(planted, ids, mask)
+    assert [kept_sets(c) for c in planted] != [kept_sets(c) for c in alone]
+
+
 def test_a_group_runs_its_forward_on_a_cache_that_records_ids():
     """Caches recording input ids share the forward of caches that do not: the forward runs on one that records
     them, only those that record them get them. Planted: a group led by a cache that does not record them leaves the
