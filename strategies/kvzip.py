@@ -28,8 +28,8 @@ class KVzipCache(CompressedCache):
     cut (a question, generated tokens, a next turn) are kept unscored until more than `slack` of them are held: the
     forward that takes a row past `slack` (a prefill chunk, a question, a decode step) reconstructs them and cuts the
     row back to the budget. So a context compressed once answers a question as the paper and kvpress do (the
-    question is not compressed; cutting it to the context's budget answered 1 of 12 RULER needles on qwen2.5-0.5b
-    at 10% kept where keeping it answers 8, docs/kvzip.md "The question cut"), and a cache holds at most
+    question is not compressed; cutting it to the context's budget answered 1 of 18 RULER needles on qwen2.5-0.5b
+    at 10% kept where keeping it answers 11, docs/kvzip.md "The question cut"), and a cache holds at most
     `budget + slack` pairs per layer and kv head (global: on average) through any decoding or chat.
 
     Reconstruction: the tokens not scored yet are re-fed to the model in chunks of `chunk` tokens, each after a
