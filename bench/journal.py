@@ -34,6 +34,22 @@ def journal_path(out: pathlib.Path, cell_key: str) -> pathlib.Path:
     return out / FOLDER / f"{readable}-{hashlib.sha256(cell_key.encode()).hexdigest()[:10]}.jsonl"
 
 
+def entries(path: pathlib.Path) -> list[dict]:
+    """The whole lines of a journal file (none if it is missing): each a dict with at least "fingerprint", "index"
+    and "digest"; a line cut short by a kill, or not a journal entry, is skipped."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+            if isinstance(entry, dict) and all(key in entry for key in ("fingerprint", "index", "digest")):
+                out.append(entry)
+        except ValueError:
+            continue
+    return out
+
+
 class SampleJournal:
     """The journal of the cells `cell_keys` (one unit: the cells whose samples are run together, one record per cell
     per sample, in this order), under `out`. `fresh=True` (a run without --resume) starts their journals empty."""
@@ -46,17 +62,8 @@ class SampleJournal:
         self._found = [self._read(path) for path in self.paths]
 
     def _read(self, path: pathlib.Path) -> dict[tuple[int, str], dict]:
-        found: dict[tuple[int, str], dict] = {}
-        if not path.is_file():
-            return found
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                if entry["fingerprint"] == self.fingerprint:
-                    found[(entry["index"], entry["digest"])] = entry
-            except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
-                continue
-        return found
+        return {(entry["index"], entry["digest"]): entry for entry in entries(path)
+                if entry["fingerprint"] == self.fingerprint}
 
     def load(self, index: int, digest: str) -> list[dict | None]:
         """Sample `index` with `digest` as each cell's journal holds it (None where it does not): an entry

@@ -21,7 +21,7 @@ import argparse
 import json
 import pathlib
 
-from kvcompress.bench import ruler
+from kvcompress.bench import journal, ruler
 from kvcompress.bench.stats import wilson
 from kvcompress.bench.tasks import essays_text
 from kvcompress.models import cache_dir, load_model
@@ -55,17 +55,9 @@ def interval(right: int, n: int) -> str:
 
 
 def journaled(name: str, fraction: str) -> dict[int, dict]:
-    """{sample index: answer} a running grid unit has journaled so far for the cell (`kvcompress.bench.journal`);
-    lines cut by a kill are skipped."""
-    answers = {}
-    for path in (GRID.parent / "samples").glob(f"{TASK}_{name}_{fraction}-*.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            answers[entry["index"]] = entry["record"]["answer"]
-    return answers
+    """{sample index: answer} a running grid unit has journaled so far for the cell (`kvcompress.bench.journal`)."""
+    path = journal.journal_path(GRID.parent, f"{TASK}|{name}|{fraction}")
+    return {entry["index"]: entry["record"]["answer"] for entry in journal.entries(path)}
 
 
 def table(ratio: float, peer: pathlib.Path) -> None:
