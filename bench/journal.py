@@ -38,9 +38,11 @@ def entries(path: pathlib.Path) -> list[dict]:
     """The whole lines of a journal file (none if it is missing): each a dict with at least "fingerprint", "index"
     and "digest"; a line cut short by a kill, or not a journal entry, is skipped."""
     out = []
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:  # none yet, or deleted meanwhile by a process that saved its cell
         return out
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
             if isinstance(entry, dict) and all(key in entry for key in ("fingerprint", "index", "digest")):
@@ -78,8 +80,7 @@ class SampleJournal:
             path = self.paths[position]
             line = {"fingerprint": self.fingerprint, "index": index, "digest": digest,
                     **{name: entry[name] for name in ENTRY}}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a+b") as f:
+            with _open_to_append(path) as f:
                 f.seek(0, os.SEEK_END)
                 if f.tell():  # a line a kill cut short ends without a newline: this one starts after it
                     f.seek(-1, os.SEEK_END)
@@ -89,6 +90,17 @@ class SampleJournal:
                 f.flush()
                 os.fsync(f.fileno())
             self._found[position][(index, digest)] = line
+
+
+def _open_to_append(path: pathlib.Path):
+    """`path` opened "a+b", its folder made first. Another process's `discard` (torchrun ranks, or runs sharing an
+    --out) may remove the folder, empty, between the mkdir and the open: then both are tried again."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return open(path, "a+b")
+        except FileNotFoundError:
+            continue
 
 
 def discard(out: pathlib.Path, cell_keys: list[str]) -> None:

@@ -573,3 +573,28 @@ def test_a_journal_gives_a_sample_back_only_when_everything_matches(tmp_path):
     assert SampleJournal(tmp_path, keys, fingerprint).load(0, "d0") == entries
     assert SampleJournal(tmp_path, keys, fingerprint, fresh=True).load(0, "d0") == [None, None]
     assert not (tmp_path / "samples").exists()
+
+
+def test_a_journal_saves_when_another_process_removes_the_empty_folder(tmp_path, monkeypatch):
+    """torchrun ranks share one --out: a rank's `discard` removes the samples folder once it is empty, which can fall
+    between another rank's mkdir and its open (a fresh-clone run hit it: FileNotFoundError on the new journal). Here
+    the folder is removed just before the first open; the save still lands."""
+    import builtins
+
+    from kvcompress.bench import journal as journal_module
+
+    journal = journal_module.SampleJournal(tmp_path, ["t|a|0.5"], {"model": "m"})
+    opened = []
+
+    def open_after_a_discard(path, *args, **kwargs):
+        if not opened:
+            journal_module.discard(tmp_path, ["t|a|0.5"])  # the other rank: its cells saved, the folder empty
+        opened.append(path)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(journal_module, "open", open_after_a_discard, raising=False)
+    entry = {"prefill_seconds": 1.0, "seconds": 1.0, "cpu_seconds": 1.0, "record": {"score": 1.0}}
+    journal.save(0, "d0", {0: entry})
+    assert len(opened) == 2  # the first open failed, the folder was made again
+    monkeypatch.undo()
+    assert journal_module.SampleJournal(tmp_path, ["t|a|0.5"], {"model": "m"}).load(0, "d0") == [entry]
