@@ -549,7 +549,9 @@ class Ruler(SharedPrefillTask):
     of the prompt in one forward, then greedy decoding of at most `ruler.ANSWER_TOKENS[kind]` tokens, stopping
     at end-of-sequence or once every expected string is in the answer (which cannot change the score: it only
     counts expected strings present). Prefix: context (`after`) or context + question (`before`). The budget is
-    resolved against the prefix length. Score: mean of `ruler.score` over samples, reported as `accuracy`.
+    resolved against the prefix length. Score: mean of `ruler.score` over samples, reported as `accuracy`. Each
+    answer records the `tokens` it took (the first from the prefill's logits); a miss that took `answer_tokens` (the
+    cell's cap) was cut by the cap, maybe in the middle of the answer.
     """
 
     kind: str = ""
@@ -573,11 +575,12 @@ class Ruler(SharedPrefillTask):
                                               sample["answers"])
         score = ruler.score(text, sample["answers"])
         return {"score": score, "decode_rate": steps / seconds if steps else None,
-                "answer": {"expected": sample["answers"], "answer": text, "score": score}}
+                "answer": {"expected": sample["answers"], "answer": text, "score": score, "tokens": steps + 1}}
 
     def summary(self, prepared):
         samples = prepared["samples"]
-        return {"query": prepared["query"], "prompt_tokens": samples[0]["prompt_tokens"] if samples else None}
+        return {"query": prepared["query"], "prompt_tokens": samples[0]["prompt_tokens"] if samples else None,
+                "answer_tokens": prepared["answer_tokens"]}
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvcompress import FullCache, SinkWindowCache
-from kvcompress.bench import cli, metrics, runner
+from kvcompress.bench import cli, metrics, ruler, runner
 from kvcompress.testing import tiny_llama
 
 VOCAB = 320
@@ -343,6 +343,9 @@ def test_ruler_cells_both_query_modes_and_leaderboard(tiny_dir, tmp_path, capsys
         assert 0 <= cell["accuracy"] <= 1 and cell["n_examples"] == 1 and len(cell["answers"]) == 1
         # the budget follows the compressed prefix, which holds the question only in `before` mode
         assert cell["prompt_tokens"] <= 512 and cell["context_tokens"] < cell["prompt_tokens"]
+        # the cap on the answer, and the tokens each answer took (a miss at the cap was cut by it)
+        assert cell["answer_tokens"] == ruler.ANSWER_TOKENS[cell["task_name"].removeprefix("ruler_")]
+        assert all(1 <= answer["tokens"] <= cell["answer_tokens"] for answer in cell["answers"])
     after, before = cells["ruler_vt@512|sink_window|0.5"], cells["ruler_vt@512:before|sink_window|0.5"]
     assert before["context_tokens"] > after["context_tokens"]
     assert after["kv_tokens_kept"] == math.ceil(0.5 * after["context_tokens"])
