@@ -100,11 +100,12 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
         handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
-        fig.legend(handles=handles, loc="lower right", fontsize=8, ncol=1)
         fig.suptitle(f"score vs KV kept, 95% intervals ({results['environment'].get('model')})")
         fig.tight_layout()
+        # beside the panels, not over them: the figure grows to hold it (bbox_inches="tight")
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, ncol=1)
         path = out / "accuracy_vs_kv_kept.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 

@@ -4,7 +4,8 @@ ruler_niah_single_number@4096) per strategy and kept fraction, both query modes,
 `needle_grid.sh` or `ruler_grid.sh` (several folders: runs of the same grid split across processes; a cell present
 twice is taken from the latest run, by `started_at`; a results.json file may be named instead of its folder). Prints
 the README's compact table (a column per kept fraction); writes the merged results.json, every cell with its paired
-difference and the device it ran on (table.md) and the bench's plot beside it.
+difference and the device it ran on (table.md) and the bench's plot beside it (one per query mode in query-*/, and
+both modes side by side).
 
     python experiments/kvzip/needle_table.py --out docs/results/needle2k-2026-11-30 runs/needle2k-after runs/needle2k-before
     python experiments/kvzip/needle_table.py --task ruler_niah_single_number@4096 --out DIR docs/results/ruler4k-grid
@@ -72,6 +73,11 @@ def main() -> None:
             (args.out / f"query-{query}").mkdir(exist_ok=True)
             for path in plots.plot_all({"cells": cells, "environment": env}, args.out / f"query-{query}"):
                 print("plot:", path)
+    # both modes side by side (the README's headline plot): one panel per query mode
+    both = {key: {**cell, "task": f"{args.task}, asked {cell['query']}"} for key, cell in merged["cells"].items()
+            if cell.get("query") in ("after", "before")}
+    for path in plots.plot_all({"cells": both, "environment": merged.get("environment") or {}}, args.out):
+        print("plot:", path)
 
 
 def pivot(cells: list[dict]) -> list[str]:
