@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=None, help="timing repeats, medians reported (preset default)")
     p.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode round of the speed task")
+    p.add_argument("--answer-tokens", type=int, default=None,
+                   help="RULER tasks: the greedy answer's budget in tokens (default: each kind's own, 16-64, "
+                   "kvcompress.bench.ruler.ANSWER_TOKENS; RULER's is 128 for the niah kinds)")
     p.add_argument("--shots", type=int, default=None,
                    help="demonstrations of the multiple-choice tasks (obqa, piqa, boolq); default: each task's own "
                    "(5, 5, 2)")
@@ -148,16 +151,21 @@ def trained_anchor_rows(model: str | None) -> list[str]:
     return [f"anchor:model={a}" for a in aliases if (adapter_dir(a) / "adapter_model.safetensors").is_file()]
 
 
-def _check_resumed_shots(parser, out: pathlib.Path, shots: int | None) -> None:
-    """Refuse to resume a folder whose finished multiple-choice cells (those `--resume` keeps) used other
-    demonstrations than this run would (their scores would sit beside this run's under the same cell keys)."""
-    from . import runner, tasks
+def _check_resumed_settings(parser, out: pathlib.Path, options: dict) -> None:
+    """Refuse to resume a folder whose finished cells (those `--resume` keeps) used other multiple-choice
+    demonstrations (`shots`) or another RULER answer budget (`answer_tokens`) than this run would: their scores would
+    sit beside this run's under the same cell keys."""
+    from . import ruler, runner, tasks
 
     for key, cell in runner.finished_cells(out).items():
-        wanted = getattr(tasks.TASKS.get(cell.get("task_name")), "shots", None) if shots is None else shots
-        if "shots" in cell and cell["shots"] != wanted:
-            parser.error(f"--resume: cell {key} of {out} used {cell['shots']} shots, this run would use {wanted}: "
-                         f"pass --shots {cell['shots']} or another --out")
+        task = cell.get("task_name") or ""
+        defaults = {"shots": getattr(tasks.TASKS.get(task), "shots", None),
+                    "answer_tokens": ruler.ANSWER_TOKENS.get(task.removeprefix("ruler_"))}
+        for setting, flag in (("shots", "--shots"), ("answer_tokens", "--answer-tokens")):
+            wanted = defaults[setting] if options.get(setting) is None else options[setting]
+            if setting in cell and cell[setting] != wanted:
+                parser.error(f"--resume: cell {key} of {out} used {setting} {cell[setting]}, this run would use "
+                             f"{wanted}: pass {flag} {cell[setting]} or another --out")
 
 
 def _split(text: str) -> list[str]:
@@ -253,8 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.shots < 0:
             parser.error("--shots must be >= 0")
         options["shots"] = args.shots
+    if args.answer_tokens is not None:
+        if args.answer_tokens < 1:
+            parser.error("--answer-tokens must be >= 1")
+        options["answer_tokens"] = args.answer_tokens
     if args.resume:
-        _check_resumed_shots(parser, out, options.get("shots"))
+        _check_resumed_settings(parser, out, options)
     if args.plan:
         print(plan(selected, strategies, budgets, limits, options, args.preset))
         return 0

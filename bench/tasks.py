@@ -546,9 +546,9 @@ class Ruler(SharedPrefillTask):
     """`ruler_<kind>@L`: `limit` samples (default `samples`) of `ruler.generate(kind, ..., length=L)`, one seed each.
 
     Each sample: a fresh cache, the prefix prefilled in one forward (the cache compresses after it), then the rest
-    of the prompt in one forward, then greedy decoding of at most `ruler.ANSWER_TOKENS[kind]` tokens, stopping
-    at end-of-sequence or once every expected string is in the answer (which cannot change the score: it only
-    counts expected strings present). Prefix: context (`after`) or context + question (`before`). The budget is
+    of the prompt in one forward, then greedy decoding of at most `ruler.ANSWER_TOKENS[kind]` tokens (the option
+    `answer_tokens`, `--answer-tokens`, sets another cap), stopping at end-of-sequence or once every expected string
+    is in the answer (which cannot change the score: it only counts expected strings present). Prefix: context (`after`) or context + question (`before`). The budget is
     resolved against the prefix length. Score: mean of `ruler.score` over samples, reported as `accuracy`. Each
     answer records the `tokens` it took (the first from the prefill's logits); a miss that took `answer_tokens` (the
     cell's cap) was cut by the cap, maybe in the middle of the answer.
@@ -567,7 +567,8 @@ class Ruler(SharedPrefillTask):
                 (context, question + answer_prefix)
             items.append({"prefix": torch.tensor([prefix]), "tail": torch.tensor([tail]), "answers": sample.answers,
                           "prompt_tokens": sample.tokens})
-        return {"samples": items, "answer_tokens": ruler.ANSWER_TOKENS[self.kind], "query": self.query}
+        cap = options.get("answer_tokens") or ruler.ANSWER_TOKENS[self.kind]  # --answer-tokens, else the kind's
+        return {"samples": items, "answer_tokens": int(cap), "query": self.query}
 
     def answer(self, model, tokenizer, cache, sample, prepared):
         logits, _ = metrics.prefill(model, cache, sample["tail"])

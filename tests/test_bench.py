@@ -408,9 +408,27 @@ def test_shots_sets_the_demonstrations_and_a_resume_with_other_shots_is_refused(
     for other in (["--shots", "4"], []):  # another count, or the task's default (2)
         with pytest.raises(SystemExit):
             cli.main([*base, *other, "--resume"])
-        assert "used 3 shots" in capsys.readouterr().err
+        assert "used shots 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*base, "--shots", "-1"])
+
+
+def test_answer_tokens_caps_the_ruler_answers_and_a_resume_with_another_cap_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--strategies", "full", "--tasks", "ruler_niah_single_number@512", "--limit",
+            "2", "--out", str(out), "--no-progress", "--no-plots"]
+    code, captured = _run_cli([*base, "--answer-tokens", "3"], capsys)
+    assert code == 0, captured.err
+    cell = json.loads((out / "results.json").read_text())["cells"]["ruler_niah_single_number@512|full|-"]
+    assert cell["answer_tokens"] == 3 != ruler.ANSWER_TOKENS["niah_single_number"]
+    assert all(1 <= answer["tokens"] <= 3 for answer in cell["answers"])
+    assert _run_cli([*base, "--answer-tokens", "3", "--resume"], capsys)[0] == 0  # the same cap: nothing to run
+    for other in (["--answer-tokens", "4"], []):  # another cap, or the kind's own (16)
+        with pytest.raises(SystemExit):
+            cli.main([*base, *other, "--resume"])
+        assert "used answer_tokens 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--answer-tokens", "0"])
 
 
 def test_share_prefill_gives_the_cells_of_a_run_without_it(tiny_dir, tmp_path, capsys):
