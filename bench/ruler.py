@@ -76,6 +76,16 @@ def score(prediction: str, answers: list[str]) -> float:
     return sum(answer.lower() in text for answer in answers) / len(answers)
 
 
+def cut_short(prediction: str, answers: list[str]) -> bool:
+    """Whether `prediction` ends in the first k >= 2 characters (not all) of an expected answer whose first 2
+    characters occur nowhere else in it (case-insensitive, as `score`): a first attempt at the answer cut off by the
+    answer budget ("... is 4931" for 4931027), not a wrong attempt followed by a second ("1. 9892 2. 9893"). Telling
+    for a miss that took the whole budget."""
+    text = prediction.rstrip().lower()
+    return any(text.endswith(answer[:k]) and text.count(answer[:2]) == 1
+               for answer in map(str.lower, answers) for k in range(2, len(answer)))
+
+
 def prompt_tokens(tokenizer, sample: Sample) -> list[list[int]]:
     """Token ids of [context, question, answer_prefix], each tokenized on its own (as the bench feeds them)."""
     return [tokenizer(part, add_special_tokens=(i == 0)).input_ids

@@ -548,10 +548,11 @@ class Ruler(SharedPrefillTask):
     Each sample: a fresh cache, the prefix prefilled in one forward (the cache compresses after it), then the rest
     of the prompt in one forward, then greedy decoding of at most `ruler.ANSWER_TOKENS[kind]` tokens (the option
     `answer_tokens`, `--answer-tokens`, sets another cap), stopping at end-of-sequence or once every expected string
-    is in the answer (which cannot change the score: it only counts expected strings present). Prefix: context (`after`) or context + question (`before`). The budget is
-    resolved against the prefix length. Score: mean of `ruler.score` over samples, reported as `accuracy`. Each
-    answer records the `tokens` it took (the first from the prefill's logits); a miss that took `answer_tokens` (the
-    cell's cap) was cut by the cap, maybe in the middle of the answer.
+    is in the answer (which cannot change the score: it only counts expected strings present). Prefix: context
+    (`after`) or context + question (`before`). The budget is resolved against the prefix length. Score: mean of
+    `ruler.score` over samples, reported as `accuracy`. Each answer records the `tokens` it took (the first from the
+    prefill's logits); a miss that took `answer_tokens` (the cell's cap) was cut by the cap, maybe in the middle of
+    the answer (`ruler.cut_short` tells).
     """
 
     kind: str = ""

@@ -100,6 +100,18 @@ def test_score_on_known_strings():
         ruler.score("x", [])
 
 
+def test_cut_short_tells_a_first_attempt_cut_off_from_a_wrong_one():
+    assert ruler.cut_short(":\n\n1. The magic number for dazzling-mitten is 4931", ["4931027"])
+    assert ruler.cut_short("The special magic word is BRAV", ["brave-otter"])  # case-insensitive, as `score`
+    assert ruler.cut_short("is 49 ", ["4931027"])  # trailing space
+    assert not ruler.cut_short(":\n\n1. 9892\n2. 9893", ["9893205"])  # a wrong attempt, then a second start
+    assert not ruler.cut_short("1. 493127\n2. 49", ["4931027"])
+    assert not ruler.cut_short("the number is 4", ["4931027"])  # one character: chance
+    assert not ruler.cut_short("the number is 4931027", ["4931027"])  # whole: a right answer, not a cut one
+    assert not ruler.cut_short("the number is 5931", ["4931027"])
+    assert ruler.cut_short("values: 1234567 and 76", ["1234567", "7654321"])  # the second of several, begun
+
+
 def test_bad_input_names_the_parameter():
     with pytest.raises(ValueError, match="unknown RULER kind"):
         ruler.generate("qa", TOK, 1000, 0, ESSAYS)

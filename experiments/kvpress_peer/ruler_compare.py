@@ -11,8 +11,9 @@ Samples: the grid's `ruler_niah_single_number@4096` (docs/results/ruler4k-grid-q
 checked against the grid: each sample's expected answer must equal the one the grid's full-cache cell recorded.
 kvcompress's answers are read from the grid's results.json (kvzip and kvzip:allocation=layer at kept fraction
 1 - ratio, question after the compressed context), or from the journal of a grid unit still running; kvpress's from
-`ruler_kvpress_qwen_<ratio>.json`. Only the samples every configuration answered are counted (paired), each scored
-with the bench's rule (`ruler.score`: the expected number in the answer).
+`ruler_kvpress_qwen_<ratio>.json`. Each kvcompress configuration is paired with its kvpress counterpart (kvzip with
+KVzipPress, the global cut; allocation="layer" with layerwise=True) on the samples both answered, each scored with
+the bench's rule (`ruler.score`: the expected number in the answer).
 """
 
 from __future__ import annotations
@@ -60,29 +61,36 @@ def journaled(name: str, fraction: str) -> dict[int, dict]:
     return {entry["index"]: entry["record"]["answer"] for entry in journal.entries(path)}
 
 
+PAIRS = {"kvzip": "KVzipPress", "kvzip:allocation=layer": "KVzipPress layerwise"}  # kvcompress -> kvpress
+
+
 def table(ratio: float, peer: pathlib.Path) -> None:
-    """Right answers on the samples both libraries answered (paired: the same ids), with Wilson intervals."""
+    """Each kvcompress configuration beside its kvpress counterpart on the samples both answered (paired: the same
+    ids): right answers with Wilson intervals, the samples only one of them answered right, and kvcompress's misses
+    that end cut short (`ruler.cut_short`: a first attempt at the expected number, then the end of the answer; not
+    checked here that the answer took the whole budget)."""
     kvpress = json.loads(peer.read_text())["configs"]
     cells = json.loads(GRID.read_text())["cells"]
     fraction = f"{1 - ratio:g}"
-    ours = {}
-    for name in ("kvzip", "kvzip:allocation=layer"):
-        cell = cells.get(f"{TASK}|{name}|{fraction}")
-        ours[name] = dict(enumerate(cell["answers"])) if cell else journaled(name, fraction)
-    theirs = {name: {row["index"]: row for row in rows} for name, rows in kvpress.items()}
-    common = sorted(set.intersection(*(set(a) for a in [*ours.values(), *theirs.values()] if a)))
-    print(f"{len(common)} samples answered by every configuration below: {common}\n")
-    print(f"| configuration (kept {fraction}, query after) | right | mean kept per layer: min / max |")
-    print("|---|---|---|")
-    for name, answers in ours.items():
-        if answers:
-            right = sum(ruler.score(answers[i]["answer"], answers[i]["expected"]) == 1 for i in common)
-            print(f"| kvcompress {name} | {interval(right, len(common))} | |")
-    for name, rows in theirs.items():
-        right = sum(ruler.score(rows[i]["answer"], rows[i]["answers"]) == 1 for i in common)
-        layers = [sum(rows[i]["kept_per_layer"][layer] for i in common) / len(common)
-                  for layer in range(len(rows[common[0]]["kept_per_layer"]))]
-        print(f"| kvpress {name} | {interval(right, len(common))} | {min(layers):.3f} / {max(layers):.3f} |")
+    print(f"| kept {fraction}, query after | n (paired) | kvcompress right | kvpress right | only kvcompress | "
+          "only kvpress | kvcompress misses cut short | kvpress mean kept per layer: min / max |")
+    print("|---|---:|---|---|---:|---:|---:|---|")
+    for ours_name, theirs_name in PAIRS.items():
+        cell = cells.get(f"{TASK}|{ours_name}|{fraction}")
+        ours = dict(enumerate(cell["answers"])) if cell else journaled(ours_name, fraction)
+        theirs = {row["index"]: row for row in kvpress.get(theirs_name, [])}
+        common = sorted(set(ours) & set(theirs))
+        if not common:
+            print(f"| {ours_name} / {theirs_name} | 0 | | | | | | |")
+            continue
+        mine = {i for i in common if ruler.score(ours[i]["answer"], ours[i]["expected"]) == 1}
+        peer_right = {i for i in common if ruler.score(theirs[i]["answer"], theirs[i]["answers"]) == 1}
+        cut = sum(1 for i in common if i not in mine and ruler.cut_short(ours[i]["answer"], ours[i]["expected"]))
+        layers = [sum(theirs[i]["kept_per_layer"][layer] for i in common) / len(common)
+                  for layer in range(len(theirs[common[0]]["kept_per_layer"]))]
+        print(f"| {ours_name} / {theirs_name} | {len(common)} | {interval(len(mine), len(common))} | "
+              f"{interval(len(peer_right), len(common))} | {len(mine - peer_right)} | {len(peer_right - mine)} | "
+              f"{cut} | {min(layers):.3f} / {max(layers):.3f} |")
 
 
 def main(argv=None) -> None:

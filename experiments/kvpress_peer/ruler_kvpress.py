@@ -3,6 +3,7 @@
 Runs in kvpress's own virtualenv, never in the project's (it does not import kvcompress):
 
     /work/kvpress-venv/bin/python experiments/kvpress_peer/ruler_kvpress.py --ratio 0.9
+    /work/kvpress-venv/bin/python experiments/kvpress_peer/ruler_kvpress.py --configs KVzipPress --resume
 
 Input: `ruler_ids_qwen.json` (written by `ruler_compare.py --write-ids` in the project's venv: the grid's
 `ruler_niah_single_number@4096` samples on qwen2.5-0.5b, the context ids, the question + answer-prefix ids, the
@@ -54,6 +55,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ratio", type=float, default=0.9, help="compression_ratio (fraction removed)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of " + ", ".join(CONFIGS))
     parser.add_argument("--limit", type=int, default=None, help="first N samples only")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the samples --out already holds for each configuration; run only the others")
     args = parser.parse_args(argv)
     unknown = [name for name in args.configs.split(",") if name not in CONFIGS]
     if unknown:
@@ -68,11 +71,19 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-    result = {"meta": {**environment(folder / "model.safetensors", model), "ratio": args.ratio,
-                       "answer_tokens": needles["answer_tokens"], "task": needles["task"]}, "configs": {}}
+    meta = {**environment(folder / "model.safetensors", model), "ratio": args.ratio,
+            "answer_tokens": needles["answer_tokens"], "task": needles["task"]}
+    result = {"meta": meta, "configs": {}}
+    if args.resume and out.is_file():
+        result = json.loads(out.read_text())
+        if result["meta"]["answer_tokens"] != meta["answer_tokens"] or result["meta"]["task"] != meta["task"]:
+            raise SystemExit(f"--resume: {out} holds another task or answer budget")
     for name in args.configs.split(","):
-        rows = []
+        rows = result["configs"].get(name, [])
+        done = {row["index"] for row in rows}
         for sample in samples:
+            if sample["index"] in done:
+                continue
             press = CONFIGS[name](args.ratio)
             inputs = {"context_ids": torch.tensor([sample["context"]]),
                       "questions_ids": [torch.tensor([sample["question"]])]}
@@ -87,8 +98,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{name:36s} sample {sample['index']:2d} {sample['answers']}: {text[:40]!r} ({seconds:.0f} s)",
                   flush=True)
-        result["configs"][name] = rows
-        write_json(out, result)  # after every configuration: a killed run keeps what it finished
+            result["configs"][name] = sorted(rows, key=lambda row: row["index"])
+            write_json(out, result)  # after every sample: a killed run keeps what it finished (--resume)
 
 
 if __name__ == "__main__":

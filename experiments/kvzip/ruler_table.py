@@ -1,11 +1,11 @@
 """The RULER-4K niah grid of `ruler_grid.sh` as tables: for each task, one row per query mode and strategy, one
 column per kept fraction, accuracy (right / n) with its 95% Wilson interval, and how many of its misses were cut
 mid-answer: they took the whole answer budget (`ruler.ANSWER_TOKENS`: 16 tokens for single_number, where RULER
-allows 128) and end in the first 2 or more characters of an expected answer, with no earlier attempt at it (a
-restated question, then the right digits so far). "-" where the cell has not run yet. An answer's tokens are the ones the bench recorded (since
-2026-12-01), else its text encoded again with the model's tokenizer.
-Then the coverage (cells finished of the grid) and, at 25% kept with the question after, each strategy's accuracy
-as a share of the full cache's on the tasks where both ran. Writes table.md into the grid folder.
+allows 128) and end in the first 2 or more characters of an expected answer, with no earlier attempt at it
+(`ruler.cut_short`: a restated question, then the right digits so far). "-" where the cell has not run yet. An
+answer's tokens are the ones the bench recorded (since 2026-12-01), else its text encoded again with the model's
+tokenizer. Then the coverage (cells finished of the grid) and, at 25% kept with the question after, each strategy's
+accuracy as a share of the full cache's on the tasks where both ran. Writes table.md into the grid folder.
 
     python experiments/kvzip/ruler_table.py [docs/results/ruler4k-grid]
 """
@@ -48,9 +48,9 @@ def main() -> None:
     total = len(TASKS) * 2 * (len(NO_BUDGET) + (len(STRATEGIES) - len(NO_BUDGET)) * len(FRACTIONS))
     done = sum(1 for t in TASKS for q in ("", ":before") for s in STRATEGIES
                for b in (["-"] if s in NO_BUDGET else FRACTIONS) if f"ruler_niah_{t}@4096{q}|{s}|{b}" in cells)
-    lines += [f"Coverage: {done} of {total} cells. \"k cut\": misses cut mid-answer by the answer budget.", "", "## Share of the full cache's accuracy at 25% kept, asked "
-              "after (summed right answers over the tasks where both ran)", "", "| strategy | right / full's right | "
-              "tasks |", "|---|---:|---:|"]
+    lines += [f"Coverage: {done} of {total} cells. \"k cut\": misses cut mid-answer by the answer budget.", "",
+              "## Share of the full cache's accuracy at 25% kept, asked after (summed right answers over the tasks "
+              "where both ran)", "", "| strategy | right / full's right | tasks |", "|---|---:|---:|"]
     for strategy in [s for s in STRATEGIES if s not in NO_BUDGET]:
         mine = full = tasks = 0
         for task in TASKS:
@@ -72,18 +72,11 @@ def _score(cell: dict | None, count_tokens) -> str:
         return "-"
     right = cell["accuracy"] * cell["n_examples"]
     cap = cell.get("answer_tokens", ruler.ANSWER_TOKENS[cell["task_name"].removeprefix("ruler_")])
-    cut = sum(1 for answer in cell.get("answers", []) if answer["score"] < 1 and _cut_mid_answer(answer)
+    cut = sum(1 for answer in cell.get("answers", []) if answer["score"] < 1
+              and ruler.cut_short(answer["answer"], answer["expected"])
               and answer.get("tokens", count_tokens(answer["answer"])) >= cap)
     return f"{stats.with_interval(cell['accuracy'], cell.get('ci', {}).get('accuracy'), '.2f')} ({right:.0f}/" \
            f"{cell['n_examples']}" + (f", {cut} cut)" if cut else ")")
-
-
-def _cut_mid_answer(answer: dict) -> bool:
-    """The text ends in the first k >= 2 characters (not all) of an expected answer, whose first 2 are nowhere else in
-    it: a first attempt cut short ("... is 4931" for 4931027), not a wrong one and a second ("1. 9892 2. 9893")."""
-    text = answer["answer"].rstrip()
-    return any(text.endswith(expected[:k]) and text.count(expected[:2]) == 1
-               for expected in answer["expected"] for k in range(2, len(expected)))
 
 
 def _token_counter(model: str):
