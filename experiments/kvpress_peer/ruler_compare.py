@@ -66,14 +66,14 @@ PAIRS = {"kvzip": "KVzipPress", "kvzip:allocation=layer": "KVzipPress layerwise"
 
 def table(ratio: float, peer: pathlib.Path) -> None:
     """Each kvcompress configuration beside its kvpress counterpart on the samples both answered (paired: the same
-    ids): right answers with Wilson intervals, the samples only one of them answered right, and kvcompress's misses
+    ids): right answers with Wilson intervals, the samples only one of them answered right, and each one's misses
     that end cut short (`ruler.cut_short`: a first attempt at the expected number, then the end of the answer; not
     checked here that the answer took the whole budget)."""
     kvpress = json.loads(peer.read_text())["configs"]
     cells = json.loads(GRID.read_text())["cells"]
     fraction = f"{1 - ratio:g}"
     print(f"| kept {fraction}, query after | n (paired) | kvcompress right | kvpress right | only kvcompress | "
-          "only kvpress | kvcompress misses cut short | kvpress mean kept per layer: min / max |")
+          "only kvpress | misses cut short: kvcompress / kvpress | kvpress mean kept per layer: min / max |")
     print("|---|---:|---|---|---:|---:|---:|---|")
     for ours_name, theirs_name in PAIRS.items():
         cell = cells.get(f"{TASK}|{ours_name}|{fraction}")
@@ -86,11 +86,13 @@ def table(ratio: float, peer: pathlib.Path) -> None:
         mine = {i for i in common if ruler.score(ours[i]["answer"], ours[i]["expected"]) == 1}
         peer_right = {i for i in common if ruler.score(theirs[i]["answer"], theirs[i]["answers"]) == 1}
         cut = sum(1 for i in common if i not in mine and ruler.cut_short(ours[i]["answer"], ours[i]["expected"]))
+        peer_cut = sum(1 for i in common if i not in peer_right
+                       and ruler.cut_short(theirs[i]["answer"], theirs[i]["answers"]))
         layers = [sum(theirs[i]["kept_per_layer"][layer] for i in common) / len(common)
                   for layer in range(len(theirs[common[0]]["kept_per_layer"]))]
         print(f"| {ours_name} / {theirs_name} | {len(common)} | {interval(len(mine), len(common))} | "
               f"{interval(len(peer_right), len(common))} | {len(mine - peer_right)} | {len(peer_right - mine)} | "
-              f"{cut} | {min(layers):.3f} / {max(layers):.3f} |")
+              f"{cut} / {peer_cut} | {min(layers):.3f} / {max(layers):.3f} |")
 
 
 def main(argv=None) -> None:
