@@ -74,7 +74,7 @@ def _score(cell: dict | None, count_tokens) -> str:
     cap = cell.get("answer_tokens", ruler.ANSWER_TOKENS[cell["task_name"].removeprefix("ruler_")])
     cut = sum(1 for answer in cell.get("answers", []) if answer["score"] < 1
               and ruler.cut_short(answer["answer"], answer["expected"])
-              and answer.get("tokens", count_tokens(answer["answer"])) >= cap)
+              and (answer["tokens"] if "tokens" in answer else count_tokens(answer["answer"])) >= cap)
     return f"{stats.with_interval(cell['accuracy'], cell.get('ci', {}).get('accuracy'), '.2f')} ({right:.0f}/" \
            f"{cell['n_examples']}" + (f", {cut} cut)" if cut else ")")
 
