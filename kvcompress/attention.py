@@ -202,7 +202,9 @@ def kvcompress_attention(
     if captures is not None:
         captures.append(_capture_record(module, spec, kv_positions, mask, q_len, key.shape[-2], key.shape[0]))
 
-    probs = reductions = None
+    probs = reductions = scope = None
+    if layer is not None and getattr(layer._cache, "observe_max_received", False):
+        scope = layer._cache.max_received_scope(kv_positions)
     fast = layer is not None and _backend != "reference" and not module.training
     if fast and q_len == 1 and observes_probabilities(layer._cache):
         # a decode step of a strategy that observes probabilities: one softmax serves the output and the
@@ -212,7 +214,7 @@ def kvcompress_attention(
         # attention received (summed or max) over every query of a longer forward: the same blockwise softmax
         # serves the output too, instead of a kernel computing it again
         output, reductions = _attention_with_reductions(query, key, value, mask, scaling, new_padding,
-                                                        layer._cache)
+                                                        layer._cache, scope)
     else:
         output = attend(query, key, value, mask, scaling=scaling, dropout=dropout if module.training else 0.0)
     weights = None
@@ -223,7 +225,8 @@ def kvcompress_attention(
         if new_padding is not None and isinstance(mask, torch.Tensor) and not bool(new_padding.all()):
             observed = mask & new_padding.to(mask.device).view(mask.shape[0], 1, q_len, 1)  # pads observe nothing
         slots = (key.shape[-2], layer.used)
-        layer.observation = _own_slots(observe(layer._cache, query, key, observed, scaling, probs, reductions), *slots)
+        layer.observation = _own_slots(observe(layer._cache, query, key, observed, scaling, probs, reductions, scope),
+                                       *slots)
         sharing = layer._cache._deferring
         if sharing:  # prefill_shared: the observation of each other cache sharing this forward, as it would take it
             layer.shared_observations = {
@@ -411,18 +414,39 @@ def attention_max_received(
     mask: torch.Tensor | bool | BlockMask | None,
     scaling: float | None = None,
     block_size: int | None = None,
+    scope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The largest attention probability each key received from any of the Q queries:
     `attention_probs(...).amax(dim=2)`, computed block by block (never Q x K probabilities at once; KVzip's score).
 
-    Args: as `attention_probs`. Returns: (B, Hq, K) float32 (float64 for float64 inputs); 0 for a key no query sees.
+    Args: as `attention_probs`; scope: None, or (B, 1 | Hkv | Hq, K) bool: each query's probabilities are
+        renormalised over the keys in scope (`max_over_queries`). Returns: (B, Hq, K) float32 (float64 for float64
+        inputs); 0 for a key no query sees.
     """
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     best = torch.zeros(*query.shape[:2], key.shape[-2], dtype=dtype, device=query.device)
+    scope = _scope_for_blocks(scope, query.shape[1])
     for _, _, block in _probability_blocks(query, key, mask, scaling, 0, block_size):
         seen = best[..., : block.shape[-1]]
-        torch.maximum(seen, block.amax(dim=2), out=seen)
+        torch.maximum(seen, max_over_queries(block, scope), out=seen)
     return best
+
+
+def _scope_for_blocks(scope: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """(B, Hp, K) bool -> (B, 1 | Hq, 1, K), broadcasting over a probability block (B, Hq, q, K)."""
+    return None if scope is None else _to_query_heads(scope, heads).unsqueeze(2)
+
+
+def max_over_queries(probs: torch.Tensor, scope: torch.Tensor | None = None) -> torch.Tensor:
+    """probs (B, Hq, q, K') -> (B, Hq, K') the largest probability each key received from the q queries. With a
+    `scope` (B, 1 | Hq, 1, K >= K') bool, each query's probabilities are first renormalised over the keys in scope
+    (p / sum of p over the scope: the softmax over those keys alone, exactly up to rounding unless every key in scope
+    underflows, which then observes 0), and keys out of scope observe 0."""
+    if scope is None:
+        return probs.amax(dim=2)
+    inside = probs * scope[..., : probs.shape[-1]]
+    mass = inside.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return inside.div_(mass).amax(dim=2)
 
 
 def _block_scores(device: torch.device) -> int:
@@ -537,10 +561,12 @@ def observes_probabilities(cache) -> bool:
 
 
 def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None,
-            reductions: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> Observation | None:
+            reductions: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+            scope: torch.Tensor | None = None) -> Observation | None:
     """The `Observation` `cache` declares, or None when it declares nothing. `probs`: the probabilities of ALL the
     forward's queries when the caller has them already (a decode step), reused instead of recomputed;
-    `reductions`: (received, max received) when the kernel computed them (`_attention_with_reductions`)."""
+    `reductions`: (received, max received) when the kernel computed them (`_attention_with_reductions`);
+    `scope`: the cache's `max_received_scope` (B, Hp, K) bool or None, for the max received."""
     if not observes(cache):
         return None
     window = getattr(cache, "observe_window", 0)
@@ -550,7 +576,8 @@ def observe(cache, query, key, mask, scaling, probs: torch.Tensor | None = None,
     if getattr(cache, "observe_received", False) and received is None:
         received = probs.sum(dim=2) if probs is not None else attention_received(query, key, mask, scaling)
     if getattr(cache, "observe_max_received", False) and best is None:
-        best = probs.amax(dim=2) if probs is not None else attention_max_received(query, key, mask, scaling)
+        best = max_over_queries(probs, _scope_for_blocks(scope, probs.shape[1])) if probs is not None \
+            else attention_max_received(query, key, mask, scaling, scope=scope)
     return Observation(
         queries=query if getattr(cache, "observe_queries", False) else None,
         probs=last if window else None,
@@ -564,7 +591,7 @@ def _reduces_all_queries(cache) -> bool:
     return bool(getattr(cache, "observe_received", False) or getattr(cache, "observe_max_received", False))
 
 
-def _attention_with_reductions(query, key, value, mask, scaling, new_padding, cache):
+def _attention_with_reductions(query, key, value, mask, scaling, new_padding, cache, scope=None):
     """A forward of Q queries whose cache observes the attention received over all of them (H2O's prefill,
     KVzip's reconstruction): one blockwise pass (`_probability_blocks`, the probabilities `attention_probs`
     gives) computes the output (probabilities x values, in float32 / float64) and the declared reductions, where
@@ -572,7 +599,7 @@ def _attention_with_reductions(query, key, value, mask, scaling, new_padding, ca
     reconstruction forward cost as much as the observation itself).
 
     Args: as `attend` (no BlockMask); new_padding: (B, Q) bool, False for pad queries (they attend, observe
-        nothing), or None.
+        nothing), or None; scope: the cache's `max_received_scope` (B, Hp, K) bool, or None.
     Returns: (output (B, Q, Hq, d) in the query's dtype, (received (B, Hq, K) or None, max received or None)).
     """
     batch, heads, q_len, _ = query.shape
@@ -582,6 +609,7 @@ def _attention_with_reductions(query, key, value, mask, scaling, new_padding, ca
     output = query.new_empty(batch, q_len, heads, value.shape[-1])
     want_sum = getattr(cache, "observe_received", False)
     want_max = getattr(cache, "observe_max_received", False)
+    scope = _scope_for_blocks(scope, heads)
     total = torch.zeros(batch, heads, kv_len, dtype=dtype, device=query.device) if want_sum else None
     best = torch.zeros(batch, heads, kv_len, dtype=dtype, device=query.device) if want_max else None
     pads = None
@@ -597,7 +625,7 @@ def _attention_with_reductions(query, key, value, mask, scaling, new_padding, ca
         if total is not None:
             total[..., :seen] += block.sum(dim=2)
         if best is not None:
-            torch.maximum(best[..., :seen], block.amax(dim=2), out=best[..., :seen])
+            torch.maximum(best[..., :seen], max_over_queries(block, scope), out=best[..., :seen])
     return output, (total, best)
 
 

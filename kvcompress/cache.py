@@ -586,6 +586,15 @@ class CompressedCache(Cache):
     # computes their observations too); the layers keep the observations and evict later. None otherwise.
     _deferring: dict | None = None
 
+    def max_received_scope(self, kv_positions: torch.Tensor) -> torch.Tensor | None:
+        """The keys over which `observe_max_received` normalises each query's probabilities: None (default) for
+        every key the query sees (the model's own softmax); else a bool (B, Hp, K) over the slots the core attends
+        (`kv_positions`: their stream positions, -1 for free or pad slots). A query's probability of a key in scope
+        is then its attention renormalised over the scope's keys it sees; keys out of scope observe 0. KVzip's
+        `normalize="chunk"` (the paper's chunked scoring) scopes to the sinks, the chunk reconstructed and the
+        forward's own tokens."""
+        return None
+
     def __init_subclass__(cls, **kwargs):
         """Every strategy's constructor also takes the storage options (`set_storage`: kv_bits, residual, group)."""
         super().__init_subclass__(**kwargs)

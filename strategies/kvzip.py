@@ -12,6 +12,7 @@ from ..selection import first, top_k
 from ..validate import as_int
 
 ALLOCATIONS = ("layer", "global")
+NORMALIZATIONS = ("context", "chunk")
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with"
 STATE = "kvzip_score"
@@ -39,8 +40,12 @@ class KVzipCache(CompressedCache):
     runs through this cache: its queries attend to every kept pair plus the forward's own tokens (causal, exact
     softmax of the core), and each scored pair's score becomes the largest attention probability it received from
     any reconstruction query of any query head of its kv group (`observe_max_received`: blockwise, never a full
-    queries x keys matrix). The reconstruction's own keys and values are freed after each chunk and the cache's
-    seen count restored: the context's KV is never changed by it. Then every layer is cut:
+    queries x keys matrix). The probabilities are those the model attends with (`normalize="context"`: softmax
+    over every kept pair and the forward's own tokens), or with `normalize="chunk"` the paper's chunked scoring (as
+    kvpress's KVzipPress): each query's attention renormalised over the first `n_sink` tokens, the chunk it
+    reconstructs and the forward's own tokens, and only the chunk's pairs scored by it. The reconstruction's own
+    keys and values are freed after each chunk and the cache's seen count restored: the context's KV is never
+    changed by it. Then every layer is cut:
     - `allocation="layer"`: each kv head of each layer keeps its `budget` best-scored pairs;
     - `allocation="global"` (the paper's): the `budget x layers x kv heads` best pairs of each row over ALL layers
       and kv heads are kept, so layers and heads keep different counts; the cache then stores keys and values in
@@ -56,9 +61,11 @@ class KVzipCache(CompressedCache):
     Deviations from the paper (and its code, github.com/snu-mllab/KVzip):
     - The paper scores only the prefilled context, once; here tokens fed after it are scored too, `slack` at a
       time, so the memory stays bounded however long the cache is used.
-    - Attention probabilities are normalised over every pair the reconstruction query sees (all kept pairs and its
-      own chunk), which is what the model attends with; kvpress's KVzipPress normalises over the sinks, the chunk
-      being scored and the repeat tokens only (identical for a context of one chunk).
+    - By default (`normalize="context"`) attention probabilities are normalised over every pair the
+      reconstruction query sees (all kept pairs and its own chunk), which is what the model attends with, and a
+      pair takes the max over the queries of every chunk; the paper and kvpress's KVzipPress normalise over the
+      sinks, the chunk being scored and the repeat tokens only, and score a chunk's pairs from its own
+      reconstruction alone (`normalize="chunk"`; the two agree for a context of one chunk).
     - Rows of a batch are reconstructed together (left-padded); kvpress supports batch size 1.
     - Budgets are token counts per layer and kv head (global: the same total), not ratios.
     Deviations from kvpress 0.5.5's KVzipPress: it masks evicted pairs (fake keys) instead of freeing them, with
@@ -78,23 +85,27 @@ class KVzipCache(CompressedCache):
         overlap: tokens of the previous chunk repeated in the prompt of the next (>= 0).
         slack: unscored tokens (questions, generated tokens) a cut row holds beyond its budget before they are
             reconstructed and cut (>= 0; 0: every forward after the first cut reconstructs and cuts).
+        normalize: "context" (default: the model's own softmax) or "chunk" (the paper's chunked scoring).
         positions: "original" only (the choice is per kv head).
     """
 
     uses_budget = True
     needs_token_ids = True
     supports_cache_positions = False  # kv heads keep different pairs
-    deferred_settings = ("chunk", "overlap", "slack")  # what the reconstruction and the choice of rows to cut read
+    # what the reconstruction and the choice of rows to cut read
+    deferred_settings = ("chunk", "overlap", "slack", "normalize")
 
     def __init__(self, model, tokenizer=None, budget: int = 1024, allocation: str = "global", chunk: int = 2048,
                  value_norm: bool = False, n_sink: int = 4, overlap: int = 8, slack: int = 256,
-                 positions: str = "original"):
+                 normalize: str = "context", positions: str = "original"):
         budget = as_int(budget, "budget", minimum=1)
         chunk = as_int(chunk, "chunk", minimum=1)
         n_sink, overlap = as_int(n_sink, "n_sink", minimum=0), as_int(overlap, "overlap", minimum=0)
         slack = as_int(slack, "slack", minimum=0)
         if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if not isinstance(value_norm, bool):
             raise TypeError(f"value_norm must be True or False, got {value_norm!r}")
         if tokenizer is None:
@@ -102,6 +113,7 @@ class KVzipCache(CompressedCache):
         super().__init__(model, positions=positions)
         self.budget, self.allocation, self.chunk = budget, allocation, chunk
         self.value_norm, self.n_sink, self.overlap, self.slack = value_norm, n_sink, overlap, slack
+        self.normalize = normalize
         self.prompt_first = tokenizer.encode(REPEAT_FIRST, add_special_tokens=False)
         self.prompt_next = tokenizer.encode(REPEAT_NEXT, add_special_tokens=False)
         self.suffix = tokenizer.encode(_assistant_suffix(tokenizer), add_special_tokens=False)
@@ -109,11 +121,12 @@ class KVzipCache(CompressedCache):
         self._reconstructing: int | None = None  # while reconstructing: where the repeat tokens start
         self._next_position: torch.Tensor | None = None  # (B,) RoPE position the next token of each row gets
         self._rows_to_cut: torch.Tensor | None = None  # (B,) bool: rows scored by prepare_deferred, not yet cut
+        self._scope: tuple[torch.Tensor, ...] | None = None  # normalize="chunk", reconstructing: `_chunk_scope`
 
     @classmethod
     def _from_budget(cls, model, tokenizer, budget: int | None, **options) -> KVzipCache:
         """`budget` pairs per layer and kv head (global: that many on average); `options`: the constructor's
-        (allocation, chunk, value_norm, n_sink, overlap, slack)."""
+        (allocation, chunk, value_norm, n_sink, overlap, slack, normalize)."""
         return cls(model, tokenizer, **options) if budget is None else cls(model, tokenizer, budget=budget, **options)
 
     @property
@@ -121,6 +134,17 @@ class KVzipCache(CompressedCache):
         """Only the reconstruction forwards' attention scores pairs: the core observes nothing in the others (the
         prefill, a question, decode steps), which saves it computing the probabilities twice there."""
         return getattr(self, "_reconstructing", None) is not None
+
+    def max_received_scope(self, kv_positions: torch.Tensor) -> torch.Tensor | None:
+        """normalize="chunk": (B, Hp, K) the sinks, the chunk being reconstructed and the forward's own tokens (the
+        stream positions below `sink_end`, in [chunk_start, chunk_end), and from the repeat tokens' start on);
+        None otherwise."""
+        if self._scope is None:
+            return None
+        sink_end, chunk_start, chunk_end = (bound.to(kv_positions.device).view(-1, 1, 1) for bound in self._scope)
+        real = kv_positions >= 0
+        return real & ((kv_positions < sink_end) | ((kv_positions >= chunk_start) & (kv_positions < chunk_end))
+                       | (kv_positions >= self._reconstructing))
 
     def storage_layout(self) -> str:
         return self.layout or ("paged" if self.allocation == "global" else "dense")  # global: heads keep unequal counts
@@ -187,15 +211,31 @@ class KVzipCache(CompressedCache):
         """(B, Hkv, used) view of the layer's per-slot score state."""
         return layer.slot_state(STATE, heads=layer.keys.shape[1])[..., : layer.used]
 
-    def _unscored_tokens(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """For each row where `rows` (B,) is True, the ids of its real tokens not scored yet, in stream order (every
-        layer and kv head still holds them: nothing is evicted between cuts); empty for the other rows."""
+    def _unscored_positions(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """For each row where `rows` (B,) is True, the stream positions of its real tokens not scored yet, sorted
+        (every layer and kv head still holds them: nothing is evicted between cuts); empty for the other rows."""
         positions = self.layers[0].positions[:, 0]  # (B, used)
-        out = []
-        for b in range(positions.shape[0]):
-            fresh = positions[b][positions[b] >= self._scored[b]].sort().values if rows[b] else positions[b, :0]
-            out.append(self.token_ids[b, fresh])
-        return out
+        return [positions[b][positions[b] >= self._scored[b]].sort().values if rows[b] else positions[b, :0]
+                for b in range(positions.shape[0])]
+
+    def _unscored_tokens(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The ids of `_unscored_positions`, per row."""
+        return [self.token_ids[b, fresh] for b, fresh in enumerate(self._unscored_positions(rows))]
+
+    def _chunk_scope(self, fresh: list[torch.Tensor], index: int) -> tuple[torch.Tensor, ...]:
+        """normalize="chunk": per row, (sink_end, chunk_start, chunk_end) stream-position bounds (B,) each of the
+        sinks (the first `n_sink` real tokens held) and of chunk `index` of the row's unscored positions `fresh`
+        (an empty range for a row without that chunk)."""
+        held = self.layers[0].positions[:, 0]  # (B, used); sinks are never evicted, so every layer holds them
+        bounds = torch.zeros(len(fresh), 3, dtype=torch.long)
+        for b, row in enumerate(fresh):
+            real = held[b][held[b] >= 0].sort().values
+            if self.n_sink and real.numel():
+                bounds[b, 0] = real[min(self.n_sink, real.numel()) - 1] + 1
+            piece = row[index * self.chunk : (index + 1) * self.chunk]
+            if piece.numel():
+                bounds[b, 1], bounds[b, 2] = piece[0], piece[-1] + 1
+        return bounds.unbind(dim=1)
 
     def _fresh(self, layer: CompressedLayer, rows: torch.Tensor) -> torch.Tensor:
         """(B, Hp, used) bool: the slots holding unscored tokens of the `rows` being cut."""
@@ -203,14 +243,19 @@ class KVzipCache(CompressedCache):
 
     def _reconstruct(self, model, rows: torch.Tensor) -> None:
         """Score the unscored tokens of `rows`: one forward per chunk index, rows left-padded together."""
-        tokens = self._unscored_tokens(rows)
+        fresh = self._unscored_positions(rows)
+        tokens = [self.token_ids[b, row] for b, row in enumerate(fresh)]
         for layer in self.layers:  # unscored pairs start from 0 (their slots may hold an evicted pair's score)
             score = self._scores(layer)
             score.masked_fill_(self._fresh(layer, rows).expand_as(score), 0.0)
         chunks = max((len(r) + self.chunk - 1) // self.chunk for r in tokens)
         start = self.get_seq_length()
-        for index in range(chunks):
-            self._reconstruct_chunk(model, [self._repeat_sequence(row, index) for row in tokens], start)
+        try:
+            for index in range(chunks):
+                self._scope = self._chunk_scope(fresh, index) if self.normalize == "chunk" else None
+                self._reconstruct_chunk(model, [self._repeat_sequence(row, index) for row in tokens], start)
+        finally:
+            self._scope = None
 
     def _repeat_sequence(self, row: torch.Tensor, index: int) -> list[int]:
         piece = row[index * self.chunk : (index + 1) * self.chunk].tolist()
@@ -278,6 +323,7 @@ class KVzipCache(CompressedCache):
     def reset(self) -> None:
         super().reset()
         self._scored, self._reconstructing, self._next_position, self._rows_to_cut = None, None, None, None
+        self._scope = None
 
     def _reindex_rows(self, index: torch.Tensor) -> None:
         super()._reindex_rows(index)

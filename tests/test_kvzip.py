@@ -107,7 +107,9 @@ def reference_scores(model, cache, fed, fed_mask, records, held, scored_from, se
     reconstructed, from one eager float64 forward per chunk of
     [everything fed so far, reconstruction chunk], whose fed rows see what the cache showed them (`records`) and whose
     reconstruction rows see the held tokens (within a sliding layer's window) plus the chunk's own earlier tokens.
-    `scored_from[b]` is None for a row that is not cut (nothing reconstructed)."""
+    normalize="chunk" (the paper's chunked scoring): each reconstruction query's probabilities are divided by their
+    sum over the row's first `n_sink` held tokens, the chunk's tokens and the reconstruction's own tokens, and only
+    those keys take a score from it. `scored_from[b]` is None for a row that is not cut (nothing reconstructed)."""
     config = model.config
     layers, heads, batch = config.num_hidden_layers, config.num_key_value_heads, fed.shape[0]
     groups = config.num_attention_heads // heads
@@ -144,6 +146,15 @@ def reference_scores(model, cache, fed, fed_mask, records, held, scored_from, se
                         keys += [j for j in real if j <= i and i - j < window]
                         visible[layer, b, g, i, keys] = True
         probs = reference_probs(model, ids, mask, visible)
+        if cache.normalize == "chunk":
+            for b in range(batch):
+                scope = torch.zeros(n, dtype=torch.bool)
+                scope[sorted(held[0][0][b])[: cache.n_sink]] = True
+                scope[fresh[b][index * cache.chunk : (index + 1) * cache.chunk]] = True
+                scope[seen:] = True
+                for layer in range(layers):
+                    inside = probs[layer][b] * scope
+                    probs[layer][b] = inside / inside.sum(dim=-1, keepdim=True).clamp_min(1e-300)
         if cache.value_norm and norms is None:
             norms = _value_norms(model, ids, mask, visible)
         for layer in range(layers):
@@ -237,6 +248,8 @@ QUESTION = torch.tensor([[100, 101, 102, 103, 104], [110, 111, 112, 113, 114]])
     dict(budget=4, chunk=64, n_sink=2, value_norm=True, slack=2),  # the third decode step and the question cut
     dict(budget=5, chunk=7, n_sink=1, overlap=3, allocation="global", slack=4),  # the question cuts
     dict(budget=5, chunk=6, n_sink=1),  # the default slack: the prefill alone cuts
+    dict(budget=5, chunk=6, n_sink=2, normalize="chunk", slack=2),  # the paper's chunked scoring
+    dict(budget=4, chunk=4, n_sink=1, overlap=2, normalize="chunk", allocation="global", slack=3),
 ])
 def test_kept_set_is_kvzips_choice_at_prefill_decoding_and_a_later_forward(options):
     check_choice(MODEL64, make(MODEL64, **options), ROWS, CONTINUATION, QUESTION)
@@ -271,6 +284,21 @@ class _MeanOverGroup(KVzipCache):
             obs.max_received = obs.max_received.view(obs.max_received.shape[0], -1, groups, obs.max_received.shape[-1]
                                                      ).mean(dim=2, keepdim=True).expand(-1, -1, groups, -1).flatten(1, 2)
         super().evict(layer)
+
+
+class _ChunkScopeIgnored(KVzipCache):
+    """Planted: normalize="chunk" scoring with the model's own softmax over every key (the default's)."""
+
+    def max_received_scope(self, kv_positions):
+        return None
+
+
+class _ChunkScopeWithoutSinks(KVzipCache):
+    """Planted: normalize="chunk" renormalising over the chunk and the repeat tokens, without the sinks."""
+
+    def _chunk_scope(self, fresh, index):
+        sink_end, start, end = super()._chunk_scope(fresh, index)
+        return torch.zeros_like(sink_end), start, end
 
 
 class _NoRepeatPrompt(KVzipCache):
@@ -348,6 +376,8 @@ class _CutsEveryMultiTokenForward(KVzipCache):
     (_SummedOverQueries, dict(budget=5, chunk=6, n_sink=1)),
     (_MeanOverGroup, dict(budget=5, chunk=6, n_sink=1)),
     (_NoRepeatPrompt, dict(budget=5, chunk=6, n_sink=1)),
+    (_ChunkScopeIgnored, dict(budget=5, chunk=6, n_sink=2, normalize="chunk")),
+    (_ChunkScopeWithoutSinks, dict(budget=6, chunk=6, n_sink=2, normalize="chunk")),
     (_GlobalCutPerLayer, dict(budget=5, chunk=7, n_sink=1, allocation="global")),
 ])
 def test_choice_check_catches_planted_bugs(planted, options):
@@ -531,6 +561,7 @@ def test_registered_with_budget_and_defaults():
     (dict(chunk=0), ValueError, r"chunk must be an integer >= 1, got 0"),
     (dict(chunk=-3), ValueError, r"chunk must be an integer >= 1, got -3"),
     (dict(allocation="foo"), ValueError, r"allocation must be one of \('layer', 'global'\), got 'foo'"),
+    (dict(normalize="softmax"), ValueError, r"normalize must be one of \('context', 'chunk'\), got 'softmax'"),
     (dict(budget=0), ValueError, r"budget must be an integer >= 1, got 0"),
     (dict(value_norm=1), TypeError, r"value_norm must be True or False"),
     (dict(positions="cache"), ValueError, r"kvzip does not support positions='cache'"),

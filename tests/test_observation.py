@@ -125,7 +125,7 @@ def test_the_check_catches_pad_queries_counted_in_the_received_attention(monkeyp
     query gives) counting the pad queries."""
     real = core._attention_with_reductions
     monkeypatch.setattr(core, "_attention_with_reductions",
-                        lambda q, k, v, mask, scaling, new_padding, cache: real(q, k, v, mask, scaling, None, cache))
+                        lambda q, k, v, mask, scaling, new_padding, *rest: real(q, k, v, mask, scaling, None, *rest))
     assert _received_error_with_pads_in_a_later_chunk(tiny_llama()) > 1e-3
 
 
@@ -195,6 +195,40 @@ def test_max_received_is_the_largest_probability(batch, kv_heads, q_len, extra, 
     expected = attention_probs(query, key, mask).amax(dim=2)
     torch.testing.assert_close(attention_max_received(query, key, mask, block_size=block), expected, atol=1e-6,
                                rtol=1e-5)
+
+
+def _scoped_max_error(batch, kv_heads, q_len, extra, block, seed) -> float:
+    """Largest gap between the max received with a scope (each query's probabilities renormalised over the keys in
+    scope, KVzip's chunked scoring) from `attention_max_received` and the reducing kernel, and the fp64 definition:
+    the softmax over the keys both the mask and the scope show."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * 2, q_len, 8, generator=g)
+    key = torch.randn(batch, kv_heads, q_len + extra, 8, generator=g)
+    value = torch.randn(batch, kv_heads, q_len + extra, 8, generator=g)
+    mask = torch.rand(batch, kv_heads, q_len, q_len + extra, generator=g) < 0.7
+    scope = torch.rand(batch, kv_heads, q_len + extra, generator=g) < 0.5  # per kv head
+    expected = _definition(query, key, mask & scope.unsqueeze(2), query.shape[-1] ** -0.5).amax(dim=2)
+    blockwise = attention_max_received(query, key, mask, block_size=block, scope=scope)
+    _, (_, fused) = core._attention_with_reductions(query, key, value, mask, None, None, _MaxObserver(), scope)
+    return max((got.double() - expected).abs().max().item() for got in (blockwise, fused))
+
+
+class _MaxObserver:
+    observe_max_received = True
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 7), st.integers(0, 6), st.integers(1, 4),
+       st.integers(0, 2**16))
+def test_max_received_in_a_scope_is_the_softmax_over_the_scope(batch, kv_heads, q_len, extra, block, seed):
+    assert _scoped_max_error(batch, kv_heads, q_len, extra, block, seed) < 1e-5
+
+
+def test_the_scope_check_catches_a_max_not_renormalised(monkeypatch):
+    """Planted twin: probabilities masked to the scope but not renormalised over it."""
+    monkeypatch.setattr(core, "max_over_queries",
+                        lambda probs, scope=None: (probs if scope is None else probs * scope).amax(dim=2))
+    assert _scoped_max_error(2, 2, 6, 4, 2, seed=3) > 1e-2
 
 
 def _chunk_after_context(batch, kv_heads, context, q_len, g):
