@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from . import attention, registry
 from .rope import RotaryPositions
-from .storage import DemotedKV, DenseKV, PagedKV, QuantizedKV
+from .storage import DemotedKV, DenseKV, PagedKV, QuantizedKV, copy_in_layout
 from .validate import as_int
 
 POSITION_MODES = ("original", "cache")
@@ -249,16 +249,22 @@ class CompressedLayer(CacheLayerMixin):
         return state
 
     def copy_for(self, cache: CompressedCache) -> CompressedLayer:
-        """An independent copy of this layer (tensors copied) belonging to `cache`."""
+        """An independent copy of this layer (tensors copied) belonging to `cache`, its keys and values in
+        `cache`'s storage layout (the same pairs at the same slots; a dense layer copied into pages keeps its
+        capacity rounded up to whole pages, where one filled by its own forwards rounds at each growth: equal once
+        the copy evicts after a multi-token forward, which compacts a paged layer)."""
         twin = copy.copy(self)
         twin._cache = weakref.proxy(cache)
         for name in ("_positions", "new_slots"):
             tensor = getattr(self, name)
             setattr(twin, name, None if tensor is None else tensor.clone())
-        twin.store = None if self.store is None else self.store.clone()
+        twin.store = None if self.store is None else copy_in_layout(self.store, cache.storage_layout(),
+                                                                    cache.page_size, self.capacity, self.used)
         twin.demoted = None if self.demoted is None else self.demoted.clone()
         twin._view = None
         twin.state = {name: value.clone() for name, value in self.state.items()}
+        if twin.store is not None and twin.store.capacity > twin.capacity:
+            twin._grow(twin.store.capacity)  # a paged copy rounds up to whole pages: widen the slot tables to match
         return twin
 
     # slots ------------------------------------------------------------------------------------------------

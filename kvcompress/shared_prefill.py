@@ -33,14 +33,15 @@ def shareable_storage(cache: CompressedCache) -> bool:
 
 def forward_key(cache: CompressedCache, query_length: int) -> tuple:
     """Caches with equal keys can share a forward of `query_length` tokens: the core takes the same path through it
-    for each (settings in `_FORWARD_SETTINGS`, the storage layout, and for one token
-    `attention.observes_probabilities`, which picks the decode kernel), and a strategy that runs code of its own
-    around a forward (overrides `before_forward`, `after_forward` or `prepare_deferred`: KVzip) shares only with its
-    own class, and only with caches equal in the settings those hooks read (`deferred_settings`: KVzip's chunk,
-    overlap and slack shape its reconstruction)."""
+    for each (settings in `_FORWARD_SETTINGS`, and for one token `attention.observes_probabilities`, which picks
+    the decode kernel; not the storage layout: a dense and a paged store hand the kernel the same keys and values,
+    and a cache of another layout takes a copy of the layers in its own, `CompressedLayer.copy_for`), and a
+    strategy that runs code of its own around a forward (overrides `before_forward`, `after_forward` or
+    `prepare_deferred`: KVzip) shares only with its own class, and only with caches equal in the settings those
+    hooks read (`deferred_settings`: KVzip's chunk, overlap, slack and normalisation shape its reconstruction)."""
     own_hooks = any(getattr(type(cache), hook) is not getattr(CompressedCache, hook) for hook in _HOOKS)
     own = (type(cache), tuple(getattr(cache, name) for name in cache.deferred_settings)) if own_hooks else None
-    return (tuple(getattr(cache, name) for name in _FORWARD_SETTINGS), cache.storage_layout(),
+    return (tuple(getattr(cache, name) for name in _FORWARD_SETTINGS),
             query_length == 1 and attention.observes_probabilities(cache), own)
 
 
@@ -79,11 +80,14 @@ def _check(model, caches: list[CompressedCache]) -> None:
 
 
 def _groups(caches: list[CompressedCache], query_length: int) -> list[list[CompressedCache]]:
-    """The caches by `forward_key`; in each group a cache that records input ids first (the forward runs on it)."""
+    """The caches by `forward_key`; in each group a cache that records input ids first (the forward runs on it),
+    dense before paged (the others take the layers in their own layout: a paged copy of dense layers holds what the
+    paged cache's own forward would, a dense copy of paged layers would keep their capacity rounded to pages)."""
     groups: dict[tuple, list[CompressedCache]] = {}
     for cache in caches:
         groups.setdefault(forward_key(cache, query_length), []).append(cache)
-    return [sorted(group, key=lambda cache: not cache.needs_token_ids) for group in groups.values()]
+    return [sorted(group, key=lambda cache: (not cache.needs_token_ids, cache.storage_layout() != "dense"))
+            for group in groups.values()]
 
 
 @torch.no_grad()
@@ -102,15 +106,17 @@ def prefill_shared(model, caches: list[CompressedCache], input_ids: torch.Tensor
         The model's output for each cache, in order (one object per forward: caches of one group share it; caches
         of different groups may differ in the last bits, as their own forwards would). Afterwards every cache holds
         exactly (bitwise) what it would hold had it run `model(input_ids, past_key_values=cache, **forward_kwargs)`
-        itself.
+        itself; the one exception is the memory allocated (not what is kept) of a paged cache that shares with a
+        dense one and evicts nothing at this prefill: its capacity is rounded to pages once, not at each growth.
 
     How, per group: its first cache (one that records input ids, if any of the group does) runs the forward with
     eviction deferred: the core computes the observation of every cache of the group (`attention.observation_key`:
-    once per distinct one) and each layer keeps them (`CompressedLayer.deferred`). Then its strategy's `prepare_deferred` runs (budget-independent work after a
-    forward, KVzip's reconstruction; only strategies that override it or the other forward hooks share with their
-    own class alone). The first cache of each other strategy class takes a copy of the prefilled layers and
-    recorded ids. Every other cache of a class takes a copy of its class's first cache's state, keeping the
-    attributes in which it differed from it before the forward (its settings: budget, windows, ...). Each cache
+    once per distinct one) and each layer keeps them (`CompressedLayer.deferred`). Then its strategy's
+    `prepare_deferred` runs (budget-independent work after a forward, KVzip's reconstruction; only strategies that
+    override it or the other forward hooks share with their own class alone). The first cache of each other
+    strategy class takes a copy of the prefilled layers (in its storage layout) and recorded ids. Every other cache
+    of a class takes a copy of its class's first cache's state (layers in its own layout), keeping the attributes in
+    which it differed from it before the forward (its settings: budget, allocation, windows, ...). Each cache
     then applies its eviction layer by layer (`evict`, with its observation) and `finish_deferred` (KVzip's cut);
     a class's first cache does so last. Eviction is per layer and after that layer's attention in a normal forward
     too, so deferring it changes nothing that later layers compute.

@@ -315,6 +315,31 @@ class PagedKV:
         return int((self.table >= 0).sum())
 
 
+def copy_in_layout(store, layout: str, page: int, capacity: int, used: int):
+    """An independent copy of `store` in `layout` ("dense", or "paged" with pages of `page` slots), holding the same
+    pairs at the same logical slots: a layer handed to a cache of another layout (`prefill_shared`: KVzip's global
+    and layer allocations share one prefill and reconstruction). `capacity`: the layer's logical slots; `used`: its
+    slots in use (a paged copy gets pages for those only, as a store filled by its own forward has). A store already
+    in `layout`, or quantized, is cloned."""
+    if isinstance(store, QuantizedKV) or layout == _layout_of(store, page):
+        return store.clone()
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    keys, values = store.read(capacity)  # (B, Hkv, capacity, d)
+    if layout == "dense":
+        return DenseKV(keys.clone(), values.clone())
+    paged = PagedKV.empty(keys, values, page)
+    paged.grow(capacity)
+    paged.write_range(0, keys[:, :, :used], values[:, :, :used])
+    return paged
+
+
+def _layout_of(store, page: int) -> str | None:
+    if type(store) is DenseKV:
+        return "dense"
+    return "paged" if type(store) is PagedKV and store.page == page else None
+
+
 class QuantizedKV(PagedKV):
     """`PagedKV` whose pages get quantized once they are old: KIVI's layout with eviction (`kvcompress.quantize`).
 

@@ -22,7 +22,7 @@ from kvcompress import (
     SnapKVCache,
 )
 from kvcompress.cache import cache_arg
-from kvcompress.storage import DenseKV, PagedKV
+from kvcompress.storage import DenseKV, PagedKV, copy_in_layout
 from kvcompress.testing import CharTokenizer, left_padded, tiny_llama
 
 MODEL = tiny_llama(seed=11)
@@ -220,3 +220,23 @@ def test_dense_is_the_default_layout():
     with torch.no_grad():
         MODEL(torch.arange(3, 8).unsqueeze(0), **cache_arg(cache))
     assert isinstance(cache.layers[0].store, DenseKV) and cache.layers[0].keys is cache.layers[0].store.keys
+
+
+@pytest.mark.parametrize("to", ["dense", "paged"])
+def test_a_copy_in_another_layout_holds_the_same_pairs(to):
+    """`copy_in_layout` (a layer handed to a cache of another layout by `prefill_shared`): the same keys and values
+    at every slot in use, pages only for those slots, and an independent copy."""
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, 3, 21, 8, generator=generator), torch.randn(2, 3, 21, 6, generator=generator)
+    source = DenseKV.empty(keys, values) if to == "paged" else PagedKV.empty(keys, values, page=4)
+    source.grow(30)
+    source.write_range(0, keys, values)
+    copy = copy_in_layout(source, to, 4, source.capacity, 21)
+    assert isinstance(copy, DenseKV if to == "dense" else PagedKV) and copy.capacity >= source.capacity
+    for got, want in zip(copy.read(21), (keys, values)):
+        assert torch.equal(got, want)
+    if to == "paged":
+        assert copy.pages_in_use() == 2 * 3 * 6  # ceil(21 / 4) pages per lane, none for the slots past 21
+    copy.write_range(0, keys[:, :, :1] + 1, values[:, :, :1])
+    assert torch.equal(source.read(21)[0], keys)  # the source is untouched
+    assert type(copy_in_layout(source, "paged" if to == "dense" else "dense", 4, 30, 21)) is type(source)
