@@ -18,17 +18,20 @@ attention module's `masked_key_indices` (kvpress keeps them until the next prefi
 Configurations: no press (full cache); KVzipPress(compression_ratio, layerwise False: kvpress's default, a global
 cut; and layerwise True: the same count per layer); each also scored from position 0 (`RecordingKVzipPress`
 of dump_kvpress.py: KVzipPress leaves positions [n_sink, 24) unscored, assuming a chat-template prefix the bench's
-context does not have).
+context does not have); KVzipPress with pruned pairs masked hard (`hard_mask`: kvpress's fake keys scaled so the
+pruned pairs get no attention, as when they are removed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import pathlib
 import time
 
+import kvpress.attention_patch
 import torch
 import transformers
 from kvpress import KVzipPress
@@ -45,7 +48,27 @@ CONFIGS = {
     "KVzipPress scored from 0": lambda ratio: RecordingKVzipPress(compression_ratio=ratio, score_from_start=True),
     "KVzipPress layerwise scored from 0": lambda ratio: RecordingKVzipPress(compression_ratio=ratio, layerwise=True,
                                                                             score_from_start=True),
+    "KVzipPress hard mask": lambda ratio: KVzipPress(compression_ratio=ratio),
 }
+HARD_MASK_SCALE = 1e6
+
+
+@contextlib.contextmanager
+def hard_mask():
+    """kvpress masks a pruned pair by overwriting its key with a fake key k = -1e5 Y / |Y|^2, where <q, Y> > 0 for
+    every query q of the forward (`kvpress.attention_patch.search_hyperplane`). The pair's logit <q, k> / sqrt(d) is
+    then -1e5 <q, Y> / (|Y|^2 sqrt(d)): when <q, Y> is small against |Y|^2 it is not far below the others, and the
+    "pruned" pair still gets attention and adds its value. This scales the fake key by `HARD_MASK_SCALE`, so the
+    pruned pairs' attention underflows to 0 (what removing them gives), to measure what the leak does."""
+    original = kvpress.attention_patch.search_hyperplane
+    kvpress.attention_patch.search_hyperplane = lambda X, max_iter=1000: original(X, max_iter) * HARD_MASK_SCALE
+    try:
+        yield
+    finally:
+        kvpress.attention_patch.search_hyperplane = original
+
+
+PATCHES = {"KVzipPress hard mask": hard_mask}
 
 
 def main(argv=None) -> None:
@@ -55,6 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ratio", type=float, default=0.9, help="compression_ratio (fraction removed)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma list of " + ", ".join(CONFIGS))
     parser.add_argument("--limit", type=int, default=None, help="first N samples only")
+    parser.add_argument("--samples", default=None, help="comma list of sample indices (default: every sample)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the samples --out already holds for each configuration; run only the others")
     args = parser.parse_args(argv)
@@ -64,6 +88,9 @@ def main(argv=None) -> None:
     out = args.out or HERE / f"ruler_kvpress_qwen_{args.ratio}.json"
     needles = json.loads(args.ids.read_text())
     samples = needles["samples"][: args.limit]
+    if args.samples:
+        wanted = {int(i) for i in args.samples.split(",")}
+        samples = [sample for sample in samples if sample["index"] in wanted]
     torch.set_num_threads(1)
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("kvpress.presses.kvzip_press").setLevel(logging.ERROR)
@@ -88,7 +115,7 @@ def main(argv=None) -> None:
             inputs = {"context_ids": torch.tensor([sample["context"]]),
                       "questions_ids": [torch.tensor([sample["question"]])]}
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), PATCHES.get(name, contextlib.nullcontext)():
                 text = pipe._forward(inputs, max_new_tokens=needles["answer_tokens"], press=press)[0]
             seconds = time.perf_counter() - start
             row = {"index": sample["index"], "answers": sample["answers"], "answer": text, "seconds": round(seconds, 1)}
