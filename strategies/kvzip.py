@@ -218,9 +218,9 @@ class KVzipCache(CompressedCache):
         return [positions[b][positions[b] >= self._scored[b]].sort().values if rows[b] else positions[b, :0]
                 for b in range(positions.shape[0])]
 
-    def _unscored_tokens(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """The ids of `_unscored_positions`, per row."""
-        return [self.token_ids[b, fresh] for b, fresh in enumerate(self._unscored_positions(rows))]
+    def _unscored_tokens(self, fresh: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The ids at each row's positions `fresh` (`_unscored_positions`), per row."""
+        return [self.token_ids[b, row] for b, row in enumerate(fresh)]
 
     def _chunk_scope(self, fresh: list[torch.Tensor], index: int) -> tuple[torch.Tensor, ...]:
         """normalize="chunk": per row, (sink_end, chunk_start, chunk_end) stream-position bounds (B,) each of the
@@ -244,7 +244,7 @@ class KVzipCache(CompressedCache):
     def _reconstruct(self, model, rows: torch.Tensor) -> None:
         """Score the unscored tokens of `rows`: one forward per chunk index, rows left-padded together."""
         fresh = self._unscored_positions(rows)
-        tokens = [self.token_ids[b, row] for b, row in enumerate(fresh)]
+        tokens = self._unscored_tokens(fresh)
         for layer in self.layers:  # unscored pairs start from 0 (their slots may hold an evicted pair's score)
             score = self._scores(layer)
             score.masked_fill_(self._fresh(layer, rows).expand_as(score), 0.0)

@@ -329,7 +329,7 @@ class _StaleScores(KVzipCache):
     """Planted: a reused slot starts from the score of the pair evicted from it."""
 
     def _reconstruct(self, model, rows):
-        tokens = self._unscored_tokens(rows)
+        tokens = self._unscored_tokens(self._unscored_positions(rows))
         start = self.get_seq_length()
         for index in range(max((len(r) + self.chunk - 1) // self.chunk for r in tokens)):
             self._reconstruct_chunk(model, [self._repeat_sequence(row, index) for row in tokens], start)
