@@ -40,7 +40,8 @@ import transformers
 from transformers import DynamicCache, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .cache import cache_arg, check_causal_lm, outside_attention_interface
+from .cache import cache_arg
+from .model_checks import check_causal_lm, outside_attention_interface
 from .testing import left_padded, max_step_error
 
 # float32, as the rest of the suite: the core (SDPA) and the references (SDPA / eager) differ by rounding, ~1e-7;

@@ -37,7 +37,7 @@ from .masks import MaskSpec, allowed_from_positions, kvcompress_mask
 from .rope import serving_layer
 
 if TYPE_CHECKING:
-    from .cache import CompressedLayer
+    from .layer import CompressedLayer
 
 IMPLEMENTATION = "kvcompress"
 BACKENDS = ("auto", "sdpa", "reference")

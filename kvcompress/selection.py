@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from einops import reduce
 
-from .cache import CompressedLayer
+from .layer import CompressedLayer
 
 
 def recent(layer: CompressedLayer, window: int, rank: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers.masking_utils import causal_mask_function
 
-from kvcompress import FullCache, architectures, attention, cache
+from kvcompress import FullCache, architectures, attention, model_checks
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
 
@@ -123,7 +123,7 @@ def test_the_sweep_catches_a_core_that_ignores_sliding_windows(monkeypatch):
 
 def test_the_sweep_catches_an_architecture_served_without_its_refusal(monkeypatch):
     """Planted: JetMoe taken off the refusal list. It then runs, and the per-kv-head check shows it is wrong."""
-    monkeypatch.delitem(cache.UNSERVED_ARCHITECTURES, "jetmoe")
+    monkeypatch.delitem(model_checks.UNSERVED_ARCHITECTURES, "jetmoe")
     verdict = architectures.check_architecture("jetmoe")
     assert verdict.status == "wrong", verdict
 

@@ -298,11 +298,11 @@ class _ShrinkForgetsRenumbering(QuantizedKV):
 
 @pytest.mark.parametrize("planted, strategy", [(_ResidualIgnored, "full"), (_ShrinkForgetsRenumbering, "anchor")])
 def test_the_read_check_catches_planted_store_bugs(planted, strategy, monkeypatch):
-    import kvcompress.cache
+    import kvcompress.layer
 
     model = tiny_llama(seed=4)
     check_kernel_reads_true_pairs(*run_pair(model, POSITION_BASED[strategy], ROWS, 30, 4, residual=3, group=2))
-    monkeypatch.setattr(kvcompress.cache, "QuantizedKV", planted)
+    monkeypatch.setattr(kvcompress.layer, "QuantizedKV", planted)
     with pytest.raises((AssertionError, IndexError)):
         check_kernel_reads_true_pairs(*run_pair(model, POSITION_BASED[strategy], ROWS, 30, 4, residual=3, group=2))
 
@@ -385,7 +385,7 @@ def test_bad_storage_options_name_the_parameter(options, message):
 
 
 def test_unsupported_dtype_is_refused():
-    from kvcompress.cache import check_quantizable
+    from kvcompress.model_checks import check_quantizable
 
     model = tiny_llama().to(torch.float16)
     FullCache(model, kv_bits=4, group=8)  # half precision is fine
@@ -481,7 +481,7 @@ def test_bad_demotion_options_are_refused(options, message):
 
 def test_the_demotion_check_catches_pairs_that_are_dropped_anyway(monkeypatch):
     """Planted: the layer frees slots without handing their pairs to the demoted store."""
-    from kvcompress.cache import CompressedLayer
+    from kvcompress.layer import CompressedLayer
 
     monkeypatch.setattr(CompressedLayer, "_demote", lambda self, freed: None)
     with pytest.raises(AssertionError):
