@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, parser, runner.RunConfig(
             model_name=args.model, device=device, dtype=args.dtype, tasks=selected, strategies=strategies,
             budgets=budgets, out=out, limits=limits, seed=args.seed, repeats=repeats, resume=args.resume,
-            options=options, progress=not args.no_progress, preset=args.preset,
-            share_prefill=share_prefill))
+            options=options, progress=not args.no_progress, preset=args.preset, share_prefill=share_prefill))
     finally:
         runner.close_distributed()
 
