@@ -143,16 +143,24 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, steps: int) -> tuple
     The first token comes from `first_logits`; each of the `steps` forwards feeds one token. Returns (the
     `steps` + 1 generated ids, seconds spent in the `steps` single-token forwards).
     """
-    token = first_logits.argmax(-1, keepdim=True).to(model.device)  # (1, 1)
-    out = [int(token)]
+    rows, seconds = greedy_decode_rows(model, cache, first_logits, steps)
+    return rows[0], seconds
+
+
+@torch.no_grad()
+def greedy_decode_rows(model, cache, first_logits: torch.Tensor, steps: int) -> tuple[list[list[int]], float]:
+    """`greedy_decode` for every row of `cache` (a batch, or a `CacheGroup`): `first_logits` (B, V). Returns (B
+    lists of `steps` + 1 ids, seconds spent in the `steps` forwards)."""
+    token = first_logits.argmax(-1, keepdim=True).to(model.device)  # (B, 1)
+    out = [token]
     sync(model.device)
     start = time.perf_counter()
     for _ in range(steps):
         logits = model(token, **cache_arg(cache), use_cache=True).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
-        out.append(int(token))
+        out.append(token)
     sync(model.device)
-    return out, time.perf_counter() - start
+    return torch.cat(out, dim=1).tolist(), time.perf_counter() - start
 
 
 @torch.no_grad()

@@ -133,6 +133,7 @@ class RunConfig:
     progress: bool = True
     preset: str = "quick"
     share_prefill: bool = False  # one prefill per sample for the cells of a task that can share it (`share_units`)
+    decode_together: bool = False  # then those cells' caches answer together (`CacheGroup`), not one by one
 
 
 def run(config: RunConfig, model, tokenizer) -> dict:
@@ -406,8 +407,11 @@ def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunC
     of them (`SharedPrefillTask.run_shared`, `kvcompress.shared_prefill.prefill_shared`: every cache ends bitwise as
     its own prefill would leave it, so the scores are those of `run_cell`). Each cell records `prefill_shared_with` (the
     unit's strategy|budget labels); its `prefill_seconds` is the shared prefill (the forward and every cut), and
-    `seconds`, `cpu_seconds` and the peak memory are the unit's. If the unit fails, its cells run one by one
-    (`run_cell`), each recording the unit's error as `shared_prefill_error`."""
+    `seconds`, `cpu_seconds` and the peak memory are the unit's. With `config.decode_together` the caches of a
+    sample then answer together, one forward per step (`kvcompress.cache_group.CacheGroup`; the model's linear layers
+    run on all rows at once, so the logits may differ in the last bits from decoding one by one, and a greedy token
+    may flip where two logits tie that closely); each answer says `decoded_together`. If the unit fails, its cells
+    run one by one (`run_cell`), each recording the unit's error as `shared_prefill_error`."""
     from kvcompress import registry
 
     strategies = [registry.resolve(cell.strategy) for cell in cells]
@@ -423,7 +427,7 @@ def run_shared_cells(cells: list[Cell], model, tokenizer, prepared, config: RunC
     try:
         with metrics.PeakMemory(model.device) as memory, metrics.stopwatch() as wall:
             results = task.run_shared(model, tokenizer, make_caches, prepared, count=len(cells), progress=progress,
-                                      journal=sample_journal(cells, config))
+                                      journal=sample_journal(cells, config), together=config.decode_together)
     except Exception as error:  # noqa: BLE001 - the cells alone say which one fails, and how
         alone = [run_cell(cell, strategy, model, tokenizer, prepared, config)
                  for cell, strategy in zip(cells, strategies)]
@@ -439,6 +443,8 @@ def sample_journal(cells: list[Cell], config: RunConfig) -> SampleJournal:
     unfinished sample. Its records are reused only for the same model, dtype, device, seed and task options."""
     fingerprint = {"model": config.model_name, "dtype": config.dtype, "device": config.device, "seed": config.seed,
                    "options": config.options}
+    if config.decode_together:  # answers may differ in the last bits from those decoded one by one: not mixed
+        fingerprint["decode"] = "together"
     return SampleJournal(config.out, [cell.key for cell in cells], fingerprint, fresh=not config.resume)
 
 
@@ -562,6 +568,7 @@ def describe(config: RunConfig) -> dict:
         "repeats": config.repeats,
         "options": config.options,
         "share_prefill": config.share_prefill,
+        "decode_together": config.decode_together,
         "score": "accuracy: argmax of the summed log-likelihood of each answer (lm-eval acc); accuracy_norm: "
         "divided by the answer's UTF-8 byte length (acc_norm)",
     }

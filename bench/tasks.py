@@ -45,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from kvcompress.cache_group import CacheGroup
+
 from . import floor, metrics, ruler
 from .stats import flags
 
@@ -111,15 +113,22 @@ class SharedPrefillTask(Task):
         list), "decode_rate" (tokens/s, None without a decode step)}."""
         raise NotImplementedError
 
+    def answer_together(self, model, tokenizer, caches: list, sample: dict, prepared) -> list[dict]:
+        """Answer `sample` from every cache of `caches` (prefilled alike), one record each as `answer` gives it.
+        Tasks that can decode the caches together (`kvcompress.cache_group.CacheGroup`: one forward per step for
+        all of them) override this; here each answers alone."""
+        return [self.answer(model, tokenizer, cache, sample, prepared) for cache in caches]
+
     def summary(self, prepared) -> dict:
         """Fields of every result beside the scores (e.g. the query mode)."""
         return {}
 
     def run_shared(self, model, tokenizer, make_caches, prepared, *, count: int, progress=None,
-                   journal=None) -> list[dict]:
+                   journal=None, together: bool = False) -> list[dict]:
         """`count` results, one per cache of `make_caches`. With a `journal`, a sample is run only for the caches
         whose record of it the journal lacks (a result that took some: `resumed_samples`, and their wall and CPU
-        seconds as `resumed_seconds` / `resumed_cpu_seconds`)."""
+        seconds as `resumed_seconds` / `resumed_cpu_seconds`). `together`: a sample's caches answer together
+        (`answer_together`), not one by one."""
         runs = [_Tally() for _ in range(count)]
         for index, sample in enumerate(prepared["samples"]):
             digest = sample_digest(sample)
@@ -127,7 +136,8 @@ class SharedPrefillTask(Task):
             resumed = [entry is not None for entry in found]
             missing = [i for i, was_resumed in enumerate(resumed) if not was_resumed]
             if missing:
-                ran = dict(zip(missing, self._run_sample(model, tokenizer, make_caches, sample, prepared, missing)))
+                ran = dict(zip(missing, self._run_sample(model, tokenizer, make_caches, sample, prepared, missing,
+                                                         together)))
                 if journal is not None:
                     journal.save(index, digest, ran)
                 found = [ran.get(i, entry) for i, entry in enumerate(found)]
@@ -148,19 +158,21 @@ class SharedPrefillTask(Task):
             **tally.resumed,
         } for tally in runs]
 
-    def _run_sample(self, model, tokenizer, make_caches, sample: dict, prepared, which: list[int]) -> list[dict]:
-        """One sample through the caches `which` of `make_caches` (prefilled together): one entry each,
-        {"prefill_seconds", "seconds", "cpu_seconds" (the sample's, shared by its caches), "record": {"score",
-        "answer", "decode_rate", "stats": `metrics.kv_stats` after the prefix}}."""
+    def _run_sample(self, model, tokenizer, make_caches, sample: dict, prepared, which: list[int],
+                    together: bool = False) -> list[dict]:
+        """One sample through the caches `which` of `make_caches` (prefilled together, then answering one by one
+        or, `together`, together): one entry each, {"prefill_seconds", "seconds", "cpu_seconds" (the sample's,
+        shared by its caches), "record": {"score", "answer", "decode_rate", "stats": `metrics.kv_stats` after the
+        prefix}}."""
         start, cpu_start = time.perf_counter(), time.process_time()
         prefix = sample["prefix"]
         caches = make_caches(prefix.shape[1])
         caches = [caches[i] for i in which]
         prefill_seconds = metrics.prefill_caches(model, caches, prefix)
-        records = []
-        for cache in caches:
-            stats = metrics.kv_stats(cache, model, prefix.shape[1])
-            records.append({**self.answer(model, tokenizer, cache, sample, prepared), "stats": stats})
+        stats = [metrics.kv_stats(cache, model, prefix.shape[1]) for cache in caches]
+        answers = self.answer_together(model, tokenizer, caches, sample, prepared) if together else \
+            [self.answer(model, tokenizer, cache, sample, prepared) for cache in caches]
+        records = [{**answer, "stats": cache_stats} for answer, cache_stats in zip(answers, stats)]
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         return [{"prefill_seconds": prefill_seconds, "seconds": seconds, "cpu_seconds": cpu_seconds,
                  "record": record} for record in records]
@@ -412,13 +424,25 @@ class Needle(SharedPrefillTask):
         return {"samples": samples, "answer_tokens": int(options.get("needle_answer_tokens", self.answer_tokens))}
 
     def answer(self, model, tokenizer, cache, sample, prepared):
-        logits, _ = metrics.prefill(model, cache, sample["question"])
+        return self.answer_together(model, tokenizer, [cache], sample, prepared)[0]
+
+    def answer_together(self, model, tokenizer, caches, sample, prepared):
+        """The question, then `answer_tokens` greedy tokens per cache; more than one cache: as a `CacheGroup` (one
+        forward per step for all), each record then says `decoded_together` and has no decode rate."""
+        cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
+        logits, _ = metrics.prefill(model, cache, sample["question"].expand(len(caches), -1))
         steps = prepared["answer_tokens"] - 1
-        tokens, seconds = metrics.greedy_decode(model, cache, logits, steps)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        hit = sample["number"] in re.sub(r"[\s,]", "", text)
-        return {"score": float(hit), "decode_rate": steps / seconds if steps else None,
-                "answer": {"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit}}
+        rows, seconds = metrics.greedy_decode_rows(model, cache, logits, steps)
+        records = []
+        for tokens in rows:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            hit = sample["number"] in re.sub(r"[\s,]", "", text)
+            answer = {"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit}
+            if len(caches) > 1:
+                answer["decoded_together"] = len(caches)
+            records.append({"score": float(hit), "answer": answer,
+                            "decode_rate": steps / seconds if steps and len(caches) == 1 else None})
+        return records
 
     def summary(self, prepared):
         return {"query": self.query}
@@ -572,12 +596,24 @@ class Ruler(SharedPrefillTask):
         return {"samples": items, "answer_tokens": int(cap), "query": self.query}
 
     def answer(self, model, tokenizer, cache, sample, prepared):
-        logits, _ = metrics.prefill(model, cache, sample["tail"])
-        text, steps, seconds = _greedy_answer(model, tokenizer, cache, logits, prepared["answer_tokens"],
-                                              sample["answers"])
-        score = ruler.score(text, sample["answers"])
-        return {"score": score, "decode_rate": steps / seconds if steps else None,
-                "answer": {"expected": sample["answers"], "answer": text, "score": score, "tokens": steps + 1}}
+        return self.answer_together(model, tokenizer, [cache], sample, prepared)[0]
+
+    def answer_together(self, model, tokenizer, caches, sample, prepared):
+        """The rest of the prompt, then greedy answers (`_greedy_answers`); more than one cache: as a `CacheGroup`
+        (one forward per step for the rows still answering), each record then says `decoded_together` (the group's
+        rows) and has no decode rate (its steps' time is the group's)."""
+        cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
+        logits, _ = metrics.prefill(model, cache, sample["tail"].expand(len(caches), -1))
+        answers = _greedy_answers(model, tokenizer, cache, logits, prepared["answer_tokens"], sample["answers"])
+        records = []
+        for text, steps, seconds in answers:
+            score = ruler.score(text, sample["answers"])
+            record = {"score": score, "decode_rate": steps / seconds if steps and len(caches) == 1 else None,
+                      "answer": {"expected": sample["answers"], "answer": text, "score": score, "tokens": steps + 1}}
+            if len(caches) > 1:
+                record["answer"]["decoded_together"] = len(caches)
+            records.append(record)
+        return records
 
     def summary(self, prepared):
         samples = prepared["samples"]
@@ -585,26 +621,51 @@ class Ruler(SharedPrefillTask):
                 "answer_tokens": prepared["answer_tokens"]}
 
 
-@torch.no_grad()
-def _greedy_answer(model, tokenizer, cache, first_logits, max_tokens: int, expected: list[str]):
-    """Greedy decode of at most `max_tokens` tokens; stops at EOS or when every expected string is in the text.
+def _greedy_answer(model, tokenizer, cache, first_logits, max_tokens: int, expected: list[str]) -> tuple:
+    """`_greedy_answers` of a one-row cache: (text, single-token forwards run, seconds spent in them)."""
+    return _greedy_answers(model, tokenizer, cache, first_logits, max_tokens, expected)[0]
 
-    Returns (text, single-token forwards run, seconds spent in them).
+
+@torch.no_grad()
+def _greedy_answers(model, tokenizer, cache, first_logits, max_tokens: int, expected: list[str]) -> list[tuple]:
+    """Greedy decode of at most `max_tokens` tokens per row of `cache` (a cache of one row, or a `CacheGroup`);
+    a row stops at EOS or when every expected string is in its text, and leaves the group then.
+
+    Args:
+        first_logits: (B, V) the logits after the prompt, one row per row of `cache`.
+
+    Returns:
+        One (text, single-token forwards it took part in, seconds spent in them) per row.
     """
     from kvcompress.cache import cache_arg
 
-    token = first_logits.argmax(-1, keepdim=True).to(model.device)
-    out, steps, seconds = [int(token)], 0, 0.0
     eos = tokenizer.eos_token_id
-    while len(out) < max_tokens and out[-1] != eos and ruler.score(tokenizer.decode(out), expected) < 1:
+    outs = [[int(token)] for token in first_logits.argmax(-1)]
+    steps, seconds = [0] * len(outs), [0.0] * len(outs)
+
+    def answering(row: int) -> bool:
+        out = outs[row]
+        return len(out) < max_tokens and out[-1] != eos and ruler.score(tokenizer.decode(out), expected) < 1
+
+    running = [row for row in range(len(outs)) if answering(row)]
+    if isinstance(cache, CacheGroup) and len(running) < len(outs):
+        cache = cache.without([row for row in range(len(outs)) if row not in running])
+    while running:
+        tokens = torch.tensor([[outs[row][-1]] for row in running], device=model.device)
         metrics.sync(model.device)
         start = time.perf_counter()
-        token = model(token, **cache_arg(cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = model(tokens, **cache_arg(cache), use_cache=True).logits[:, -1].argmax(-1)
         metrics.sync(model.device)
-        seconds += time.perf_counter() - start
-        steps += 1
-        out.append(int(token))
-    return tokenizer.decode(out, skip_special_tokens=True), steps, seconds
+        elapsed = time.perf_counter() - start
+        for row, token in zip(running, tokens.tolist()):
+            outs[row].append(token)
+            steps[row] += 1
+            seconds[row] += elapsed
+        finished = [i for i, row in enumerate(running) if not answering(row)]
+        if finished:
+            running = [row for i, row in enumerate(running) if i not in finished]
+            cache = cache.without(finished) if isinstance(cache, CacheGroup) and running else cache
+    return [(tokenizer.decode(out, skip_special_tokens=True), n, t) for out, n, t in zip(outs, steps, seconds)]
 
 
 # ------------------------------------------------------------------------------------------------------------

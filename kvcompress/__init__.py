@@ -3,6 +3,7 @@
 from . import registry
 from .attention import attend, capture, enable, set_backend
 from .cache import CompressedCache, CompressedLayer, UnsupportedFeatureError, cache_arg, prepare
+from .cache_group import CacheGroup
 from .shared_prefill import prefill_shared
 from .strategies import (
     AnchorCache,
@@ -21,6 +22,7 @@ from .strategies import (
 
 __all__ = [
     "AnchorCache",
+    "CacheGroup",
     "CompressedCache",
     "CompressedLayer",
     "ExpectedAttentionCache",

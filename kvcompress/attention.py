@@ -15,6 +15,8 @@
    probabilities of the last w queries, the attention each slot received, summed or its max) with the same mask
    and scale; a pad query observes nothing (its row is all zeros);
 6. tells the cache layer the forward is done, so it evicts (after attention, never before).
+
+A forward through a `CacheGroup` (batch-1 caches decoded together) runs these steps for each member on its own row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
 
@@ -87,6 +89,43 @@ def serve_layer(layer: CompressedLayer) -> None:
         _state.layer = None
         raise not_served_error(pending.layer_idx)
     _state.layer = layer
+
+
+def serve_group(layer_idx: int, served: list[tuple[CompressedLayer, torch.Tensor, torch.Tensor]]) -> None:
+    """Called by a `CacheGroup` layer's update: the next attention call for `layer_idx` runs each member's layer
+    in `served` ((layer, keys, values) as its `update` returned them) on its own row of the queries."""
+    _state.layer = None
+    _state.group = (layer_idx, served)
+
+
+def _take_group(layer_idx: int | None):
+    group = getattr(_state, "group", None)
+    if group is None:
+        return None
+    _state.group = None
+    if group[0] != layer_idx:
+        raise RuntimeError(f"a CacheGroup's layer {group[0]} was updated, but attention ran for layer {layer_idx}")
+    return group[1]
+
+
+def _attend_group(served, module, query, attention_mask, dropout, scaling, kwargs):
+    """Each member of a `CacheGroup` through the one-cache path of `kvcompress_attention`, on its row of the
+    queries (and of the mask's padding and of position_ids); the outputs stacked in row order. Returns
+    (output (B, Q, Hq, d), None)."""
+    rows = query.shape[0]
+    outputs = []
+    for i, (layer, key, value) in enumerate(served):
+        mask = attention_mask
+        if isinstance(mask, MaskSpec) and mask.padding is not None:
+            mask = replace(mask, padding=mask.padding[i : i + 1])
+        elif isinstance(mask, torch.Tensor) and mask.shape[0] == rows and rows > 1:
+            mask = mask[i : i + 1]
+        row_kwargs = {name: arg[i : i + 1] if isinstance(arg, torch.Tensor) and arg.ndim >= 1
+                      and arg.shape[0] == rows and rows > 1 else arg for name, arg in kwargs.items()}
+        _state.layer = layer
+        outputs.append(kvcompress_attention(module, query[i : i + 1], key, value, mask, dropout, scaling,
+                                            **row_kwargs)[0])
+    return torch.cat(outputs, dim=0), None
 
 
 def _same_cache(a: CompressedLayer, b: CompressedLayer) -> bool:
@@ -178,6 +217,9 @@ def kvcompress_attention(
         raise NotImplementedError("the kvcompress core does not apply attention-logit soft-capping (softcap)")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("the kvcompress core does not apply learned attention sinks (s_aux)")
+    served = _take_group(getattr(module, "layer_idx", None))
+    if served is not None:  # a CacheGroup: each member on its own row
+        return _attend_group(served, module, query, attention_mask, dropout, scaling, kwargs)
     q_len = query.shape[-2]
     layer = _take_layer(getattr(module, "layer_idx", None))
     kv_positions = None

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -455,6 +456,34 @@ def test_share_prefill_gives_the_cells_of_a_run_without_it(tiny_dir, tmp_path, c
         assert shared[key].get("prefill_shared_with") == units.get(strategy), key
         assert "shared_prefill_error" not in shared[key]
     assert json.loads((tmp_path / "shared" / "results.json").read_text())["config"]["share_prefill"] is True
+
+
+def test_decode_together_gives_the_answers_of_decoding_one_by_one(tiny_dir, tmp_path, capsys):
+    """--decode-together (a unit's caches answer in one forward per step, `CacheGroup`) gives every cell the answers
+    and scores of decoding its cache alone here (a greedy token could flip only on a tie at float32's last bits;
+    the qwen grid's measured flips are in docs/bench.md), journals apart from them, and no per-cell decode rate."""
+    argv = ["--model", str(tiny_dir), "--strategies", "snapkv,kvzip,h2o,tova,full", "--tasks",
+            "ruler_niah_single_number@512,needle@512", "--query", "after,before", "--budgets", "0.25,0.5",
+            "--limit", "2", "--no-progress", "--no-plots", "--share-prefill"]
+    runs = {}
+    for name, extra in (("one_by_one", []), ("together", ["--decode-together"])):
+        code, captured = _run_cli(argv + extra + ["--out", str(tmp_path / name)], capsys)
+        assert code == 0, captured.err
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    alone, together = runs["one_by_one"]["cells"], runs["together"]["cells"]
+    assert set(alone) == set(together) and len(alone) == 2 * 2 * (4 * 2 + 1)
+    for key, cell in alone.items():
+        mine = together[key]
+        assert mine["status"] == cell["status"] == "ok", (key, mine.get("error"), mine.get("shared_prefill_error"))
+        assert mine["accuracy"] == cell["accuracy"] and mine["kv_bytes"] == cell["kv_bytes"], key
+        assert [a["answer"] for a in mine["answers"]] == [a["answer"] for a in cell["answers"]], key
+        assert all(a["decoded_together"] == len(mine["prefill_shared_with"]) for a in mine["answers"]), key
+        assert mine["decode_tokens_per_s"] is None and cell["decode_tokens_per_s"] is not None, key
+    assert runs["together"]["config"]["decode_together"] is True
+    journal = runner.sample_journal
+    config = runner.RunConfig("m", "cpu", "float32", [], [], [], tmp_path / "j")
+    fingerprints = {journal([], replace(config, decode_together=flag)).fingerprint for flag in (False, True)}
+    assert len(fingerprints) == 2, "answers decoded together would resume from answers decoded one by one"
 
 
 def test_a_failing_shared_unit_runs_its_cells_alone(tiny_dir, tmp_path, capsys, monkeypatch):

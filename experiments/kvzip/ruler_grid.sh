@@ -8,6 +8,10 @@
 # unfinished sample (the journals under <out>/samples/, committed with the results). SmolLM2-135M's full cache
 # fails most niah tasks (single_word 1/30), so its compressed cells there measure nothing: run `full` alone first
 # (STRATEGIES=full) and the grid where the full cache answers.
+# `--decode-together` (since 2026-12-02, from niah_single_uuid on): the caches of a unit then answer together, one
+# forward per decode step (`kvcompress.cache_group.CacheGroup`, ~2.7x cheaper per unit on uuid; answers equal to
+# decoding one by one in 38 of 38 measured, experiments/kvzip/decode_together.py). Such cells journal apart and are
+# marked "*" in the table. The tasks finished before (single_number, single_word) were decoded one by one.
 # Several copies may run at once into the same folder (the bench merges under a lock); give each a different
 # `--query` to avoid running a cell twice.
 # Usage: nice -n 15 bash experiments/kvzip/ruler_grid.sh [out] [query: after|before|both] [budgets: 0.25,0.5,0.1]
@@ -27,5 +31,5 @@ tasks=$(echo "$kinds" | sed 's/\([^,]*\)/ruler_\1@4096/g')
 strategies=${STRATEGIES:-full,kvzip,snapkv,sink_window,h2o,tova,pyramidkv,knorm,expected_attention,anchor,kvzip:allocation=layer}
 for query in $queries; do
   OMP_NUM_THREADS=1 python -m kvcompress.bench --model "$model" --tasks "$tasks" --query "$query" --budgets "$budgets" \
-      --limit 30 --strategies "$strategies" --threads 1 --no-progress --no-plots --share-prefill --out "$out" --resume
+      --limit 30 --strategies "$strategies" --threads 1 --no-progress --no-plots --share-prefill --decode-together --out "$out" --resume
 done

@@ -1,5 +1,5 @@
-"""Why kvzip loses RULER-4K needles that the full cache finds: for samples of `ruler_niah_single_number@4096`
-(question after the compressed context), per cache: the fraction of the needle's key and value tokens each layer
+"""Why a cache loses RULER-4K needles that the full cache finds: for samples of `ruler_niah_<kind>@4096` (a
+single-needle kind; question after the compressed context, or `--query before`: in it), per cache: the fraction of the needle's key and value tokens each layer
 keeps (mean over kv heads), the fraction of all context tokens it keeps, and the greedy answer; and the model's own
 repeat quality on each reconstruction chunk (teacher-forced top-1 accuracy of the repeated tokens, overall and on the
 needle's value tokens), which is what KVzip's scores rest on. Not a test: the measurement behind docs/kvzip.md's
@@ -8,6 +8,8 @@ RULER paragraph.
     OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --samples 0,1,2,4 --caches kvzip,kvzip:chunk=4096
     OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --model qwen2.5-0.5b --fraction 0.1 \
         --samples 0,1,2 --caches kvzip,kvzip:allocation=layer
+    OMP_NUM_THREADS=1 python experiments/kvzip/ruler_kept.py --model qwen2.5-0.5b --kind niah_single_uuid \
+        --query before --fraction 0.5 --samples 0,1 --caches full,snapkv,tova,sink_window
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--samples", default="0,1,2,4", help="sample indices (the bench's seeds 0..29)")
     parser.add_argument("--caches", default="kvzip,kvzip:chunk=4096")
     parser.add_argument("--fraction", type=float, default=0.25)
+    parser.add_argument("--kind", default="niah_single_number", choices=["niah_single_number", "niah_single_word",
+                                                                         "niah_single_uuid"])
+    parser.add_argument("--query", default="after", choices=["after", "before"])
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", default=None)
@@ -71,16 +76,17 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     essays, rows = essays_text(), []
     for index in (int(i) for i in args.samples.split(",")):
-        sample = ruler.generate("niah_single_number", tokenizer, args.length, index, essays)
+        sample = ruler.generate(args.kind, tokenizer, args.length, index, essays)
         (key, value), = sample.info["needles"]
         ids, key_at, value_at = needle_spans(tokenizer, sample.context, key, value)
         context, question, answer_prefix = ruler.prompt_tokens(tokenizer, sample)
         assert context == ids, "offsets tokenization differs from the bench's"
-        prefix, tail = torch.tensor([ids]), torch.tensor([question + answer_prefix])
+        prefix, tail = (torch.tensor([ids]), torch.tensor([question + answer_prefix])) if args.query == "after" \
+            else (torch.tensor([ids + question]), torch.tensor([answer_prefix]))
         row = {"sample": index, "value": value, "context_tokens": len(ids), "key_tokens": key_at,
                "value_tokens": value_at, "caches": {}}
         for name in args.caches.split(","):
-            cache = build_cache(name, model, tokenizer, len(ids), args.fraction)
+            cache = build_cache(name, model, tokenizer, prefix.shape[1], args.fraction)
             model.set_attn_implementation("kvcompress")
             model(prefix, **_cache_kw(cache))
             kept = {"key": [], "value": [], "all": []}
@@ -91,7 +97,7 @@ def main() -> None:
                     span = torch.tensor(span)
                     kept[part].append(torch.stack([torch.isin(span, p) for p in positions]).float().mean().item())
             logits = model(tail, **_cache_kw(cache)).logits[:, -1]
-            text, _, _ = _greedy_answer(model, tokenizer, cache, logits, ruler.ANSWER_TOKENS["niah_single_number"],
+            text, _, _ = _greedy_answer(model, tokenizer, cache, logits, ruler.ANSWER_TOKENS[args.kind],
                                         sample.answers)
             row["caches"][name] = {"kept": kept, "answer": text, "score": ruler.score(text, sample.answers)}
             if name.startswith("kvzip") and "repeat" not in row:

@@ -5,7 +5,9 @@ allows 128) and end in the first 2 or more characters of an expected answer, wit
 (`ruler.cut_short`: a restated question, then the right digits so far). "-" where the cell has not run yet. An
 answer's tokens are the ones the bench recorded (since 2026-12-01), else its text encoded again with the model's
 tokenizer. Then the coverage (cells finished of the grid) and, at 25% kept with the question after, each strategy's
-accuracy as a share of the full cache's on the tasks where both ran. Writes table.md into the grid folder.
+accuracy as a share of the full cache's on the tasks where both ran. A "*" marks a cell whose answers were decoded
+together with the other caches of their unit (`--decode-together`, `kvcompress.cache_group.CacheGroup`). Writes
+table.md into the grid folder.
 
     python experiments/kvzip/ruler_table.py [docs/results/ruler4k-grid]
 """
@@ -48,7 +50,8 @@ def main() -> None:
     total = len(TASKS) * 2 * (len(NO_BUDGET) + (len(STRATEGIES) - len(NO_BUDGET)) * len(FRACTIONS))
     done = sum(1 for t in TASKS for q in ("", ":before") for s in STRATEGIES
                for b in (["-"] if s in NO_BUDGET else FRACTIONS) if f"ruler_niah_{t}@4096{q}|{s}|{b}" in cells)
-    lines += [f"Coverage: {done} of {total} cells. \"k cut\": misses cut mid-answer by the answer budget.", "",
+    lines += [f"Coverage: {done} of {total} cells. \"k cut\": misses cut mid-answer by the answer budget. \"*\": "
+              "answers decoded together with the other caches of their unit (--decode-together), not one by one.", "",
               "## Share of the full cache's accuracy at 25% kept, asked after (summed right answers over the tasks "
               "where both ran)", "", "| strategy | right / full's right | tasks |", "|---|---:|---:|"]
     for strategy in [s for s in STRATEGIES if s not in NO_BUDGET]:
@@ -75,8 +78,9 @@ def _score(cell: dict | None, count_tokens) -> str:
     cut = sum(1 for answer in cell.get("answers", []) if answer["score"] < 1
               and ruler.cut_short(answer["answer"], answer["expected"])
               and (answer["tokens"] if "tokens" in answer else count_tokens(answer["answer"])) >= cap)
+    together = "*" if any(answer.get("decoded_together") for answer in cell.get("answers", [])) else ""
     return f"{stats.with_interval(cell['accuracy'], cell.get('ci', {}).get('accuracy'), '.2f')} ({right:.0f}/" \
-           f"{cell['n_examples']}" + (f", {cut} cut)" if cut else ")")
+           f"{cell['n_examples']}" + (f", {cut} cut)" if cut else ")") + together
 
 
 def _token_counter(model: str):
