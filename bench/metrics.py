@@ -203,18 +203,24 @@ def median(values: Sequence[float]) -> float | None:
 class PeakMemory:
     """Peak memory of a block of work.
 
-    CPU: a thread samples the process RSS every `interval` seconds; `peak_mb` is the highest sample minus the RSS
-    at entry (the process high-water mark `ru_maxrss` cannot be reset, so it cannot give a per-cell peak; it is
-    reported separately as `process_maxrss_mb`). CUDA: `torch.cuda.max_memory_allocated` after a reset, minus
-    the allocation at entry.
+    CPU: the highest process RSS during the block minus the RSS at entry. On Linux it is read exactly, with no
+    thread: the kernel's RSS high-water mark (`VmHWM` in /proc/self/status) is reset at entry (writing 5 to
+    /proc/self/clear_refs) and read at exit; blocks may nest (an inner block's reset first folds the high-water mark
+    so far into every open outer block, and its peak folds into them at exit). Elsewhere (no /proc, or the reset
+    refused) a thread samples the RSS every `interval` seconds. (The process high-water mark `ru_maxrss` cannot be
+    reset, so it cannot give a per-cell peak; it is reported separately as `process_maxrss_mb`.) CUDA:
+    `torch.cuda.max_memory_allocated` after a reset, minus the allocation at entry.
     """
+
+    _open_exact: list[PeakMemory] = []  # the blocks reading the kernel's high-water mark, outermost first
 
     def __init__(self, device: torch.device | str, interval: float = 0.005):
         self.device = torch.device(device)
         self.interval = interval
         self.peak_mb: float | None = None
-        self.peak_total_mb: float | None = None  # CPU: highest RSS sampled (whole process); CUDA: max allocated
+        self.peak_total_mb: float | None = None  # CPU: highest RSS (whole process); CUDA: max allocated
         self.kind = "cuda_max_allocated" if self.device.type == "cuda" else "rss_delta"
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -224,6 +230,12 @@ class PeakMemory:
             return self
         self._base = _rss()
         self._peak = self._base
+        high_water = _rss_high_water()
+        if high_water is not None and _reset_rss_high_water():
+            for outer in self._open_exact:
+                outer._peak = max(outer._peak, high_water)
+            self._open_exact.append(self)
+            return self
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -239,9 +251,15 @@ class PeakMemory:
             self.peak_total_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
             self.peak_mb = self.peak_total_mb - self._base / 2**20
             return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, _rss())
+        if self._thread is None:
+            self._peak = max(self._peak, _rss_high_water() or 0, _rss())
+            self._open_exact.remove(self)
+            for outer in self._open_exact:
+                outer._peak = max(outer._peak, self._peak)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _rss())
         self.peak_mb = (self._peak - self._base) / 2**20
         self.peak_total_mb = self._peak / 2**20
 
@@ -256,6 +274,28 @@ def _rss() -> int:
 
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_high_water() -> int | None:
+    """The kernel's RSS high-water mark of this process in bytes (Linux `VmHWM`), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_high_water() -> bool:
+    """Reset `VmHWM` to the current RSS (Linux >= 4.0); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def process_maxrss_mb() -> float:
