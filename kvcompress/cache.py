@@ -503,6 +503,27 @@ QUANTIZED_BITS = (8, 4, 2)
 STORAGE_OPTIONS = ("kv_bits", "residual", "group", "evicted")
 
 
+def check_distinct_caches(caches: list, name: str, model=None) -> None:
+    """What the APIs taking several caches of one model (`prefill_shared`, `CacheGroup`) ask of them: at least one,
+    each a `CompressedCache` bound to `model` (default: the first cache's), none twice. The errors name `name[i]`."""
+    if not caches:
+        raise ValueError(f"{name} must hold at least one cache")
+    for i, cache in enumerate(caches):
+        if not isinstance(cache, CompressedCache):
+            raise TypeError(f"{name}[{i}] is a {type(cache).__name__}, not a kvcompress CompressedCache")
+        if any(cache is other for other in caches[:i]):
+            raise ValueError(f"{name}[{i}] appears twice in {name}")
+        if not cache.is_bound or cache._model_ref is None:
+            raise ValueError(f"{name}[{i}] has no model yet: build it with the model ({type(cache).__name__}(model, "
+                             "...)), or attach it (cache.attach(model))")
+        if model is None:
+            model = cache._model_ref()
+            if model is None:
+                raise ValueError(f"{name}[{i}]'s model no longer exists (it was garbage-collected)")
+        if cache._model_ref() is not model:
+            raise ValueError(f"{name}[{i}] was built for another model")
+
+
 def _takes_options(function) -> bool:
     import inspect
 

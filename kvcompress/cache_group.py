@@ -30,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention
-from .cache import CompressedCache
+from .cache import CompressedCache, check_distinct_caches
 
 # forward arguments that carry one row per batch row (sliced for each member); others are passed as they are
 ROW_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
@@ -54,8 +54,9 @@ class CacheGroup(Cache):
 
     Raises:
         TypeError: a member is not a `CompressedCache`.
-        ValueError: no member, a member twice, a member without a model or of another model, one that holds more
-            than one row, or members that have seen different numbers of tokens.
+        ValueError: no member, a member twice, a member without a model or of another model than the first, one
+            that holds more than one row, or members that have seen different numbers of tokens.
+    (Its layers are neither compileable nor croppable, so neither is the group.)
     """
 
     def __init__(self, members: Sequence[CompressedCache]):
@@ -81,14 +82,6 @@ class CacheGroup(Cache):
         """The first member's: the kvcompress mask keeps only the query offset (each member's keys carry their
         own positions, `masks.MaskSpec`), which is the same for every member."""
         return self.members[0].get_mask_sizes(query_length, layer_idx)
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
 
     def _refuse(self, *args, **kwargs):
         raise NotImplementedError(
@@ -159,17 +152,8 @@ class _GroupLayer(CacheLayerMixin):
 
 
 def _check_members(members: list) -> None:
-    if not members:
-        raise ValueError("a CacheGroup needs at least one member cache")
+    check_distinct_caches(members, "members")
     for i, member in enumerate(members):
-        if not isinstance(member, CompressedCache):
-            raise TypeError(f"members[{i}] is a {type(member).__name__}, not a kvcompress CompressedCache")
-        if any(member is other for other in members[:i]):
-            raise ValueError(f"members[{i}] appears twice in the group")
-        if not member.is_bound or member._model_ref is None or member._model_ref() is None:
-            raise ValueError(f"members[{i}] has no model: build it with the model, or attach it (cache.attach(model))")
-        if member._model_ref() is not members[0]._model_ref():
-            raise ValueError(f"members[{i}] belongs to another model than members[0]")
         layer = member.layers[0]
         if layer.is_initialized and layer.positions.shape[0] != 1:
             raise ValueError(f"members[{i}] holds {layer.positions.shape[0]} rows; a group's members hold one each")

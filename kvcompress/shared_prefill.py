@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import attention
-from .cache import MODEL_LINKS, CompressedCache, cache_arg
+from .cache import MODEL_LINKS, CompressedCache, cache_arg, check_distinct_caches
 
 # what makes the core take another path through a forward, so that caches differing in it cannot share one: the
 # kernel (blockwise with reductions for strategies observing all queries; a decode step's kernel for those observing
@@ -60,18 +60,8 @@ def _settings(cache: CompressedCache) -> dict:
 
 
 def _check(model, caches: list[CompressedCache]) -> None:
-    if not caches:
-        raise ValueError("caches must hold at least one cache")
+    check_distinct_caches(caches, "caches", model)
     for i, cache in enumerate(caches):
-        if not isinstance(cache, CompressedCache):
-            raise TypeError(f"caches[{i}] is a {type(cache).__name__}, not a kvcompress CompressedCache")
-        if any(cache is other for other in caches[:i]):
-            raise ValueError(f"caches[{i}] appears twice in caches")
-        if not cache.is_bound:
-            raise ValueError(f"caches[{i}] has no model yet: build it with the model ({type(cache).__name__}(model, "
-                             "...)) to prefill it with others")
-        if cache._model_ref() is not model:
-            raise ValueError(f"caches[{i}] was built for another model")
         if any(layer.is_initialized for layer in cache.layers):
             raise ValueError(f"caches[{i}] has been used: prefill_shared fills fresh caches")
         if not shareable_storage(cache):

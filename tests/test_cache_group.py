@@ -142,7 +142,7 @@ def _prefilled(specs, prompt_length=60):
 
 
 def test_bad_members_are_refused_with_the_reason():
-    with pytest.raises(ValueError, match="at least one member"):
+    with pytest.raises(ValueError, match="at least one cache"):
         CacheGroup([])
     with pytest.raises(TypeError, match=r"members\[1\] is a DynamicCache"):
         CacheGroup([_prefilled(["full"])[0], DynamicCache()])
