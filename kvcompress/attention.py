@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 IMPLEMENTATION = "kvcompress"
 BACKENDS = ("auto", "sdpa", "reference")
 
-_state = threading.local()  # .layer: the CompressedLayer whose update() awaits its attention; .captures: list
+_state = threading.local()  # .layer: the CompressedLayer whose update() awaits its attention; .group: a CacheGroup
+# layer's (layer index, [(member layer, keys, values)]) awaiting it; .captures: list
 _backend = "auto"
 
 
@@ -89,6 +90,15 @@ def serve_layer(layer: CompressedLayer) -> None:
         _state.layer = None
         raise not_served_error(pending.layer_idx)
     _state.layer = layer
+    _state.group = None  # a CacheGroup forward that failed midway leaves nothing for this one
+
+
+def row_of(value, row: int, rows: int):
+    """Row `row` (as a batch of one) of a per-row tensor of `rows` rows; a tensor shared by the rows (batch 1) or any
+    other value as is. How a `CacheGroup` hands each member its row of a forward's arguments."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows and rows > 1:
+        return value[row : row + 1]
+    return value
 
 
 def serve_group(layer_idx: int, served: list[tuple[CompressedLayer, torch.Tensor, torch.Tensor]]) -> None:
@@ -117,11 +127,10 @@ def _attend_group(served, module, query, attention_mask, dropout, scaling, kwarg
     for i, (layer, key, value) in enumerate(served):
         mask = attention_mask
         if isinstance(mask, MaskSpec) and mask.padding is not None:
-            mask = replace(mask, padding=mask.padding[i : i + 1])
-        elif isinstance(mask, torch.Tensor) and mask.shape[0] == rows and rows > 1:
-            mask = mask[i : i + 1]
-        row_kwargs = {name: arg[i : i + 1] if isinstance(arg, torch.Tensor) and arg.ndim >= 1
-                      and arg.shape[0] == rows and rows > 1 else arg for name, arg in kwargs.items()}
+            mask = replace(mask, padding=row_of(mask.padding, i, rows))
+        else:
+            mask = row_of(mask, i, rows)
+        row_kwargs = {name: row_of(arg, i, rows) for name, arg in kwargs.items()}
         _state.layer = layer
         outputs.append(kvcompress_attention(module, query[i : i + 1], key, value, mask, dropout, scaling,
                                             **row_kwargs)[0])

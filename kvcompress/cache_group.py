@@ -36,14 +36,6 @@ from .cache import CompressedCache, check_distinct_caches
 ROW_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 
-def _row(value, row: int, rows: int):
-    """Row `row` of a per-row tensor argument (kept 2-D: (1, ...)); a tensor shared by the rows (batch dim 1) or any
-    other value as is."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows and rows > 1:
-        return value[row : row + 1]
-    return value
-
-
 class CacheGroup(Cache):
     """Batch-1 `CompressedCache`s decoded together: a forward with `cache=group` (`past_key_values=group` before
     transformers 5.24) and B = len(members) rows feeds row i to `members[i]`.
@@ -105,8 +97,9 @@ class CacheGroup(Cache):
                              "probabilities do not stack; run the member alone to get them")
         self._ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
         for i, member in enumerate(self.members):
-            row_args = tuple(_row(a, i, rows) for a in args[:1]) + tuple(args[1:])
-            row_kwargs = {**kwargs, **{name: _row(kwargs[name], i, rows) for name in ROW_ARGUMENTS if name in kwargs}}
+            row_args = tuple(attention.row_of(a, i, rows) for a in args[:1]) + tuple(args[1:])
+            row_kwargs = {**kwargs, **{name: attention.row_of(kwargs[name], i, rows) for name in ROW_ARGUMENTS
+                                       if name in kwargs}}
             member._forward_ids = None
             member._in_forward = member._owner_forward = True  # the member's own after_forward hook then runs
             member._check_forward_input(row_args, row_kwargs)
