@@ -1,10 +1,10 @@
 """The bench's CPU peak memory (`metrics.PeakMemory`): the kernel's RSS high-water mark on Linux, nested blocks each
 with their own peak, and the sampling thread where the mark cannot be reset."""
 
+import mmap
 import time
 
 import pytest
-import torch
 
 from kvcompress.bench import metrics
 
@@ -14,10 +14,14 @@ exact = pytest.mark.skipif(metrics._rss_high_water() is None or not metrics._res
 
 
 def _touch(mib: int, hold: float = 0.0) -> None:
-    """Allocate and write `mib` MiB (resident), optionally hold it `hold` seconds, then free it."""
-    block = torch.ones(mib * MIB // 4)
+    """Map and write `mib` MiB of new pages (resident), optionally hold them `hold` seconds, then unmap them. An
+    anonymous map, not a tensor: malloc may serve a tensor from heap pages the process already holds (after the
+    suite's other tests), which is no growth of the RSS."""
+    block = mmap.mmap(-1, mib * MIB)
+    for offset in range(0, mib * MIB, mmap.PAGESIZE):
+        block[offset] = 1
     time.sleep(hold)
-    del block
+    block.close()
 
 
 @exact
