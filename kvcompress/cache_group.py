@@ -7,6 +7,10 @@ one compressed cache asked different questions) take their steps together:
 
     group = CacheGroup([snapkv_cache, tova_cache, full_cache])
     logits = model(next_tokens (3, 1), cache=group).logits   # row i continues cache i
+    out = model.generate(ids (3, L), cache=group, max_new_tokens=64)   # L past what the members have seen
+
+(`generate`: each row's tokens are those of generate on its member alone, `tests/test_cache_group.py`; the rows'
+new tokens must be as many, e.g. questions of one length to clones of one compressed context.)
 
 Each member runs its own path of the attention core on its own slots, exactly as in a forward of its own: its
 update, mask, kernel, observation and eviction (the core attends row by row, `attention.kvcompress_attention`),

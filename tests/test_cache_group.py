@@ -122,6 +122,26 @@ def test_a_member_decodes_alone_after_the_group():
             assert kept_sets(a) == kept_sets(m)
 
 
+def test_generate_with_a_group_continues_each_member_as_alone():
+    """`model.generate(ids (B, L), cache=group)`: generate feeds the tokens past those the members have seen, then
+    steps; each row's tokens are those of generate on its member alone (clones of one cache asked different
+    questions of one length, and caches of other strategies)."""
+    prompt, _ = _inputs(7, prompt=120)
+    questions = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(8))
+    snapkv = _caches(LLAMA, ["snapkv"])[0]
+    prefill_shared(LLAMA, [snapkv], prompt)
+    members = [snapkv.clone(), snapkv.clone(), *_caches(LLAMA, ["tova", "full"])]
+    prefill_shared(LLAMA, members[2:], prompt)
+    alone = [member.clone() for member in members]
+    ids = torch.cat([prompt.expand(4, -1), questions], dim=1)
+    together = LLAMA.generate(ids, **cache_arg(CacheGroup(members)), max_new_tokens=8, do_sample=False)
+    for row, cache in enumerate(alone):
+        mine = LLAMA.generate(ids[row : row + 1], **cache_arg(cache), max_new_tokens=8, do_sample=False)
+        assert torch.equal(together[row : row + 1], mine), f"row {row}"
+        assert kept_sets(cache) == kept_sets(members[row]), f"row {row}"
+    assert len({tuple(row.tolist()) for row in together[:, -8:]}) > 1, "every row the same: the test shows nothing"
+
+
 def test_planted_twin_rows_handed_to_the_wrong_members_is_caught(monkeypatch):
     """A group that feeds member i the row of member B-1-i: the equality check above must fail."""
     update = _GroupLayer.update
