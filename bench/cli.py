@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory are then the shared run's). Default: the preset's (on in paper, off elsewhere)")
     p.add_argument("--decode-together", action="store_true",
                    help="with --share-prefill: the caches prefilled together then answer together, one forward per "
-                        "decode step for all of them (kvcompress.cache_group.CacheGroup; about 4x cheaper per cell "
-                        "on a CPU). Each cache attends exactly as alone, but the model's linear layers run on all "
+                        "decode step for all of them (kvcompress.cache_group.CacheGroup; answering 2.7x cheaper on "
+                        "the qwen RULER grid, docs/bench.md). Each cache attends exactly as alone, but the model's linear layers run on all "
                         "rows at once, so logits may differ in the last bits and a greedy token may flip on a near "
                         "tie; such cells keep their own journals and record decode rates as none")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
