@@ -9,7 +9,7 @@
 # fails most niah tasks (single_word 1/30), so its compressed cells there measure nothing: run `full` alone first
 # (STRATEGIES=full) and the grid where the full cache answers.
 # `--decode-together` (since 2026-12-02, from niah_single_uuid on): the caches of a unit then answer together, one
-# forward per decode step (`kvcompress.cache_group.CacheGroup`, ~2.7x cheaper per unit on uuid; answers equal to
+# forward per decode step (`kvcompress.cache_group.CacheGroup`, answers 2.7x cheaper on uuid; answers equal to
 # decoding one by one in 95 of 95 measured on uuid and multivalue, experiments/kvzip/decode_together.py). Such cells
 # journal apart and are marked "*" in the table. The tasks finished before (single_number, single_word) were decoded
 # one by one.
