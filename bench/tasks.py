@@ -178,6 +178,21 @@ class SharedPrefillTask(Task):
                  "record": record} for record in records]
 
 
+def _answering_cache(caches: list):
+    """What a sample's caches answer through: the one cache, or a `CacheGroup` of several (row i for caches[i])."""
+    return caches[0] if len(caches) == 1 else CacheGroup(caches)
+
+
+def _marked_together(records: list[dict]) -> list[dict]:
+    """The records of caches that answered together (more than one): each answer says `decoded_together` (the
+    group's rows) and has no decode rate (a step's time is the group's)."""
+    if len(records) > 1:
+        for record in records:
+            record["answer"]["decoded_together"] = len(records)
+            record["decode_rate"] = None
+    return records
+
+
 def sample_digest(sample: dict) -> str:
     """A digest of what a `SharedPrefillTask` sample feeds and expects (its tensors' token ids and its other
     fields): a journal's record of the sample is reused only for the same digest."""
@@ -429,7 +444,7 @@ class Needle(SharedPrefillTask):
     def answer_together(self, model, tokenizer, caches, sample, prepared):
         """The question, then `answer_tokens` greedy tokens per cache; more than one cache: as a `CacheGroup` (one
         forward per step for all), each record then says `decoded_together` and has no decode rate."""
-        cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
+        cache = _answering_cache(caches)
         logits, _ = metrics.prefill(model, cache, sample["question"].expand(len(caches), -1))
         steps = prepared["answer_tokens"] - 1
         rows, seconds = metrics.greedy_decode_rows(model, cache, logits, steps)
@@ -437,12 +452,9 @@ class Needle(SharedPrefillTask):
         for tokens in rows:
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             hit = sample["number"] in re.sub(r"[\s,]", "", text)
-            answer = {"depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit}
-            if len(caches) > 1:
-                answer["decoded_together"] = len(caches)
-            records.append({"score": float(hit), "answer": answer,
-                            "decode_rate": steps / seconds if steps and len(caches) == 1 else None})
-        return records
+            records.append({"score": float(hit), "decode_rate": steps / seconds if steps else None, "answer": {
+                "depth": sample["depth"], "number": sample["number"], "answer": text, "correct": hit}})
+        return _marked_together(records)
 
     def summary(self, prepared):
         return {"query": self.query}
@@ -602,18 +614,16 @@ class Ruler(SharedPrefillTask):
         """The rest of the prompt, then greedy answers (`_greedy_answers`); more than one cache: as a `CacheGroup`
         (one forward per step for the rows still answering), each record then says `decoded_together` (the group's
         rows) and has no decode rate (its steps' time is the group's)."""
-        cache = caches[0] if len(caches) == 1 else CacheGroup(caches)
+        cache = _answering_cache(caches)
         logits, _ = metrics.prefill(model, cache, sample["tail"].expand(len(caches), -1))
         answers = _greedy_answers(model, tokenizer, cache, logits, prepared["answer_tokens"], sample["answers"])
         records = []
         for text, steps, seconds in answers:
             score = ruler.score(text, sample["answers"])
-            record = {"score": score, "decode_rate": steps / seconds if steps and len(caches) == 1 else None,
-                      "answer": {"expected": sample["answers"], "answer": text, "score": score, "tokens": steps + 1}}
-            if len(caches) > 1:
-                record["answer"]["decoded_together"] = len(caches)
-            records.append(record)
-        return records
+            records.append({"score": score, "decode_rate": steps / seconds if steps else None,
+                            "answer": {"expected": sample["answers"], "answer": text, "score": score,
+                                       "tokens": steps + 1}})
+        return _marked_together(records)
 
     def summary(self, prepared):
         samples = prepared["samples"]
@@ -647,10 +657,15 @@ def _greedy_answers(model, tokenizer, cache, first_logits, max_tokens: int, expe
         out = outs[row]
         return len(out) < max_tokens and out[-1] != eos and ruler.score(tokenizer.decode(out), expected) < 1
 
-    running = [row for row in range(len(outs)) if answering(row)]
-    if isinstance(cache, CacheGroup) and len(running) < len(outs):
-        cache = cache.without([row for row in range(len(outs)) if row not in running])
-    while running:
+    running = list(range(len(outs)))
+    while True:
+        finished = [i for i, row in enumerate(running) if not answering(row)]
+        if finished:
+            running = [row for i, row in enumerate(running) if i not in finished]
+            if not running:
+                break
+            if isinstance(cache, CacheGroup):
+                cache = cache.without(finished)
         tokens = torch.tensor([[outs[row][-1]] for row in running], device=model.device)
         metrics.sync(model.device)
         start = time.perf_counter()
@@ -661,10 +676,6 @@ def _greedy_answers(model, tokenizer, cache, first_logits, max_tokens: int, expe
             outs[row].append(token)
             steps[row] += 1
             seconds[row] += elapsed
-        finished = [i for i, row in enumerate(running) if not answering(row)]
-        if finished:
-            running = [row for i, row in enumerate(running) if i not in finished]
-            cache = cache.without(finished) if isinstance(cache, CacheGroup) and running else cache
     return [(tokenizer.decode(out, skip_special_tokens=True), n, t) for out, n, t in zip(outs, steps, seconds)]
 
 
