@@ -5,7 +5,7 @@ strategy, budget), the average against the kept fraction per strategy (table and
 Reads only the cells, so it works on any registered strategy. The RULER average is the plain mean over the RULER
 tasks that every row of the same context length has (all of them in a finished run; in a partial or failed run the
 others are shown but not averaged, so strategies are compared on the same tasks); the `tasks` column says how many.
-Its interval is a stratified bootstrap (each task's samples resampled on their own, `stats.mean_of_means_interval`).
+Its interval is Wilson's on the effective sample size of the stratified average (`stats.wilson_of_means`).
 
 Tied (`ties`): at one budget of one task, the best strategy is the one with the best score (highest accuracy,
 lowest perplexity); another strategy is TIED with it when the 95% interval of their paired difference on the same
@@ -55,7 +55,7 @@ def ruler_rows(results: dict) -> list[dict]:
         row["averaged"] = sorted(common[row["length"]])
         row["average"] = statistics.fmean(row["scores"][k] for k in row["averaged"]) if row["averaged"] else None
         groups_of_scores = _averaged_examples(row)
-        bounds = stats.mean_of_means_interval(groups_of_scores) if groups_of_scores else None
+        bounds = stats.wilson_of_means(groups_of_scores) if groups_of_scores else None
         row["ci"] = None if bounds is None else {"low": bounds[0], "high": bounds[1]}
         rows.append(row)
     return sorted(rows, key=lambda r: (r["length"] or 0, r["query"] != "after", r["strategy"], r["kept_fraction"]))

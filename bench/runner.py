@@ -627,8 +627,8 @@ def _fmt(value, spec: str) -> str:
 
 INTERVAL_NOTE = (
     "[a, b]: 95% interval: Wilson for accuracies over right/wrong examples (needle, multiple choice, ICL, RULER "
-    "tasks with one expected string), percentile bootstrap over samples for the other RULER tasks and over "
-    "windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples "
+    "tasks with one expected string) and, on the effective sample size, for the other RULER tasks and the RULER "
+    "average; percentile bootstrap over windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples "
     "(Newcombe's paired interval for right/wrong outcomes, else a paired bootstrap). No interval: the cell has no "
     "per-example data (written by an older version) or too few examples (a bootstrap needs 2).")
 

@@ -8,8 +8,8 @@ the interval of the score (`ci`); the paired difference to another cell on the s
   or RULER's `answers[i]["score"]`; Wilson score interval; Newcombe's paired interval.
 - ICL label loyalty: `example_loyal`; Wilson; Newcombe paired.
 - accuracy over fractional examples (RULER string match with several expected strings: niah_multivalue,
-  niah_multiquery, vt, cwe, fwe): RULER's `answers[i]["score"]`; percentile bootstrap over examples; paired
-  percentile bootstrap.
+  niah_multiquery, vt, cwe, fwe): RULER's `answers[i]["score"]`; Wilson on the effective sample size
+  (`wilson_of_means`, as for the RULER average over tasks); paired percentile bootstrap.
 - perplexity: `window_nll`, `window_tokens` (one entry per scored window); percentile bootstrap over windows; paired
   percentile bootstrap.
 
@@ -23,9 +23,11 @@ the interval of the score (`ci`); the paired difference to another cell on the s
   and is too narrow with few discordant pairs, which is why binary differences do not use it.
 - Bootstrap: percentile interval over `RESAMPLES` resamples of the examples drawn WITH replacement (numpy PCG64
   seeded with `SEED`, so the same data always give the same interval). Paired: both cells are resampled with the
-  same example indices. Stratified (the RULER average over tasks): each task's examples are resampled on their
-  own, the statistic combines the tasks. Fewer than `MIN_BOOTSTRAP` examples: no bootstrap interval (one window
-  would give a zero-width interval, which is not an answer).
+  same example indices. Stratified (the paired difference of RULER averages): each task's examples are resampled
+  on their own, the statistic combines the tasks. Fewer than `MIN_BOOTSTRAP` examples: no bootstrap interval
+  (one window would give a zero-width interval, which is not an answer).
+- Wilson on the effective sample size (`wilson_of_means`): the mean of scores in [0, 1] (fractional RULER
+  samples) and the RULER average over tasks; a percentile bootstrap is [1, 1] there when every sample is right.
 - Perplexity is bootstrapped over WINDOWS, not tokens: the tokens of one window share its text and, through the
   cache, every earlier eviction decision, so they are far from independent; resampling tokens makes the interval
   too narrow (SmolLM2-135M, full cache, 16 windows of 512 tokens: [23.8, 30.6] by window, [25.5, 28.9] by
@@ -69,12 +71,43 @@ def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[floa
     n >= 1."""
     if n < 1 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes!r}, n={n!r}")
-    z = z_value(confidence)
-    p = successes / n
+    return _wilson_bounds(successes / n, n, z_value(confidence))
+
+
+def _wilson_bounds(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson's score interval of a proportion `p` estimated from `n` (possibly effective, fractional) examples."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    # at 0/n and n/n the bound is exactly 0 or 1; rounding must not move it past
-    return (0.0 if successes == 0 else max(0.0, centre - half), 1.0 if successes == n else min(1.0, centre + half))
+    # at 0 and 1 the bound is exactly 0 or 1; rounding must not move it past
+    return (0.0 if p == 0 else max(0.0, centre - half), 1.0 if p == 1 else min(1.0, centre + half))
+
+
+def wilson_of_means(groups: Sequence[Sequence[float]], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson interval (low, high) of the average over `groups` (tasks) of each group's mean score, every score in
+    [0, 1] (right/wrong, or a fraction of expected strings found), on the effective sample size.
+
+    The average p = mean_k(mean of group k) is a stratified estimate with variance v = sum_k var_k / (K^2 n_k)
+    (var_k: group k's variance, ddof 0). Its effective sample size is p(1 - p) / v (Korn & Graubard 1998: n over the
+    design effect), truncated at the weights' own effective size n_w = 1 / sum_k 1 / (K^2 n_k) (n_w = the number of
+    examples when the groups are equally large; the truncation is Korn & Graubard's design effect >= 1, which makes
+    the interval conservative, never narrower than a binomial one), and n_w when v = 0 or p is 0 or 1. Wilson's
+    interval of p at that size is the form Franco, Little, Louis & Slud (2019, "Comparative study of confidence
+    intervals for proportions in complex sample surveys") recommend. For one group of right/wrong outcomes it is
+    exactly `wilson`; for equally large groups of them, `wilson` of the pooled count. Fractional scores in [0, 1]
+    have variance at most p(1 - p), so the interval errs wide. Unlike a percentile bootstrap it is not [1, 1] when
+    every example is right (30 of 30 right in two tasks: [0.940, 1]).
+    """
+    arrays = [np.asarray(group, dtype=float) for group in groups]
+    if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError("need one or more non-empty groups of scores")
+    if any(((a < 0) | (a > 1) | np.isnan(a)).any() for a in arrays):
+        raise ValueError("scores must lie in [0, 1]")
+    k = len(arrays)
+    p = min(1.0, max(0.0, float(np.mean([a.mean() for a in arrays]))))
+    variance = sum(float(a.var()) / (k * k * a.size) for a in arrays)
+    n_weights = 1.0 / sum(1.0 / (k * k * a.size) for a in arrays)
+    n_effective = n_weights if variance == 0 or p * (1 - p) == 0 else min(n_weights, p * (1 - p) / variance)
+    return _wilson_bounds(p, n_effective, z_value(confidence))
 
 
 def newcombe_paired(first: Sequence[int], second: Sequence[int],
@@ -151,13 +184,6 @@ def perplexity_statistic(strata: list[np.ndarray]) -> np.ndarray:
     return np.exp(windows[..., 0].sum(-1) / windows[..., 1].sum(-1))
 
 
-def mean_interval(values: Sequence[float], **options) -> tuple[float, float] | None:
-    """Bootstrap interval of the mean of per-example scores; None with fewer than MIN_BOOTSTRAP examples."""
-    if len(values) < MIN_BOOTSTRAP:
-        return None
-    return bootstrap([np.asarray(values, dtype=float)[:, None]], mean_statistic, **options)
-
-
 def perplexity_interval(window_nll: Sequence[float], window_tokens: Sequence[int],
                         **options) -> tuple[float, float] | None:
     """Bootstrap interval of exp(sum NLL / sum tokens) over resampled windows; None with too few windows."""
@@ -183,14 +209,6 @@ def paired_bootstrap(first: np.ndarray, second: np.ndarray, statistic: Statistic
     joined = np.concatenate([first, second], axis=1).astype(float)
     point = float(difference([joined[None]])[0])
     return (point, *bootstrap([joined], difference, **options))
-
-
-def mean_of_means_interval(groups: Sequence[Sequence[float]], **options) -> tuple[float, float] | None:
-    """Stratified bootstrap interval of the average over groups (tasks) of each group's mean score."""
-    if not groups or min(len(g) for g in groups) < MIN_BOOTSTRAP:
-        return None
-    return bootstrap([np.asarray(g, dtype=float)[:, None] for g in groups],
-                     lambda strata: np.mean([s[..., 0].mean(-1) for s in strata], axis=0), **options)
 
 
 def paired_mean_of_means(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]],
@@ -273,12 +291,14 @@ def interval(data: Examples, confidence: float = CONFIDENCE) -> dict | None:
     if data.kind == "binary":
         low, high = wilson(sum(data.values), n, confidence)
         method = "wilson"
+    elif data.kind == "scores":
+        low, high = wilson_of_means([data.values], confidence)
+        method = "wilson_effective_n"
     else:
-        bounds = perplexity_interval(*zip(*data.values), confidence=confidence) if data.kind == "windows" \
-            else mean_interval(data.values, confidence=confidence)
+        bounds = perplexity_interval(*zip(*data.values), confidence=confidence)
         if bounds is None:
             return None
-        (low, high), method = bounds, "bootstrap_windows" if data.kind == "windows" else "bootstrap_examples"
+        (low, high), method = bounds, "bootstrap_windows"
     return {"low": low, "high": high, "method": method, "n": n, "confidence": confidence}
 
 

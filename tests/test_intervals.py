@@ -131,6 +131,11 @@ def normal_theory(values):
     return values.mean() - half, values.mean() + half
 
 
+def bootstrap_mean(values, **options):
+    """The percentile bootstrap interval of a plain mean (the engine behind the perplexity and paired intervals)."""
+    return stats.bootstrap([np.asarray(values, dtype=float)[:, None]], stats.mean_statistic, **options)
+
+
 def bootstrap_mismatch(mean_interval) -> float:
     """Largest gap between a bootstrap interval of the mean and the normal-theory one, relative to the half-width,
     on 400 skew-free samples (where the two must agree to a few percent)."""
@@ -143,7 +148,7 @@ def bootstrap_mismatch(mean_interval) -> float:
 
 
 def test_bootstrap_mean_agrees_with_normal_theory():
-    assert bootstrap_mismatch(stats.mean_interval) < 0.1
+    assert bootstrap_mismatch(bootstrap_mean) < 0.1
 
 
 def test_bootstrap_check_fails_when_resampling_without_replacement(monkeypatch):
@@ -151,25 +156,24 @@ def test_bootstrap_check_fails_when_resampling_without_replacement(monkeypatch):
     a zero-width interval, which the check rejects."""
     monkeypatch.setattr(stats, "resample_indices",
                         lambda rng, replicates, n: np.argsort(rng.random((replicates, n)), axis=1))
-    assert stats.mean_interval([0.0, 1.0, 0.5, 0.25]) == pytest.approx((0.4375, 0.4375))
-    assert bootstrap_mismatch(stats.mean_interval) > 0.9
+    assert bootstrap_mean([0.0, 1.0, 0.5, 0.25]) == pytest.approx((0.4375, 0.4375))
+    assert bootstrap_mismatch(bootstrap_mean) > 0.9
 
 
 def test_bootstrap_of_binary_outcomes_is_close_to_wilson():
     outcomes = [1] * 81 + [0] * 182
-    low, high = stats.mean_interval(outcomes)
+    low, high = bootstrap_mean(outcomes)
     assert (low, high) == pytest.approx(stats.wilson(81, 263), abs=0.01)
 
 
 def test_bootstrap_is_reproducible_and_seeded():
     rng = random.Random(3)
     values = [rng.random() for _ in range(50)]
-    assert stats.mean_interval(values) == stats.mean_interval(values)
-    assert stats.mean_interval(values, seed=1) != stats.mean_interval(values)
+    assert bootstrap_mean(values) == bootstrap_mean(values)
+    assert bootstrap_mean(values, seed=1) != bootstrap_mean(values)
 
 
 def test_bootstrap_needs_two_examples():
-    assert stats.mean_interval([0.5]) is None
     assert stats.perplexity_interval([10.0], [5]) is None
 
 
@@ -199,11 +203,65 @@ def test_paired_bootstrap_uses_the_pairing():
     assert (difference, low, high) == pytest.approx((0.1, 0.1, 0.1), abs=1e-12)
 
 
-def test_stratified_bootstrap_with_one_group_is_the_plain_one():
+def test_paired_stratified_bootstrap_of_identical_groups_is_zero():
     rng = random.Random(4)
     values = [rng.random() for _ in range(30)]
-    assert stats.mean_of_means_interval([values]) == pytest.approx(stats.mean_interval(values), abs=1e-12)
     assert stats.paired_mean_of_means([values, values[:5]], [values, values[:5]]) == (0.0, 0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Wilson on the effective sample size (fractional RULER samples, the RULER average over tasks)
+
+
+def textbook_wilson(p: float, n: float) -> tuple[float, float]:
+    z = 1.959963984540054
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (p + z * z / (2 * n) - half) / (1 + z * z / n), (p + z * z / (2 * n) + half) / (1 + z * z / n)
+
+
+# (groups, average p, effective sample size), worked by hand
+WILSON_OF_MEANS_KNOWN = [
+    ([[1] * 7 + [0] * 23], 7 / 30, 30),  # one task of right/wrong samples: Wilson's own interval
+    ([[1] * 20 + [0] * 10, [1] * 5 + [0] * 25], 25 / 60, 60),  # p(1-p)/v = 80.8, truncated at the 60 examples
+    ([[1] * 30, [1] * 30], 1.0, 60),  # every sample right: [0.940, 1], not [1, 1]
+    ([[0] * 10, [1] * 90], 0.5, 36),  # v = 0: the weights' size 1 / (1/40 + 1/360), not 100
+    ([[1] * 40, [1, 0, 1, 0]], 0.75, 12),  # p(1-p)/v = 0.1875 / 0.015625 = 12 < the weights' 14.5
+    ([[0.5] * 20], 0.5, 20),  # fractional scores: variance below p(1-p), truncated at n
+]
+
+
+def wilson_of_means_mismatches(interval) -> list:
+    return [(groups, p, n) for groups, p, n in WILSON_OF_MEANS_KNOWN
+            if interval(groups) != pytest.approx(textbook_wilson(p, n), abs=1e-12)]
+
+
+def test_wilson_of_means_matches_hand_worked_values():
+    assert wilson_of_means_mismatches(stats.wilson_of_means) == []
+    assert stats.wilson_of_means([[1] * 30, [1] * 30])[0] == pytest.approx(0.9398, abs=1e-4)
+    assert stats.wilson_of_means([[1, 0, 1]]) == stats.wilson(2, 3)
+
+
+@pytest.mark.parametrize("twin", [
+    lambda groups: stats.wilson(int(sum(map(sum, groups))), sum(map(len, groups))),  # pools tasks of unequal size
+    lambda groups: bootstrap_mean([v for g in groups for v in g]),  # percentile bootstrap: [1, 1] at all-right
+    lambda groups: textbook_wilson(float(np.mean([np.mean(g) for g in groups])), sum(map(len, groups))),  # ignores v
+])
+def test_wilson_of_means_check_fails_for_planted_twins(twin):
+    assert wilson_of_means_mismatches(twin) != []
+
+
+@pytest.mark.parametrize("groups", [[], [[]], [[0.5, 1.2]], [[-0.1]], [[float("nan")]]])
+def test_wilson_of_means_refuses_scores_outside_unit_interval(groups):
+    with pytest.raises(ValueError):
+        stats.wilson_of_means(groups)
+
+
+def test_fractional_ruler_cell_interval_is_wilson_at_its_size():
+    every_value_found = stats.interval(stats.Examples("scores", [1.0] * 30))
+    assert every_value_found["method"] == "wilson_effective_n"
+    assert (every_value_found["low"], every_value_found["high"]) == stats.wilson(30, 30)  # not [1, 1]
+    half_found_once = stats.interval(stats.Examples("scores", [1.0] * 29 + [0.5]))
+    assert (half_found_once["low"], half_found_once["high"]) == pytest.approx(textbook_wilson(29.5 / 30, 30))
 
 
 # ------------------------------------------------------------------------------------------------------------

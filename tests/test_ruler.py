@@ -168,3 +168,20 @@ def test_leaderboard_averages_the_tasks_every_row_has():
     assert "| 4096 | sink_window | 0.1 | 0.100 | 10.0 | 70.0 |" in table
     assert "| 4096 | full | - | 1.000 | 75.0 | - |" in table
     assert "| **75.0** | 2 | 1 |" in leaderboard.ruler_table(results)
+
+
+def test_leaderboard_average_interval_is_wilson_at_the_effective_size():
+    """Two tasks answered right 30 of 30 times: the average's interval is Wilson's at 60 samples, [0.940, 1], not
+    the zero-width [1, 1] a percentile bootstrap gives."""
+    from kvcompress.bench import leaderboard, stats
+
+    def answered(kind, scores):
+        cell = _cell(kind, "full", "-", "after", sum(scores) / len(scores), 1.0)
+        cell.update(n_examples=len(scores), answers=[{"score": s, "expected": ["x"]} for s in scores])
+        return cell
+
+    results = {"cells": {"a": answered("niah_single_word", [1.0] * 30), "b": answered("niah_multikey", [1.0] * 30)},
+               "environment": {"model": "m"}}
+    (row,) = leaderboard.ruler_rows(results)
+    assert (row["ci"]["low"], row["ci"]["high"]) == stats.wilson(60, 60)
+    assert row["ci"]["low"] == pytest.approx(0.9398, abs=1e-4)
