@@ -21,7 +21,7 @@ import pathlib
 import statistics
 
 from . import stats
-from .plots import error_bars
+from .plots import DODGE, error_bars, strategy_label
 from .ruler import KINDS
 
 _SHORT = {"niah_single_number": "s-num", "niah_single_word": "s-word", "niah_single_uuid": "s-uuid",
@@ -30,14 +30,15 @@ _SHORT = {"niah_single_number": "s-num", "niah_single_word": "s-word", "niah_sin
 
 
 def ruler_rows(results: dict) -> list[dict]:
-    """One dict per (length, query, strategy, budget) with RULER cells: {length, query, strategy, budget,
+    """One dict per (length, query, strategy, budget) with RULER cells: {length, query, strategy (as tables name it,
+    `plots.strategy_label`: an untrained anchor rule is marked), budget,
     kept_fraction (mean over its tasks), scores {kind: score in [0, 1]}, examples {kind: per-sample scores} (kinds
     whose cell has them), average, ci (interval of the average: {"low", "high"} or None), n (samples per task)}."""
     groups: dict[tuple, dict] = {}
     for cell in results["cells"].values():
         if cell.get("status") != "ok" or not str(cell.get("task_name", "")).startswith("ruler_"):
             continue
-        key = (cell.get("context_length"), cell.get("query") or "after", cell["strategy"], cell["budget"])
+        key = (cell.get("context_length"), cell.get("query") or "after", strategy_label(cell), cell["budget"])
         row = groups.setdefault(key, {"length": key[0], "query": key[1], "strategy": key[2], "budget": key[3],
                                       "scores": {}, "examples": {}, "kept": [], "n": cell.get("n_examples")})
         kind = cell["task_name"][len("ruler_"):]
@@ -198,9 +199,10 @@ def ties_table(results: dict) -> str:
 
 
 def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
-    """One PNG: RULER average vs kept fraction with 95% error bars, a colour per strategy, solid = query after,
-    dashed = before. Returns the path, or None when there is nothing to plot or matplotlib is missing."""
-    rows = ruler_rows(results)
+    """One PNG: RULER average vs kept fraction with 95% error bars, one panel per query mode (after, before), a
+    colour per strategy (points moved sideways by `plots.DODGE` so equal budgets do not hide each other's bars).
+    Returns the path, or None when there is nothing to plot or matplotlib is missing."""
+    rows = [r for r in ruler_rows(results) if r["average"] is not None]
     if not rows:
         return None
     try:
@@ -211,31 +213,37 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     except ImportError:
         return None
     strategies = sorted({r["strategy"] for r in rows})
-    colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for strategy in strategies:
-        for query, style in (("after", "-"), ("before", "--")):
-            series = sorted((r for r in rows if r["strategy"] == strategy and r["query"] == query
-                             and r["average"] is not None), key=lambda r: r["kept_fraction"])
-            if series:
-                xs = [r["kept_fraction"] for r in series]
-                ys = [100 * r["average"] for r in series]
-                bars = error_bars([{"score": 100 * r["average"],
-                                    "low": None if r["ci"] is None else 100 * r["ci"]["low"],
-                                    "high": None if r["ci"] is None else 100 * r["ci"]["high"]} for r in series])
-                ax.errorbar(xs, ys, yerr=bars, fmt=style, marker="o", color=colors[strategy], capsize=2,
-                            label=f"{strategy} ({query})")
+    palette = matplotlib.colormaps["tab20"] if len(strategies) > 10 else None
+    colors = {s: palette(i % 20) if palette else f"C{i}" for i, s in enumerate(strategies)}
+    queries = [q for q in ("after", "before") if any(r["query"] == q for r in rows)]
+    fig, axes = plt.subplots(1, len(queries), figsize=(4.6 * len(queries), 3.8), squeeze=False, sharey=True)
+    for ax, query in zip(axes.flat, queries):
+        for strategy in strategies:
+            series = sorted((r for r in rows if r["strategy"] == strategy and r["query"] == query),
+                            key=lambda r: r["kept_fraction"])
+            if not series:
+                continue
+            shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
+            bars = error_bars([{"score": 100 * r["average"],
+                                "low": None if r["ci"] is None else 100 * r["ci"]["low"],
+                                "high": None if r["ci"] is None else 100 * r["ci"]["high"]} for r in series])
+            ax.errorbar([r["kept_fraction"] + shift for r in series], [100 * r["average"] for r in series],
+                        yerr=bars, marker="o", capsize=2, color=colors[strategy], label=strategy)
+        ax.set_title(f"asked {query}" + (" the compression" if query == "after" else " it (query in the prompt)"),
+                     fontsize=10)
+        ax.set_xlabel("KV kept fraction")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("RULER average score (%)")
     lengths = sorted({r["length"] for r in rows})
     n_tasks = min(len(r["averaged"]) for r in rows)
-    ax.set_title(f"RULER average ({n_tasks} tasks) vs KV kept, 95% intervals\n"
-                 f"{results['environment'].get('model')}, {'/'.join(map(str, lengths))} tokens", fontsize=10)
-    ax.set_xlabel("KV kept fraction")
-    ax.set_ylabel("RULER average score (%)")
-    ax.set_xlim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    samples = sorted({r["n"] for r in rows if r["n"] is not None})
+    fig.suptitle(f"RULER average over {n_tasks} tasks vs KV kept, 95% intervals\n{results['environment'].get('model')}, "
+                 f"{'/'.join(map(str, lengths))} tokens" + (f", n = {samples[0]} per task" if len(samples) == 1 else ""),
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
-
