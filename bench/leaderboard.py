@@ -9,8 +9,8 @@ Its interval is Wilson's on the effective sample size of the stratified average 
 
 Tied (`ties`): at one budget of one task, the best strategy is the one with the best score (highest accuracy,
 lowest perplexity); another strategy is TIED with it when the 95% interval of their paired difference on the same
-examples (`stats.difference`: Newcombe for right/wrong outcomes, paired bootstrap otherwise; the RULER average: a
-stratified paired bootstrap) contains 0, and BELOW it otherwise. Pointwise 95%, no multiple-comparison correction:
+examples (`stats.difference`: Newcombe for right/wrong outcomes, its MOVER generalisation for fractional scores
+and the RULER average, `stats.paired_wilson_of_means`; a paired bootstrap for perplexity) contains 0, and BELOW it otherwise. Pointwise 95%, no multiple-comparison correction:
 with many strategies, some "below" verdicts near the boundary are expected by chance. Budget-free strategies (budget
 "-": full, anchor, ...) keep what they keep and are not ranked.
 """
@@ -155,10 +155,9 @@ def ties(results: dict) -> list[dict]:
     def pair_average(a, b):
         if a is None or b is None or [len(g) for g in a] != [len(g) for g in b]:
             return None
-        found = stats.paired_mean_of_means(a, b)
-        return None if found is None else {"difference": found[0], "low": found[1], "high": found[2],
-                                           "method": "stratified_paired_bootstrap", "n": sum(len(g) for g in a),
-                                           "confidence": stats.CONFIDENCE}
+        point, low, high = stats.paired_wilson_of_means(a, b)
+        return {"difference": point, "low": low, "high": high, "method": "mover_wilson",
+                "n": sum(len(g) for g in a), "confidence": stats.CONFIDENCE}
 
     for (length, query, budget), entries in ruler.items():
         if len(entries) > 1:
@@ -168,7 +167,8 @@ def ties(results: dict) -> list[dict]:
 
 
 TIES_NOTE = ("tied: the 95% interval of the paired difference to the best strategy at that budget, on the same "
-             "examples, contains 0 (Newcombe for right/wrong outcomes, paired bootstrap for perplexity and RULER; "
+             "examples, contains 0 (Newcombe for right/wrong outcomes and, generalised, for RULER scores and their "
+             "average; a paired bootstrap for perplexity; "
              "pointwise, no multiple-comparison correction). below: the interval excludes 0. Budget-free "
              "strategies (budget -) are not ranked.")
 

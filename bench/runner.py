@@ -628,8 +628,9 @@ def _fmt(value, spec: str) -> str:
 INTERVAL_NOTE = (
     "[a, b]: 95% interval: Wilson for accuracies over right/wrong examples (needle, multiple choice, ICL, RULER "
     "tasks with one expected string) and, on the effective sample size, for the other RULER tasks and the RULER "
-    "average; percentile bootstrap over windows for perplexity (bench/stats.py). vs full: the paired difference to `full` on the same examples "
-    "(Newcombe's paired interval for right/wrong outcomes, else a paired bootstrap). No interval: the cell has no "
+    "average; percentile bootstrap over windows for perplexity (bench/stats.py). vs full: the paired difference to "
+    "`full` on the same examples (Newcombe's paired interval for right/wrong outcomes and, generalised, for other "
+    "RULER scores; a paired bootstrap for perplexity). No interval: the cell has no "
     "per-example data (written by an older version) or too few examples (a bootstrap needs 2).")
 
 

@@ -9,7 +9,8 @@ the interval of the score (`ci`); the paired difference to another cell on the s
 - ICL label loyalty: `example_loyal`; Wilson; Newcombe paired.
 - accuracy over fractional examples (RULER string match with several expected strings: niah_multivalue,
   niah_multiquery, vt, cwe, fwe): RULER's `answers[i]["score"]`; Wilson on the effective sample size
-  (`wilson_of_means`, as for the RULER average over tasks); paired percentile bootstrap.
+  (`wilson_of_means`, as for the RULER average over tasks); paired: MOVER from those limits
+  (`paired_wilson_of_means`, Newcombe's construction).
 - perplexity: `window_nll`, `window_tokens` (one entry per scored window); percentile bootstrap over windows; paired
   percentile bootstrap.
 
@@ -23,11 +24,12 @@ the interval of the score (`ci`); the paired difference to another cell on the s
   and is too narrow with few discordant pairs, which is why binary differences do not use it.
 - Bootstrap: percentile interval over `RESAMPLES` resamples of the examples drawn WITH replacement (numpy PCG64
   seeded with `SEED`, so the same data always give the same interval). Paired: both cells are resampled with the
-  same example indices. Stratified (the paired difference of RULER averages): each task's examples are resampled
-  on their own, the statistic combines the tasks. Fewer than `MIN_BOOTSTRAP` examples: no bootstrap interval
+  same example indices. Fewer than `MIN_BOOTSTRAP` examples: no bootstrap interval
   (one window would give a zero-width interval, which is not an answer).
 - Wilson on the effective sample size (`wilson_of_means`): the mean of scores in [0, 1] (fractional RULER
   samples) and the RULER average over tasks; a percentile bootstrap is [1, 1] there when every sample is right.
+  Their paired differences (to full, ties of the RULER average): `paired_wilson_of_means`, Newcombe's method 10
+  generalised (MOVER), not a paired bootstrap, for the reason above.
 - Perplexity is bootstrapped over WINDOWS, not tokens: the tokens of one window share its text and, through the
   cache, every earlier eviction decision, so they are far from independent; resampling tokens makes the interval
   too narrow (SmolLM2-135M, full cache, 16 windows of 512 tokens: [23.8, 30.6] by window, [25.5, 28.9] by
@@ -133,6 +135,43 @@ def newcombe_paired(first: Sequence[int], second: Sequence[int],
             phi = (cross - n / 2) / math.sqrt(margins)
         elif cross < 0:
             phi = cross / math.sqrt(margins)
+    return _mover(p1, l1, u1, p2, l2, u2, phi)
+
+
+def paired_wilson_of_means(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]],
+                           confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(difference, low, high) of two averages of group means, first minus second, scores in [0, 1], the groups
+    paired example by example (the same tasks and samples in the same order).
+
+    MOVER (Zou & Donner 2008, the construction of Newcombe's method 10): each average's `wilson_of_means` limits,
+    combined by square-and-add with the correlation phi of the two averages, phi = cov / sqrt(v1 v2), where v and
+    cov sum each group's (co)variance (ddof 0) over K^2 n_k. Newcombe's small-sample rule (AD - BC lowered by n/2, 0
+    when it falls in [0, n/2]) is applied to cov at the weights' size n_w (`wilson_of_means`): cov lowered by
+    1 / (2 n_w^2). For one group of right/wrong outcomes this is exactly `newcombe_paired`, and for equal groups
+    equally distributed, Newcombe's interval of the pooled outcomes; on identical scores the difference is 0 and the
+    interval is narrow but not empty, where a paired bootstrap gives [0, 0] (and is too narrow with few discordant
+    pairs)."""
+    if len(first) != len(second) or any(len(a) != len(b) for a, b in zip(first, second)):
+        raise ValueError("paired groups need the same examples in each group")
+    l1, u1 = wilson_of_means(first, confidence)
+    l2, u2 = wilson_of_means(second, confidence)
+    pairs = [(np.asarray(a, dtype=float), np.asarray(b, dtype=float)) for a, b in zip(first, second)]
+    k = len(pairs)
+    p1 = float(np.mean([a.mean() for a, _ in pairs]))
+    p2 = float(np.mean([b.mean() for _, b in pairs]))
+    v1 = sum(float(a.var()) / (k * k * a.size) for a, _ in pairs)
+    v2 = sum(float(b.var()) / (k * k * b.size) for _, b in pairs)
+    cov = sum(float(np.mean((a - a.mean()) * (b - b.mean()))) / (k * k * a.size) for a, b in pairs)
+    n_weights = 1.0 / sum(1.0 / (k * k * a.size) for a, _ in pairs)
+    rule = 1 / (2 * n_weights * n_weights)  # Newcombe's n/2 on AD - BC, at the weights' size
+    cov = cov - rule if cov > rule else min(cov, 0.0)
+    phi = cov / math.sqrt(v1 * v2) if v1 * v2 > 0 else 0.0
+    return _mover(p1, l1, u1, p2, l2, u2, phi)
+
+
+def _mover(p1: float, l1: float, u1: float, p2: float, l2: float, u2: float,
+           phi: float) -> tuple[float, float, float]:
+    """(p1 - p2, low, high) from each estimate's limits and their correlation (square-and-add)."""
     d1, d2 = p1 - l1, u2 - p2
     e1, e2 = p2 - l2, u1 - p1
     low = p1 - p2 - math.sqrt(max(0.0, d1 * d1 - 2 * phi * d1 * d2 + d2 * d2))
@@ -173,11 +212,6 @@ def bootstrap(strata: Sequence[np.ndarray], statistic: Statistic, *, resamples: 
     return float(low), float(high)
 
 
-def mean_statistic(strata: list[np.ndarray]) -> np.ndarray:
-    """The mean of column 0 of the one stratum: (R, n, columns) -> (R,)."""
-    return strata[0][..., 0].mean(-1)
-
-
 def perplexity_statistic(strata: list[np.ndarray]) -> np.ndarray:
     """exp(sum of column 0 (NLL) / sum of column 1 (tokens)) of the one stratum: (R, n, 2) -> (R,)."""
     windows = strata[0]
@@ -209,23 +243,6 @@ def paired_bootstrap(first: np.ndarray, second: np.ndarray, statistic: Statistic
     joined = np.concatenate([first, second], axis=1).astype(float)
     point = float(difference([joined[None]])[0])
     return (point, *bootstrap([joined], difference, **options))
-
-
-def paired_mean_of_means(first: Sequence[Sequence[float]], second: Sequence[Sequence[float]],
-                         **options) -> tuple[float, float, float] | None:
-    """(difference, low, high) of the average of group means, first minus second, groups paired example by
-    example and resampled with the same indices within each group (stratified paired bootstrap)."""
-    if len(first) != len(second) or any(len(a) != len(b) for a, b in zip(first, second)):
-        raise ValueError("paired groups need the same examples in each group")
-    if not first or min(len(g) for g in first) < MIN_BOOTSTRAP:
-        return None
-    strata = [np.column_stack([a, b]).astype(float) for a, b in zip(first, second)]
-
-    def difference(resampled):
-        return np.mean([s[..., 0].mean(-1) - s[..., 1].mean(-1) for s in resampled], axis=0)
-
-    point = float(difference([s[None] for s in strata])[0])
-    return (point, *bootstrap(strata, difference, **options))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,10 +296,6 @@ def examples(cell: dict, metric: str) -> Examples | None:
     return found
 
 
-def _statistic(kind: str) -> Statistic:
-    return perplexity_statistic if kind == "windows" else mean_statistic
-
-
 def interval(data: Examples, confidence: float = CONFIDENCE) -> dict | None:
     """{"low", "high", "method", "n", "confidence"} of the score the examples give, or None (too few)."""
     n = len(data.values)
@@ -311,11 +324,12 @@ def difference(first: Examples, second: Examples, confidence: float = CONFIDENCE
     if first.kind == "binary":
         point, low, high = newcombe_paired(first.values, second.values, confidence)
         method = "newcombe_paired"
+    elif first.kind == "scores":
+        point, low, high = paired_wilson_of_means([first.values], [second.values], confidence)
+        method = "mover_wilson"
     else:
-        shape = (n, 2) if first.kind == "windows" else (n, 1)
-        found = paired_bootstrap(np.asarray(first.values, dtype=float).reshape(shape),
-                                 np.asarray(second.values, dtype=float).reshape(shape), _statistic(first.kind),
-                                 confidence=confidence)
+        found = paired_bootstrap(np.asarray(first.values, dtype=float), np.asarray(second.values, dtype=float),
+                                 perplexity_statistic, confidence=confidence)
         if found is None:
             return None
         (point, low, high), method = found, "paired_bootstrap"

@@ -131,9 +131,14 @@ def normal_theory(values):
     return values.mean() - half, values.mean() + half
 
 
+def mean_statistic(strata):
+    """The mean of column 0 of the one stratum: (R, n, columns) -> (R,)."""
+    return strata[0][..., 0].mean(-1)
+
+
 def bootstrap_mean(values, **options):
-    """The percentile bootstrap interval of a plain mean (the engine behind the perplexity and paired intervals)."""
-    return stats.bootstrap([np.asarray(values, dtype=float)[:, None]], stats.mean_statistic, **options)
+    """The percentile bootstrap interval of a plain mean (the engine behind the perplexity intervals)."""
+    return stats.bootstrap([np.asarray(values, dtype=float)[:, None]], mean_statistic, **options)
 
 
 def bootstrap_mismatch(mean_interval) -> float:
@@ -189,7 +194,7 @@ def test_perplexity_interval_resamples_windows_as_a_ratio():
 
 def test_paired_bootstrap_on_identical_examples_is_exactly_zero():
     values = np.asarray([[0.25], [1.0], [0.5], [0.0]])
-    assert stats.paired_bootstrap(values, values, stats.mean_statistic) == (0.0, 0.0, 0.0)
+    assert stats.paired_bootstrap(values, values, mean_statistic) == (0.0, 0.0, 0.0)
     windows = np.asarray([[200.0, 100], [260.0, 100], [150.0, 50]])
     assert stats.paired_bootstrap(windows, windows, stats.perplexity_statistic) == (0.0, 0.0, 0.0)
 
@@ -199,14 +204,8 @@ def test_paired_bootstrap_uses_the_pairing():
     unpaired resampling would spread it)."""
     rng = random.Random(5)
     base = np.asarray([[rng.random()] for _ in range(40)])
-    difference, low, high = stats.paired_bootstrap(base + 0.1, base, stats.mean_statistic)
+    difference, low, high = stats.paired_bootstrap(base + 0.1, base, mean_statistic)
     assert (difference, low, high) == pytest.approx((0.1, 0.1, 0.1), abs=1e-12)
-
-
-def test_paired_stratified_bootstrap_of_identical_groups_is_zero():
-    rng = random.Random(4)
-    values = [rng.random() for _ in range(30)]
-    assert stats.paired_mean_of_means([values, values[:5]], [values, values[:5]]) == (0.0, 0.0, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -321,5 +320,55 @@ def test_binary_differences_use_newcombe_not_the_bootstrap():
     diff = stats.difference(stats.Examples("binary", first), stats.Examples("binary", second))
     assert diff["method"] == "newcombe_paired" and stats.contains_zero(diff)
     bootstrapped = stats.paired_bootstrap(np.asarray(first, float)[:, None], np.asarray(second, float)[:, None],
-                                          stats.mean_statistic)
+                                          mean_statistic)
     assert bootstrapped[1] > 0  # what the bootstrap would have said
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Paired differences of [0, 1] means: MOVER (Newcombe's method 10 generalised)
+
+
+def test_paired_wilson_of_means_is_newcombe_on_one_group_of_outcomes():
+    rng = random.Random(11)
+    for _ in range(200):
+        n = rng.randint(1, 60)
+        first = [rng.random() < 0.6 for _ in range(n)]
+        second = [a if rng.random() < 0.7 else rng.random() < 0.4 for a in first]  # correlated pairs
+        first, second = [int(a) for a in first], [int(b) for b in second]
+        assert stats.paired_wilson_of_means([first], [second]) == pytest.approx(
+            stats.newcombe_paired(first, second), abs=1e-12)
+
+
+def test_paired_wilson_of_means_on_strata():
+    """Two equal tasks of 50, each with 2 discordant pairs all one way (McNemar exact p = 0.125 pooled): Newcombe's
+    interval of the pooled 100 pairs, tied, where a stratified paired bootstrap excluded 0; identical scores: a
+    difference of 0 with an interval, not [0, 0]."""
+    first, second = paired(25, 2, 0, 23)
+    diff = stats.paired_wilson_of_means([first, first], [second, second])
+    assert diff == pytest.approx(stats.newcombe_paired(first + first, second + second), abs=1e-12)
+    assert diff[1] < 0 < diff[2]
+    same = [[1.0] * 30, [0.5, 1.0] * 15]
+    point, low, high = stats.paired_wilson_of_means(same, same)
+    assert point == 0 and low < -0.01 and high > 0.01
+    with pytest.raises(ValueError):
+        stats.paired_wilson_of_means([[1, 0]], [[1]])
+
+
+def test_paired_wilson_of_means_check_fails_for_a_twin_without_the_pairing():
+    """Planted bug: phi = 0 (the pairs treated as independent) widens the interval of strongly paired outcomes; the
+    one-group Newcombe check rejects it."""
+    first, second = paired(30, 3, 1, 6)
+
+    def unpaired(a, b):
+        (s1, s2), n = (sum(a[0]), sum(b[0])), len(a[0])
+        return stats._mover(s1 / n, *stats.wilson(s1, n), s2 / n, *stats.wilson(s2, n), 0.0)
+
+    expected = stats.newcombe_paired(first, second)
+    assert stats.paired_wilson_of_means([first], [second]) == pytest.approx(expected, abs=1e-12)
+    assert unpaired([first], [second]) != pytest.approx(expected, abs=1e-3)
+
+
+def test_fractional_ruler_difference_uses_mover():
+    full = stats.Examples("scores", [1.0] * 30)
+    diff = stats.difference(full, full)
+    assert diff["method"] == "mover_wilson" and diff["difference"] == 0 and diff["low"] < 0 < diff["high"]
