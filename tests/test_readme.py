@@ -27,3 +27,27 @@ def test_the_first_readme_example_prints_what_the_readme_says():
     with contextlib.redirect_stdout(printed):
         exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})
     assert printed.getvalue().strip() == quoted
+
+
+def test_the_headline_table_is_the_committed_results():
+    """Every score of the README's headline table is the committed RULER average it quotes (ruler_average.json, written
+    by experiments/kvzip/ruler_headline.py from the grid), with its interval: the table cannot drift from the data."""
+    import json
+
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("<!-- headline:start -->"):text.index("<!-- headline:end -->")]
+    data = json.loads((README.parent / "docs/results/ruler4k-headline-qwen2.5-0.5b/ruler_average.json").read_text())
+    table = {}
+    header = None
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| query"):
+            header = cells
+        elif line.startswith("| ") and header and not line.startswith("|---"):
+            table[(cells[0], cells[1])] = dict(zip(header[2:], cells[2:]))
+    assert data["rows"] and len(table) == len({(r["query"], r["strategy"]) for r in data["rows"]})
+    for row in data["rows"]:
+        ci = row["ci"]
+        score = f"{100 * row['average']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
+        column = "no budget (KV kept)" if row["budget"] == "-" else f"{float(row['budget']):.0%} kept"
+        assert table[(row["query"], row["strategy"])][column].startswith(score), (row["query"], row["strategy"], column)
