@@ -10,9 +10,10 @@ Its interval is Wilson's on the effective sample size of the stratified average 
 Tied (`ties`): at one budget of one task, the best strategy is the one with the best score (highest accuracy,
 lowest perplexity); another strategy is TIED with it when the 95% interval of their paired difference on the same
 examples (`stats.difference`: Newcombe for right/wrong outcomes, its MOVER generalisation for fractional scores
-and the RULER average, `stats.paired_wilson_of_means`; a paired bootstrap for perplexity) contains 0, and BELOW it otherwise. Pointwise 95%, no multiple-comparison correction:
-with many strategies, some "below" verdicts near the boundary are expected by chance. Budget-free strategies (budget
-"-": full, anchor, ...) keep what they keep and are not ranked.
+and the RULER average, `stats.paired_wilson_of_means`; a paired bootstrap for perplexity) contains 0, and BELOW it
+otherwise. Pointwise 95%, no multiple-comparison correction: with many strategies, some "below" verdicts near the
+boundary are expected by chance. Budget-free strategies (budget "-": full, anchor, ...) keep what they keep and are
+not ranked.
 """
 
 from __future__ import annotations
@@ -238,9 +239,9 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     lengths = sorted({r["length"] for r in rows})
     n_tasks = min(len(r["averaged"]) for r in rows)
     samples = sorted({r["n"] for r in rows if r["n"] is not None})
-    fig.suptitle(f"RULER average over {n_tasks} tasks vs KV kept, 95% intervals\n{results['environment'].get('model')}, "
-                 f"{'/'.join(map(str, lengths))} tokens" + (f", n = {samples[0]} per task" if len(samples) == 1 else ""),
-                 fontsize=10)
+    per_task = f", n = {samples[0]} per task" if len(samples) == 1 else ""
+    fig.suptitle(f"RULER average over {n_tasks} tasks vs KV kept, 95% intervals\n"
+                 f"{results['environment'].get('model')}, {'/'.join(map(str, lengths))} tokens{per_task}", fontsize=10)
     fig.tight_layout()
     handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)

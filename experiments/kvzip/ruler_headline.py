@@ -5,7 +5,8 @@ fraction); writes to --out the plot (one panel per query mode), ruler_average.js
 average, its interval, n) and table.md (every task's score, then which strategies are statistically tied at each
 budget).
 
-    python experiments/kvzip/ruler_headline.py docs/results/ruler4k-grid-qwen2.5-0.5b --out docs/results/ruler4k-headline-qwen2.5-0.5b
+    python experiments/kvzip/ruler_headline.py docs/results/ruler4k-grid-qwen2.5-0.5b \
+        --out docs/results/ruler4k-headline-qwen2.5-0.5b
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def main() -> None:
     (args.out / "ruler_average.json").write_text(json.dumps(
         {"environment": results.get("environment"), "rows": [{k: v for k, v in r.items() if k != "examples"}
                                                              for r in rows]}, indent=1))
-    (args.out / "table.md").write_text(f"# RULER per task (x100) and their average\n\n{leaderboard.ruler_table(results)}"
-                                       f"\n\n# Ties at each budget\n\n{leaderboard.ties_table(results)}\n")
+    (args.out / "table.md").write_text(
+        f"# RULER per task (x100) and their average\n\n{leaderboard.ruler_table(results)}\n\n"
+        f"# Ties at each budget\n\n{leaderboard.ties_table(results)}\n")
     print("plot:", leaderboard.plot_leaderboard(results, args.out / "accuracy_vs_kv_kept.png"))
 
 
