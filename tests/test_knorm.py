@@ -3,7 +3,7 @@ three architectures, hypothesis invariants (each also run on a planted bug), bad
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -171,8 +171,9 @@ def check_rows_independent(cache_cls, rows, ids, mask, continuation, budget, n_s
 
 
 def check_large_budget_is_full_cache(cache_cls, rows, ids, mask, continuation, budget, n_sink, window):
-    """With budget >= every row's length, logits equal FullCache's."""
-    longest = ids.shape[1] + continuation.shape[1]
+    """With budget >= every row's length, logits equal FullCache's. (The budget must also hold n_sink + window,
+    which a 1-token prompt and 1-token continuation with 1 sink and a 2-token window exceed: hypothesis found it.)"""
+    longest = max(ids.shape[1] + continuation.shape[1], n_sink + window)
     got, _ = teacher_forced(MODEL, cache_cls(MODEL, budget=longest, n_sink=n_sink, window=window), ids, mask,
                              continuation)
     expected, _ = teacher_forced(MODEL, FullCache(MODEL), ids, mask, continuation)
@@ -260,6 +261,7 @@ def test_batch_rows_are_independent(example):
 
 @PROPERTY_SETTINGS
 @given(batches())
+@example(([[47]], torch.tensor([[47]]), torch.tensor([[1]]), torch.tensor([[127]]), 4, 1, 2))
 def test_budget_covering_everything_is_full_cache(example):
     check_large_budget_is_full_cache(KnormCache, *example)
 
