@@ -22,7 +22,7 @@ import pathlib
 import statistics
 
 from . import stats
-from .plots import DODGE, error_bars, strategy_label
+from .plots import colors, dodge, error_bars, strategy_label
 from .ruler import KINDS
 
 _SHORT = {"niah_single_number": "s-num", "niah_single_word": "s-word", "niah_single_uuid": "s-uuid",
@@ -201,7 +201,7 @@ def ties_table(results: dict) -> str:
 
 def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     """One PNG: RULER average vs kept fraction with 95% error bars, one panel per query mode (after, before), a
-    colour per strategy (points moved sideways by `plots.DODGE` so equal budgets do not hide each other's bars).
+    colour per strategy (points moved sideways by `plots.dodge` so equal budgets do not hide each other's bars).
     Returns the path, or None when there is nothing to plot or matplotlib is missing."""
     rows = [r for r in ruler_rows(results) if r["average"] is not None]
     if not rows:
@@ -214,8 +214,7 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     except ImportError:
         return None
     strategies = sorted({r["strategy"] for r in rows})
-    palette = matplotlib.colormaps["tab20"] if len(strategies) > 10 else None
-    colors = {s: palette(i % 20) if palette else f"C{i}" for i, s in enumerate(strategies)}
+    palette = colors(rows)
     queries = [q for q in ("after", "before") if any(r["query"] == q for r in rows)]
     fig, axes = plt.subplots(1, len(queries), figsize=(4.6 * len(queries), 3.8), squeeze=False, sharey=True)
     for ax, query in zip(axes.flat, queries):
@@ -224,12 +223,12 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
                             key=lambda r: r["kept_fraction"])
             if not series:
                 continue
-            shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
+            shift = dodge(strategies.index(strategy), len(strategies))
             bars = error_bars([{"score": 100 * r["average"],
                                 "low": None if r["ci"] is None else 100 * r["ci"]["low"],
                                 "high": None if r["ci"] is None else 100 * r["ci"]["high"]} for r in series])
             ax.errorbar([r["kept_fraction"] + shift for r in series], [100 * r["average"] for r in series],
-                        yerr=bars, marker="o", capsize=2, color=colors[strategy], label=strategy)
+                        yerr=bars, marker="o", capsize=2, color=palette[strategy], label=strategy)
         ax.set_title(f"asked {query}" + (" the compression" if query == "after" else " it (query in the prompt)"),
                      fontsize=10)
         ax.set_xlabel("KV kept fraction")
@@ -243,7 +242,7 @@ def plot_leaderboard(results: dict, path: pathlib.Path) -> pathlib.Path | None:
     fig.suptitle(f"RULER average over {n_tasks} tasks vs KV kept, 95% intervals\n"
                  f"{results['environment'].get('model')}, {'/'.join(map(str, lengths))} tokens{per_task}", fontsize=10)
     fig.tight_layout()
-    handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
+    handles = [plt.Line2D([], [], color=palette[s], marker="o", label=s) for s in strategies]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -26,8 +26,8 @@ def _series_label(cell: dict) -> str:
     return label if cell["budget"] == "-" else f"{label} {cell['budget']}"
 
 
-def _colors(cells: list[dict]) -> dict[str, str]:
-    """One colour per strategy, the same in every plot of a run (strategies in sorted order)."""
+def colors(cells: list[dict]) -> dict[str, str]:
+    """One colour per strategy (`cell["strategy"]`), the same in every plot of a run (strategies in sorted order)."""
     strategies = sorted({c["strategy"] for c in cells})
     if len(strategies) <= 10:
         return {s: f"C{i}" for i, s in enumerate(strategies)}
@@ -38,6 +38,11 @@ def _colors(cells: list[dict]) -> dict[str, str]:
 
 
 DODGE = 0.03  # strategies' points spread over +-DODGE/2 of the x axis so equal budgets do not hide error bars
+
+
+def dodge(index: int, count: int) -> float:
+    """The x offset of the `index`-th of `count` strategies: spread evenly over [-DODGE/2, +DODGE/2]."""
+    return DODGE * (index - (count - 1) / 2) / max(1, count - 1)
 
 
 def score_series(results: dict) -> dict[str, dict[str, list[dict]]]:
@@ -78,7 +83,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         return []
     written = []
     cells = _ok(results)
-    colors = _colors(cells)
+    palette = colors(cells)
 
     scores = score_series(results)
     if scores:
@@ -89,9 +94,9 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
         strategies = sorted({s for by_strategy in scores.values() for s in by_strategy})
         for ax, task in zip(axes.flat, tasks):
             for strategy, points in scores[task].items():
-                shift = DODGE * (strategies.index(strategy) - (len(strategies) - 1) / 2) / max(1, len(strategies) - 1)
+                shift = dodge(strategies.index(strategy), len(strategies))
                 ax.errorbar([p["x"] + shift for p in points], [p["score"] for p in points],
-                            yerr=error_bars(points), marker="o", capsize=2, color=colors[strategy], label=strategy)
+                            yerr=error_bars(points), marker="o", capsize=2, color=palette[strategy], label=strategy)
             metric = next(iter(scores[task].values()))[0]["metric"]
             ax.set_title(task)
             ax.set_xlabel("KV bytes / full cache")
@@ -99,7 +104,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
-        handles = [plt.Line2D([], [], color=colors[s], marker="o", label=s) for s in strategies]
+        handles = [plt.Line2D([], [], color=palette[s], marker="o", label=s) for s in strategies]
         fig.suptitle(f"score vs KV kept, 95% intervals ({results['environment'].get('model')})")
         fig.tight_layout()
         # beside the panels, not over them: the figure grows to hold it (bbox_inches="tight")
@@ -117,7 +122,7 @@ def plot_all(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
             for style, budget in zip(itertools.cycle(["-", "--", ":", "-."]), budgets):
                 series = [c for c in speed if c["strategy"] == strategy and c["budget"] == budget]
                 xs, ys = zip(*sorted((c["context_tokens"], c["decode_tokens_per_s"]) for c in series))
-                ax.plot(xs, ys, marker="o", label=_series_label(series[0]), color=colors[strategy], linestyle=style)
+                ax.plot(xs, ys, marker="o", label=_series_label(series[0]), color=palette[strategy], linestyle=style)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("decode tokens/s (median)")
