@@ -99,17 +99,28 @@ def wilson_of_means(groups: Sequence[Sequence[float]], confidence: float = CONFI
     have variance at most p(1 - p), so the interval errs wide. Unlike a percentile bootstrap it is not [1, 1] when
     every example is right (30 of 30 right in two tasks: [0.940, 1]).
     """
+    p, variance, n_weights = _stratified_mean(_unit_groups(groups))
+    n_effective = n_weights if variance == 0 or p * (1 - p) == 0 else min(n_weights, p * (1 - p) / variance)
+    return _wilson_bounds(p, n_effective, z_value(confidence))
+
+
+def _unit_groups(groups: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    """The groups as float arrays; ValueError unless one or more non-empty groups of scores in [0, 1]."""
     arrays = [np.asarray(group, dtype=float) for group in groups]
     if not arrays or any(a.ndim != 1 or a.size == 0 for a in arrays):
         raise ValueError("need one or more non-empty groups of scores")
     if any(((a < 0) | (a > 1) | np.isnan(a)).any() for a in arrays):
         raise ValueError("scores must lie in [0, 1]")
+    return arrays
+
+
+def _stratified_mean(arrays: list[np.ndarray]) -> tuple[float, float, float]:
+    """(p, v, n_w) of the mean over K groups of each group's mean: p clipped to [0, 1], its variance
+    v = sum_k var_k / (K^2 n_k) (ddof 0) and the weights' effective size n_w = 1 / sum_k 1 / (K^2 n_k)."""
     k = len(arrays)
     p = min(1.0, max(0.0, float(np.mean([a.mean() for a in arrays]))))
     variance = sum(float(a.var()) / (k * k * a.size) for a in arrays)
-    n_weights = 1.0 / sum(1.0 / (k * k * a.size) for a in arrays)
-    n_effective = n_weights if variance == 0 or p * (1 - p) == 0 else min(n_weights, p * (1 - p) / variance)
-    return _wilson_bounds(p, n_effective, z_value(confidence))
+    return p, variance, 1.0 / sum(1.0 / (k * k * a.size) for a in arrays)
 
 
 def newcombe_paired(first: Sequence[int], second: Sequence[int],
@@ -155,14 +166,10 @@ def paired_wilson_of_means(first: Sequence[Sequence[float]], second: Sequence[Se
         raise ValueError("paired groups need the same examples in each group")
     l1, u1 = wilson_of_means(first, confidence)
     l2, u2 = wilson_of_means(second, confidence)
-    pairs = [(np.asarray(a, dtype=float), np.asarray(b, dtype=float)) for a, b in zip(first, second)]
-    k = len(pairs)
-    p1 = float(np.mean([a.mean() for a, _ in pairs]))
-    p2 = float(np.mean([b.mean() for _, b in pairs]))
-    v1 = sum(float(a.var()) / (k * k * a.size) for a, _ in pairs)
-    v2 = sum(float(b.var()) / (k * k * b.size) for _, b in pairs)
-    cov = sum(float(np.mean((a - a.mean()) * (b - b.mean()))) / (k * k * a.size) for a, b in pairs)
-    n_weights = 1.0 / sum(1.0 / (k * k * a.size) for a, _ in pairs)
+    firsts, seconds = _unit_groups(first), _unit_groups(second)
+    (p1, v1, n_weights), (p2, v2, _) = _stratified_mean(firsts), _stratified_mean(seconds)
+    k = len(firsts)
+    cov = sum(float(np.mean((a - a.mean()) * (b - b.mean()))) / (k * k * a.size) for a, b in zip(firsts, seconds))
     rule = 1 / (2 * n_weights * n_weights)  # Newcombe's n/2 on AD - BC, at the weights' size
     cov = cov - rule if cov > rule else min(cov, 0.0)
     phi = cov / math.sqrt(v1 * v2) if v1 * v2 > 0 else 0.0
