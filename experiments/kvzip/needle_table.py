@@ -80,22 +80,25 @@ def main() -> None:
         print("plot:", path)
 
 
-def pivot(cells: list[dict]) -> list[str]:
-    """The README's compact form: one row per query mode and strategy, one column per kept fraction, accuracy with
-    its 95% interval ("-": not run); strategies without a budget (full, anchor) show their KV kept instead."""
-    cells = [c for c in cells if c.get("status") == "ok"]
+def pivot(cells: list[dict], label=plots.strategy_label, score=None, kept="kv_bytes_fraction") -> list[str]:
+    """The README's compact form: one row per query mode and strategy, one column per kept fraction, the score with
+    its 95% interval ("-": not run); strategies without a budget (full, anchor) show their KV kept instead.
+
+    `cells`: dicts with "query", "budget" and `kept` (cells with a "status" other than "ok" are left out); `label`
+    names a cell's strategy; `score` formats it (default: accuracy [Wilson interval], `_score`)."""
+    score = score or _score
+    cells = [c for c in cells if c.get("status", "ok") == "ok"]
     budgets = sorted({c["budget"] for c in cells if c["budget"] != "-"}, key=float)
     rows = ["| query | strategy | " + " | ".join(f"{float(b):.0%} kept" for b in budgets) + " | no budget (KV kept) |",
             "|---|---|" + "---:|" * (len(budgets) + 1)]
     for query in ("after", "before"):
-        labels = sorted({plots.strategy_label(c) for c in cells if c["query"] == query},
-                        key=lambda label: (label != "full", label))
-        for label in labels:
-            mine = {c["budget"]: c for c in cells if c["query"] == query and plots.strategy_label(c) == label}
-            text = [_score(mine[b]) if b in mine else "-" for b in budgets]
+        labels = sorted({label(c) for c in cells if c["query"] == query}, key=lambda name: (name != "full", name))
+        for name in labels:
+            mine = {c["budget"]: c for c in cells if c["query"] == query and label(c) == name}
+            text = [score(mine[b]) if b in mine else "-" for b in budgets]
             free = mine.get("-")
-            text.append(f"{_score(free)} ({free['kv_bytes_fraction']:.0%})" if free else "")
-            rows.append(f"| {query} | {label} | " + " | ".join(text) + " |")
+            text.append(f"{score(free)} ({free[kept]:.0%})" if free else "")
+            rows.append(f"| {query} | {name} | " + " | ".join(text) + " |")
     return rows
 
 

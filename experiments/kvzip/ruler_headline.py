@@ -15,6 +15,8 @@ import argparse
 import json
 import pathlib
 
+from needle_table import pivot  # this folder's README-table layout
+
 from kvcompress.bench import leaderboard, stats
 
 
@@ -29,7 +31,9 @@ def main() -> None:
     if not rows:
         raise SystemExit(f"no RULER rows with an average in {args.folder}")
     args.out.mkdir(parents=True, exist_ok=True)
-    print("\n".join(pivot(rows)))
+    print("\n".join(pivot(rows, label=lambda row: row["strategy"], score=_score, kept="kept_fraction")))
+    print(f"\n(averaged tasks per row: {sorted({len(r['averaged']) for r in rows})}; "
+          f"n per task: {sorted({r['n'] for r in rows})})")
     (args.out / "ruler_average.json").write_text(json.dumps(
         {"environment": results.get("environment"), "rows": [{k: v for k, v in r.items() if k != "examples"}
                                                              for r in rows]}, indent=1))
@@ -37,25 +41,6 @@ def main() -> None:
         f"# RULER per task (x100) and their average\n\n{leaderboard.ruler_table(results)}\n\n"
         f"# Ties at each budget\n\n{leaderboard.ties_table(results)}\n")
     print("plot:", leaderboard.plot_leaderboard(results, args.out / "accuracy_vs_kv_kept.png"))
-
-
-def pivot(rows: list[dict]) -> list[str]:
-    """One row per query mode and strategy, one column per kept fraction: the average (x100) [95% interval]; strategies
-    without a budget (full, anchor) show their KV kept instead."""
-    budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"}, key=float)
-    tasks = sorted({len(r["averaged"]) for r in rows})
-    lines = ["| query | strategy | " + " | ".join(f"{float(b):.0%} kept" for b in budgets) + " | no budget (KV kept) |",
-             "|---|---|" + "---:|" * (len(budgets) + 1)]
-    for query in ("after", "before"):
-        mine = [r for r in rows if r["query"] == query]
-        for strategy in sorted({r["strategy"] for r in mine}, key=lambda s: (s != "full", s)):
-            by_budget = {r["budget"]: r for r in mine if r["strategy"] == strategy}
-            text = [_score(by_budget[b]) if b in by_budget else "-" for b in budgets]
-            free = by_budget.get("-")
-            text.append(f"{_score(free)} ({free['kept_fraction']:.0%})" if free else "")
-            lines.append(f"| {query} | {strategy} | " + " | ".join(text) + " |")
-    lines.append(f"\n(averaged tasks per row: {tasks}; n per task: {sorted({r['n'] for r in rows})})")
-    return lines
 
 
 def _score(row: dict) -> str:
