@@ -51,3 +51,34 @@ def test_the_headline_table_is_the_committed_results():
         score = f"{100 * row['average']:.1f} [{100 * ci['low']:.1f}, {100 * ci['high']:.1f}]"
         column = "no budget (KV kept)" if row["budget"] == "-" else f"{float(row['budget']):.0%} kept"
         assert table[(row["query"], row["strategy"])][column].startswith(score), (row["query"], row["strategy"], column)
+
+
+def _headline_script():
+    """experiments/kvzip/ruler_headline.py as a module (it imports its folder's needle_table)."""
+    import sys
+
+    sys.path.insert(0, str(README.parent / "experiments" / "kvzip"))
+    try:
+        import ruler_headline
+    finally:
+        sys.path.pop(0)
+    return ruler_headline
+
+
+def test_the_headline_script_rewrites_the_readme_table_to_what_it_is():
+    """ruler_headline.py --readme, given the committed rows, leaves the README as it is (the table is its output, in
+    its layout); another table replaces the old one only, and a README without one block and one table is refused."""
+    import json
+
+    script = _headline_script()
+    text = README.read_text(encoding="utf-8")
+    rows = json.loads((README.parent / "docs/results/ruler4k-headline-qwen2.5-0.5b/ruler_average.json").read_text())
+    table = script.pivot(rows["rows"], label=lambda row: row["strategy"], score=script._score, kept="kept_fraction")
+    assert script.replace_headline_table(text, table) == text
+    changed = script.replace_headline_table(text, ["| a |", "|---|", "| 1 |"])
+    assert "| a |\n|---|\n| 1 |\n" in changed and "| query |" not in changed
+    assert changed.replace("| a |\n|---|\n| 1 |", "\n".join(table)) == text
+    with pytest.raises(SystemExit, match="block"):
+        script.replace_headline_table(text.replace("<!-- headline:end -->", ""), table)
+    with pytest.raises(SystemExit, match="one markdown table"):
+        script.replace_headline_table(text.replace("\n![RULER", "\n| second |\n![RULER"), table)
