@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The long CPU runs behind issues 16 and 19, in order, each resumable where it stopped (their --out folders are
 # TRACKED: commit them before a session ends, `git add -A docs/results && git commit -m "Run journals"`):
-#   1. the qwen2.5-0.5b RULER-4K grid, one process per query mode (experiments/kvzip/ruler_grid.sh; about 17 CPU-hours
-#      left on 2026-12-02);
+#   1. the qwen2.5-0.5b RULER-4K grid, one process per query mode (experiments/kvzip/ruler_grid.sh; about 11 CPU-hours
+#      left on 2026-12-02 at 19:30 UTC: multivalue and multiquery);
 #   2. then `--preset paper` on the bundled SmolLM2-135M as two torchrun ranks (about 18 CPU-hours, docs/bench.md).
 # Run from the repository root with the venv active:
 #   mkdir -p runs && nohup bash experiments/long_runs.sh >> runs/long_runs.log 2>&1 &
