@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# The long CPU runs behind issues 16 and 19, in order, each resumable where it stopped (their --out folders are
-# TRACKED: commit them before a session ends, `git add -A docs/results && git commit -m "Run journals"`):
-#   1. the qwen2.5-0.5b RULER-4K grid, one process per query mode (experiments/kvzip/ruler_grid.sh; about 11 CPU-hours
-#      left on 2026-12-02 at 19:30 UTC: multivalue and multiquery);
-#   2. then `--preset paper` on the bundled SmolLM2-135M as two torchrun ranks (about 18 CPU-hours, docs/bench.md).
+# The long CPU runs behind issues 16 and 19, each resumable where it stopped (their --out folders are TRACKED: commit
+# them before a session ends, `git add -A docs/results && git commit -m "Run journals"`), as two chains of one
+# process each (1 thread, niced: one per core of the 2-core machines these ran on), so neither core waits for the
+# other's longer step:
+#   after:  the qwen2.5-0.5b RULER-4K grid asked after (experiments/kvzip/ruler_grid.sh), then the paper preset's
+#           needle@2048 and @4096 asked after, then its ppl@2048;
+#   before: the grid asked before, then the paper preset's needles asked before, then its piqa and boolq.
+# About 6 CPU-hours of the grid were left on 2026-12-03 at 07:00 UTC (niah_multiquery: 3.5 asked after, 2.3 before);
+# the paper preset on the bundled SmolLM2-135M is about 18 (docs/bench.md): about 12 h on 2 cores for each chain.
+# The chains write into the same docs/results/paper (the bench merges under a lock; their cells are disjoint); once
+# both end, one last `--resume` run of the whole preset finds every cell done and rewrites results.json (the whole
+# preset's config, intervals and ties), the table and the plots.
 # Run from the repository root with the venv active:
 #   mkdir -p runs && nohup bash experiments/long_runs.sh >> runs/long_runs.log 2>&1 &
-# Both steps run niced, 1 thread per process (2 processes: one per core of the 2-core machines these ran on).
 set -euo pipefail
-nice -n 15 bash experiments/kvzip/ruler_grid.sh "" after 0.25,0.5,0.1 qwen2.5-0.5b &
+paper() {
+  OMP_NUM_THREADS=1 nice -n 15 python -m kvcompress.bench --preset paper --threads 1 --no-progress \
+      --out docs/results/paper --resume "$@"
+}
+chain() {  # $1: query mode; the rest: the paper preset's other tasks this chain runs
+  local query=$1 others=$2
+  nice -n 15 bash experiments/kvzip/ruler_grid.sh "" "$query" 0.25,0.5,0.1 qwen2.5-0.5b
+  paper --no-plots --tasks needle@2048,needle@4096 --query "$query"
+  paper --no-plots --tasks "$others"
+}
+chain after ppl &
 after=$!
-nice -n 15 bash experiments/kvzip/ruler_grid.sh "" before 0.25,0.5,0.1 qwen2.5-0.5b &
+chain before piqa,boolq &
 before=$!
-wait "$after" "$before"
-OMP_NUM_THREADS=1 nice -n 15 torchrun --standalone --nproc_per_node 2 -m kvcompress.bench --preset paper --threads 1 \
-    --no-progress --out docs/results/paper --resume
+wait "$after"
+wait "$before"
+paper
