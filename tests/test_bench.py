@@ -121,6 +121,25 @@ def test_resume_with_a_narrower_selection_keeps_the_other_finished_cells(tiny_di
     assert list(json.loads((out / "results.json").read_text())["cells"]) == ["speed@40|sink_window|0.5"]
 
 
+def test_a_last_resume_over_the_whole_selection_runs_nothing_and_describes_the_whole_grid(tiny_dir, tmp_path,
+                                                                                         capsys):
+    """experiments/long_runs.sh: processes with disjoint selections fill one folder, then a --resume run of the whole
+    selection finds every cell done, runs none, and rewrites results.json in the whole grid's order and config."""
+    out = tmp_path / "run"
+    base = ["--model", str(tiny_dir), "--strategies", "sink_window", "--tasks", "speed@40", "--repeats", "1",
+            "--decode-tokens", "2", "--out", str(out), "--no-progress", "--no-plots", "--resume"]
+    assert _run_cli(base + ["--budgets", "10"], capsys)[0] == 0
+    assert _run_cli(base + ["--budgets", "0.5"], capsys)[0] == 0
+    parts = json.loads((out / "results.json").read_text())
+    assert parts["config"]["cells"] == ["speed@40|sink_window|0.5"]  # the last part's grid
+    assert _run_cli(base + ["--budgets", "0.5,10"], capsys)[0] == 0
+    whole = json.loads((out / "results.json").read_text())
+    assert whole["config"]["cells"] == list(whole["cells"]) == ["speed@40|sink_window|0.5", "speed@40|sink_window|10"]
+    assert set(parts["cells"]) == set(whole["cells"])
+    for key, cell in whole["cells"].items():  # the parts' measured timings (a re-run measures other floats)
+        assert cell["decode_tokens_per_s"] == parts["cells"][key]["decode_tokens_per_s"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
