@@ -18,7 +18,7 @@ paper() {
   OMP_NUM_THREADS=1 nice -n 15 python -m kvcompress.bench --preset paper --threads 1 --no-progress \
       --out docs/results/paper --resume "$@"
 }
-chain() {  # $1: query mode; the rest: the paper preset's other tasks this chain runs
+chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list) this chain runs after its needles
   local query=$1 others=$2
   nice -n 15 bash experiments/kvzip/ruler_grid.sh "" "$query" 0.25,0.5,0.1 qwen2.5-0.5b
   paper --no-plots --tasks needle@2048,needle@4096 --query "$query"
