@@ -6,8 +6,8 @@
 #   after:  the qwen2.5-0.5b RULER-4K grid asked after (experiments/kvzip/ruler_grid.sh), then the paper preset's
 #           needle@2048 and @4096 asked after, then its ppl@2048;
 #   before: the grid asked before, then the paper preset's needles asked before, then its piqa and boolq.
-# On 2026-12-03 at 09:00 UTC the grid had about 0.7 CPU-hours left (niah_multiquery asked after, h2o's cells) and the
-# paper preset on the bundled SmolLM2-135M (about 18 CPU-hours, docs/bench.md) had begun in the `before` chain.
+# The grid finished on 2026-12-03 (348 cells; a rerun of its steps exits quickly); the paper preset on the bundled
+# SmolLM2-135M (about 18 CPU-hours, docs/bench.md) had then about 15 CPU-hours left in both chains.
 # The chains write into the same docs/results/paper (the bench merges under a lock; their cells are disjoint); once
 # both end, one last `--resume` run of the whole preset finds every cell done and rewrites results.json (the whole
 # preset's config, intervals and ties), the table and the plots.
