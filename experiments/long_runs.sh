@@ -4,8 +4,11 @@
 # process each (1 thread, niced: one per core of the 2-core machines these ran on), so neither core waits for the
 # other's longer step:
 #   after:  the qwen2.5-0.5b RULER-4K grid asked after (experiments/kvzip/ruler_grid.sh), then the paper preset's
-#           needle@2048 and @4096 asked after, then its ppl@2048;
-#   before: the grid asked before, then the paper preset's needles asked before, then its piqa and boolq.
+#           needle@2048 and @4096 asked after, then ppl@2048 for the strategies in AFTER_PPL;
+#   before: the grid asked before, then the paper preset's needles asked before, then piqa and boolq, then ppl@2048
+#           for the strategies in BEFORE_PPL.
+# ppl is split by strategy so that both chains end near the same time (the chain asked after had about 2 CPU-hours
+# more of needles left on 2026-12-03; kvzip's and h2o's ppl cells cost more than the others).
 # The grid finished on 2026-12-03 (348 cells; a rerun of its steps exits quickly); the paper preset on the bundled
 # SmolLM2-135M (about 18 CPU-hours, docs/bench.md) had then about 15 CPU-hours left in both chains.
 # The chains write into the same docs/results/paper (the bench merges under a lock; their cells are disjoint); once
@@ -14,19 +17,25 @@
 # Run from the repository root with the venv active:
 #   mkdir -p runs && nohup bash experiments/long_runs.sh >> runs/long_runs.log 2>&1 &
 set -euo pipefail
+AFTER_PPL=full,anchor,anchor:model=smollm2-135m-anchor-ac,anchor:model=smollm2-135m-anchor-ep,knorm,sink_window,hidden_random,label_words
+BEFORE_PPL=expected_attention,pyramidkv,snapkv,tova,h2o,kvzip
 paper() {
   OMP_NUM_THREADS=1 nice -n 15 python -m kvcompress.bench --preset paper --threads 1 --no-progress \
       --out docs/results/paper --resume "$@"
 }
-chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list) this chain runs after its needles
-  local query=$1 others=$2
+chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list, or "") this chain runs after its
+           # needles; $3: the strategies (a comma list) whose ppl@2048 cells this chain runs last
+  local query=$1 others=$2 ppl_strategies=$3
   nice -n 15 bash experiments/kvzip/ruler_grid.sh "" "$query" 0.25,0.5,0.1 qwen2.5-0.5b
   paper --no-plots --tasks needle@2048,needle@4096 --query "$query"
-  paper --no-plots --tasks "$others"
+  if [[ -n $others ]]; then
+    paper --no-plots --tasks "$others"
+  fi
+  paper --no-plots --tasks ppl --strategies "$ppl_strategies"
 }
-chain after ppl &
+chain after "" "$AFTER_PPL" &
 after=$!
-chain before piqa,boolq &
+chain before piqa,boolq "$BEFORE_PPL" &
 before=$!
 wait "$after"
 wait "$before"
