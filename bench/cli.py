@@ -8,7 +8,8 @@
     python -m kvcompress.bench --preset strategies             # every strategy at 0.1/0.25/0.5: needle, ppl, sst2, piqa
 
 Prints a markdown table (and, when the run has RULER cells, the RULER table and the leaderboard table), writes
-results.json and PNG plots under --out. Exit status 1 when any cell failed (the others still run).
+results.json, the printed report (table.md) and PNG plots under --out. Exit status 1 when any cell failed (the
+others still run).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ PRESETS = {
     },
 }
 DTYPES = ("float32", "bfloat16", "float16")
+TABLE = "table.md"  # the printed report, written beside results.json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, parser, config) -> int:
     import torch
 
+    from kvcompress import atomic
     from kvcompress.models import DEFAULT_MODEL, load_model
 
     from . import leaderboard, runner
@@ -311,30 +314,26 @@ def _run(args, parser, config) -> int:
     failed = [c for c in results["cells"].values() if c.get("status") == "error"]
     if runner.process_rank()[0] != 0:  # the other processes of a torchrun: rank 0 reports
         return 1 if failed else 0
-    print(runner.markdown_table(results))
-    print()
+    report = [runner.markdown_table(results), ""]
     scores = runner.score_table(results)
     if scores:
-        print("Scores by task with 95% intervals (acc: higher is better; ppl: lower is better)\n")
-        print(scores)
-        print()
+        report += ["Scores by task with 95% intervals (acc: higher is better; ppl: lower is better)\n", scores, ""]
     if leaderboard.ruler_rows(results):
-        print("RULER (score x100: fraction of the expected strings in the greedy answer; average over the tasks)\n")
-        print(leaderboard.ruler_table(results))
-        print()
-        print(leaderboard.leaderboard_table(results))
-        print()
+        report += ["RULER (score x100: fraction of the expected strings in the greedy answer; average over the tasks)\n",
+                   leaderboard.ruler_table(results), "", leaderboard.leaderboard_table(results), ""]
     ranking = leaderboard.ties_table(results)
     if ranking:
-        print("Statistically tied strategies at each budget\n")
-        print(ranking)
-        print()
+        report += ["Statistically tied strategies at each budget\n", ranking, ""]
     env = results["environment"]
-    print(examples_line(results))
+    report.append(examples_line(results))
     processes = f" x {env['world_size']} processes" if env.get("world_size", 1) > 1 else ""
-    print(f"model {env['model']} ({env['dtype']}) on {env['device']} ({env['device_name']}), torch "
-          f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads{processes}; "
-          f"timings are medians over {config.repeats} repeats")
+    report.append(f"model {env['model']} ({env['dtype']}) on {env['device']} ({env['device_name']}), torch "
+                  f"{env['torch']}, transformers {env['transformers']}, {env['torch_threads']} threads{processes}; "
+                  f"timings are medians over {config.repeats} repeats")
+    text = "\n".join(report)
+    print(text)
+    atomic.write_text(config.out / TABLE, text + "\n")  # the printed report, beside results.json
+    print(f"table: {config.out / TABLE}")
     print(f"results: {config.out / runner.RESULTS}")
     if not args.no_plots:
         from .plots import plot_all

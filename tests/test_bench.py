@@ -89,6 +89,11 @@ def test_cli_tiny_model_two_strategies_one_task(tiny_dir, tmp_path, capsys):
     # table on stdout, one row per cell
     table = [line for line in captured.out.splitlines() if line.startswith("| obqa")]
     assert len(table) == 3 and "sink_window | 8 |" in table[2]
+    # the printed report is also saved beside results.json, line for line up to the file paths
+    saved = (out / "table.md").read_text()
+    assert captured.out.startswith(saved) and [line for line in saved.splitlines() if line.startswith("| obqa")] == table
+    assert "timings are medians over 2 repeats" in saved.splitlines()[-1]
+    assert captured.out[len(saved):].startswith(f"table: {out / 'table.md'}\n")
     png = out / "accuracy_vs_kv_kept.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
