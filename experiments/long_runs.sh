@@ -4,11 +4,12 @@
 # process each (1 thread, niced: one per core of the 2-core machines these ran on), so neither core waits for the
 # other's longer step:
 #   after:  the qwen2.5-0.5b RULER-4K grid asked after (experiments/kvzip/ruler_grid.sh), then the paper preset's
-#           needle@2048 and @4096 asked after, then ppl@2048 for the strategies in AFTER_PPL;
-#   before: the grid asked before, then the paper preset's needles asked before, then piqa and boolq, then ppl@2048
-#           for the strategies in BEFORE_PPL.
-# ppl is split by strategy so that both chains end near the same time (the chain asked after had about 2 CPU-hours
-# more of needles left on 2026-12-03; kvzip's and h2o's ppl cells cost more than the others).
+#           needle@2048 and @4096 asked after, then piqa, then ppl@2048 for the strategies in AFTER_PPL;
+#   before: the grid asked before, then the paper preset's needles asked before, then boolq, then ppl@2048 for the
+#           strategies in BEFORE_PPL.
+# The QA tasks and ppl are split so that both chains end near the same time (estimated on 2026-12-03: the chain
+# asked after had 4.5 CPU-hours of needles left, the other 3; piqa 1.2, boolq 1.4; ppl 1.9, kvzip's cells 1.7x
+# the others').
 # The grid finished on 2026-12-03 (348 cells; a rerun of its steps exits quickly); the paper preset on the bundled
 # SmolLM2-135M (about 18 CPU-hours, docs/bench.md) had then about 15 CPU-hours left in both chains.
 # The chains write into the same docs/results/paper (the bench merges under a lock; their cells are disjoint); once
@@ -33,9 +34,9 @@ chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list, o
   fi
   paper --no-plots --tasks ppl --strategies "$ppl_strategies"
 }
-chain after "" "$AFTER_PPL" &
+chain after piqa "$AFTER_PPL" &
 after=$!
-chain before piqa,boolq "$BEFORE_PPL" &
+chain before boolq "$BEFORE_PPL" &
 before=$!
 wait "$after"
 wait "$before"
