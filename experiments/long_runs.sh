@@ -24,14 +24,12 @@ paper() {
   OMP_NUM_THREADS=1 nice -n 15 python -m kvcompress.bench --preset paper --threads 1 --no-progress \
       --out docs/results/paper --resume "$@"
 }
-chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list, or "") this chain runs after its
-           # needles; $3: the strategies (a comma list) whose ppl@2048 cells this chain runs last
+chain() {  # $1: query mode; $2: the paper preset's other tasks (a comma list) this chain runs after its needles;
+           # $3: the strategies (a comma list) whose ppl@2048 cells this chain runs last
   local query=$1 others=$2 ppl_strategies=$3
   nice -n 15 bash experiments/kvzip/ruler_grid.sh "" "$query" 0.25,0.5,0.1 qwen2.5-0.5b
   paper --no-plots --tasks needle@2048,needle@4096 --query "$query"
-  if [[ -n $others ]]; then
-    paper --no-plots --tasks "$others"
-  fi
+  paper --no-plots --tasks "$others"
   paper --no-plots --tasks ppl --strategies "$ppl_strategies"
 }
 chain after piqa "$AFTER_PPL" &
