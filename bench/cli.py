@@ -8,7 +8,7 @@
     python -m kvcompress.bench --preset strategies             # every strategy at 0.1/0.25/0.5: needle, ppl, sst2, piqa
 
 Prints a markdown table (and, when the run has RULER cells, the RULER table and the leaderboard table), writes
-results.json, the printed report (table.md) and PNG plots under --out. Exit status 1 when any cell failed (the
+results.json, the printed report (report.md) and PNG plots under --out. Exit status 1 when any cell failed (the
 others still run).
 """
 
@@ -86,7 +86,7 @@ PRESETS = {
     },
 }
 DTYPES = ("float32", "bfloat16", "float16")
-TABLE = "table.md"  # the printed report, written beside results.json
+REPORT = "report.md"  # the printed report, written beside results.json (table.md is left to the experiments' tables)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,8 +332,8 @@ def _run(args, parser, config) -> int:
                   f"timings are medians over {config.repeats} repeats")
     text = "\n".join(report)
     print(text)
-    atomic.write_text(config.out / TABLE, text + "\n")  # the printed report, beside results.json
-    print(f"table: {config.out / TABLE}")
+    atomic.write_text(config.out / REPORT, text + "\n")  # the printed report, beside results.json
+    print(f"report: {config.out / REPORT}")
     print(f"results: {config.out / runner.RESULTS}")
     if not args.no_plots:
         from .plots import plot_all

@@ -55,6 +55,8 @@ ENV_FIELDS = {"python", "torch", "transformers", "git", "device", "model", "dtyp
 
 def test_cli_tiny_model_two_strategies_one_task(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "table.md").write_text("an experiment's own table\n")  # e.g. ruler_table.py's, in a grid's --out folder
     code, captured = _run_cli(
         ["--model", str(tiny_dir), "--strategies", "full,sink_window", "--tasks", "obqa", "--budgets", "0.5,8",
          "--limit", "3", "--repeats", "2", "--out", str(out), "--no-progress"], capsys)
@@ -90,10 +92,11 @@ def test_cli_tiny_model_two_strategies_one_task(tiny_dir, tmp_path, capsys):
     table = [line for line in captured.out.splitlines() if line.startswith("| obqa")]
     assert len(table) == 3 and "sink_window | 8 |" in table[2]
     # the printed report is also saved beside results.json, line for line up to the file paths
-    saved = (out / "table.md").read_text()
+    saved = (out / "report.md").read_text()
     assert captured.out.startswith(saved) and [line for line in saved.splitlines() if line.startswith("| obqa")] == table
     assert "timings are medians over 2 repeats" in saved.splitlines()[-1]
-    assert captured.out[len(saved):].startswith(f"table: {out / 'table.md'}\n")
+    assert captured.out[len(saved):].startswith(f"report: {out / 'report.md'}\n")
+    assert (out / "table.md").read_text() == "an experiment's own table\n"  # left as it was
     png = out / "accuracy_vs_kv_kept.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
