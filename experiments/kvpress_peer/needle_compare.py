@@ -49,11 +49,14 @@ MARKERS = ("<!-- kvzip-needle:start -->", "<!-- kvzip-needle:end -->")
 LENGTH, LIMIT, SEED, KEPT = 2048, 10, 0, 0.25
 
 
-def write_ids(tokenizer, out: pathlib.Path) -> None:
-    prepared = TASKS["needle"].prepare(tokenizer, limit=LIMIT, seed=SEED, length=LENGTH, options={})
-    samples = [{"prefix": s["prefix"][0].tolist(), "question": s["question"][0].tolist(), "number": s["number"],
-                "depth": s["depth"]} for s in prepared["samples"]]
-    out.write_text(json.dumps({"task": f"needle@{LENGTH}", "limit": LIMIT, "seed": SEED,
+def write_ids(tokenizer, out: pathlib.Path, length: int = LENGTH, limit: int = LIMIT, needles: str = ":") -> None:
+    """The task's `limit` needles at `length` tokens (those in the slice `needles`, "start:stop") as JSON ids."""
+    prepared = TASKS["needle"].prepare(tokenizer, limit=limit, seed=SEED, length=length, options={})
+    start, stop = (int(x) if x else None for x in needles.split(":"))
+    samples = [{"index": i, "prefix": s["prefix"][0].tolist(), "question": s["question"][0].tolist(),
+                "number": s["number"], "depth": s["depth"]}
+               for i, s in enumerate(prepared["samples"]) if i in range(limit)[start:stop]]
+    out.write_text(json.dumps({"task": f"needle@{length}", "limit": limit, "seed": SEED,
                                "answer_tokens": prepared["answer_tokens"], "samples": samples}))
     print(f"wrote {out}: {len(samples)} samples, prefix {len(samples[0]['prefix'])} tokens, question "
           f"{len(samples[0]['question'])} tokens")
@@ -119,6 +122,9 @@ def table(ours: dict, theirs: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-ids", action="store_true", help="only write the needle ids (step 1)")
+    parser.add_argument("--length", type=int, default=LENGTH, help="--write-ids: the haystack length in tokens")
+    parser.add_argument("--limit", type=int, default=LIMIT, help="--write-ids: the task's needle count")
+    parser.add_argument("--needles", default=":", help="--write-ids: which of them, a slice start:stop")
     parser.add_argument("--ids", type=pathlib.Path, default=HERE / "needle_ids.json")
     parser.add_argument("--kvpress", type=pathlib.Path, default=HERE / "needle_kvpress.json")
     parser.add_argument("--out-json", type=pathlib.Path, default=DOCS / "peer_kvzip_needle.json")
@@ -126,7 +132,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     model, tokenizer = load_model()
     if args.write_ids:
-        write_ids(tokenizer, args.ids)
+        write_ids(tokenizer, args.ids, args.length, args.limit, args.needles)
         return
     needles = json.loads(args.ids.read_text())
     start = time.perf_counter()
