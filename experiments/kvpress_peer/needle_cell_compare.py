@@ -1,13 +1,13 @@
 """kvpress's KVzipPress answers (`needle_kvpress.py` on ids of `needle_compare.py --write-ids`) against the answers a
 bench cell recorded on the same needles (results.json keeps every answer, in sample order): needle by needle, and
-the needles each side alone answers. Runs in the project's venv; reads two JSON files, runs no model.
+the needles each side alone answers. Runs in the project's venv; reads three JSON files, runs no model.
 
     python experiments/kvpress_peer/needle_compare.py --write-ids --length 4096 --limit 100 --needles 0:20 \\
         --ids /tmp/needle4k_ids.json
     /work/kvpress-venv/bin/python experiments/kvpress_peer/needle_kvpress.py --ids /tmp/needle4k_ids.json \\
-        --out /tmp/needle4k_kvpress_0.9.json --ratio 0.9 --configs KVzipPress
-    python experiments/kvpress_peer/needle_cell_compare.py /tmp/needle4k_ids.json /tmp/needle4k_kvpress_0.9.json \\
-        docs/results/paper/results.json "needle@4096|kvzip|0.1"
+        --out experiments/kvpress_peer/needle4k_kvpress_0.9.json --ratio 0.9 --configs KVzipPress
+    python experiments/kvpress_peer/needle_cell_compare.py /tmp/needle4k_ids.json \\
+        experiments/kvpress_peer/needle4k_kvpress_0.9.json docs/results/paper/results.json "needle@4096|kvzip|0.1"
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+
+from needle_compare import answer_cell
 
 
 def main(argv=None) -> None:
@@ -42,12 +44,8 @@ def main(argv=None) -> None:
         key = {(True, True): "both", (True, False): "ours only", (False, True): "kvpress only"}.get(
             (our["correct"], their["correct"]), "neither")
         counts[key] += 1
-
-        def text(answer: dict) -> str:
-            shown = answer["answer"].replace("|", "\\|").replace("\n", "\\n")
-            return f"{'**ok**' if answer['correct'] else 'no'}: `{shown}`"
-
-        print(f"| {sample['index']} | {sample['depth']:.3f} | {sample['number']} | {text(our)} | {text(their)} |")
+        print(f"| {sample['index']} | {sample['depth']:.3f} | {sample['number']} | {answer_cell(our)} | "
+              f"{answer_cell(their)} |")
     n = sum(counts.values())
     print(f"\n{n} needles: kvcompress {counts['both'] + counts['ours only']}/{n}, kvpress "
           f"{counts['both'] + counts['kvpress only']}/{n}; " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -55,7 +55,7 @@ def write_ids(tokenizer, out: pathlib.Path, length: int = LENGTH, limit: int = L
     start, stop = (int(x) if x else None for x in needles.split(":"))
     samples = [{"index": i, "prefix": s["prefix"][0].tolist(), "question": s["question"][0].tolist(),
                 "number": s["number"], "depth": s["depth"]}
-               for i, s in enumerate(prepared["samples"]) if i in range(limit)[start:stop]]
+               for i, s in list(enumerate(prepared["samples"]))[start:stop]]
     out.write_text(json.dumps({"task": f"needle@{length}", "limit": limit, "seed": SEED,
                                "answer_tokens": prepared["answer_tokens"], "samples": samples}))
     print(f"wrote {out}: {len(samples)} samples, prefix {len(samples[0]['prefix'])} tokens, question "
@@ -99,6 +99,12 @@ def run(model, tokenizer, needles: dict) -> dict:
             for name, answers in out.items()}
 
 
+def answer_cell(answer: dict) -> str:
+    """One recorded answer as a markdown table cell: right or not, then the text (pipes and newlines escaped)."""
+    text = answer["answer"].replace("|", "\\|").replace("\n", "\\n")
+    return f"{'**ok**' if answer['correct'] else 'no'}: `{text}`"
+
+
 def table(ours: dict, theirs: dict) -> str:
     names_ours, names_theirs = list(ours), list(theirs["configs"])
     lines = ["Accuracy (10 needles): " + "; ".join(
@@ -108,14 +114,10 @@ def table(ours: dict, theirs: dict) -> str:
         " | ".join(f"kvpress `{n}`" for n in names_theirs) + " |",
         "|---:|---:|" + "---|" * (len(names_ours) + len(names_theirs))]
 
-    def cell(a: dict) -> str:
-        text = a["answer"].replace("|", "\\|").replace("\n", "\\n")
-        return f"{'**ok**' if a['correct'] else 'no'}: `{text}`"
-
     for i, sample in enumerate(ours[names_ours[0]]["answers"]):
         lines.append(f"| {sample['depth']:.3f} | {sample['number']} | " +
-                     " | ".join(cell(ours[n]["answers"][i]) for n in names_ours) + " | " +
-                     " | ".join(cell(theirs["configs"][n]["answers"][i]) for n in names_theirs) + " |")
+                     " | ".join(answer_cell(ours[n]["answers"][i]) for n in names_ours) + " | " +
+                     " | ".join(answer_cell(theirs["configs"][n]["answers"][i]) for n in names_theirs) + " |")
     return "\n".join(lines)
 
 

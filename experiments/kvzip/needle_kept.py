@@ -1,10 +1,11 @@
-"""Which layers keep the needle: for needles of the bench's needle task (needle@2048; `--length` another), the fraction of the needle number's
-tokens each layer keeps (mean over kv heads) after one prefill per cache. Not a test: the measurement behind
-docs/kvzip.md's reading of SnapKV in `--query before` mode.
+"""Which layers keep the needle: for needles of the bench's needle task (needle@2048; `--length` another), the
+fraction of the needle number's tokens each layer keeps (mean over kv heads) after one prefill per cache. Not a test:
+the measurement behind docs/kvzip.md's reading of SnapKV in `--query before` mode, and behind docs/results.md's
+check that one reconstruction chunk keeps what two do at 4K (the second command).
 
     OMP_NUM_THREADS=1 python experiments/kvzip/needle_kept.py --caches snapkv,kvzip --fraction 0.25 --query before
-    OMP_NUM_THREADS=1 python experiments/kvzip/needle_kept.py --caches kvzip,kvzip:chunk=4096 --fraction 0.1 \
-        --query after --length 4096 --limit 100 --needles 6:12    # the paper preset's needles 6-11
+    OMP_NUM_THREADS=1 python experiments/kvzip/needle_kept.py --caches kvzip,kvzip:chunk=4000 --fraction 0.1 \
+        --query after --length 4096 --limit 100 --needles 6:9     # the paper preset's needles 6-8
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--query", default="before", choices=("before", "after"))
     parser.add_argument("--length", type=int, default=2048, help="the haystack length in tokens")
-    parser.add_argument("--limit", type=int, default=30, help="the task's needle count (30: the grid; 100: the paper preset)")
+    parser.add_argument("--limit", type=int, default=30,
+                        help="the task's needle count (30: the grid; 100: the paper preset)")
     parser.add_argument("--needles", default="4:8", help="slice of the task's needles, start:stop")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -45,7 +47,8 @@ def main() -> None:
             for layer in cache.layers:
                 positions = layer.positions[0, :, : layer.used]  # (kv heads or 1, used)
                 fractions.append(torch.stack([torch.isin(span, row) for row in positions]).float().mean().item())
-            print(f"needle {sample['number']} depth {sample['depth']:.2f} {name:>8}: " + " ".join(f"{f:.1f}" for f in fractions))
+            print(f"needle {sample['number']} depth {sample['depth']:.2f} {name:>8}: "
+                  + " ".join(f"{f:.1f}" for f in fractions))
 
 
 if __name__ == "__main__":
