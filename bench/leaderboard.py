@@ -191,7 +191,8 @@ def ties_table(results: dict) -> str:
 
         below = listing(g["below"])
         if g["not_compared"]:
-            note = "not compared (no per-example data): " + ", ".join(v["strategy"] for v in g["not_compared"])
+            names = ", ".join(v["strategy"] for v in g["not_compared"])
+            note = f"not compared (no per-example data, or too few examples): {names}"
             below = note if below == "-" else f"{below}; {note}"
         lines.append(f"| {g['task']} | {g['budget']} | {g['best']} {format(g['best_score'], spec)} | "
                      f"{listing(g['tied'])} | {below} |")

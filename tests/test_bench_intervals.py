@@ -4,6 +4,7 @@ are the fields allowed to differ)."""
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,8 +105,8 @@ def test_cells_of_older_versions_print_without_an_interval(tiny_dir, tmp_path, c
     assert all("ci" not in c and "vs_full" not in c for c in cells.values())
     row = next(line for line in captured.out.splitlines() if line.startswith("| piqa | snapkv | 0.5 |"))
     assert "[" not in row and "| - | 3 |" in row  # no interval, no difference to full
-    assert "not compared (no per-example data): snapkv" in captured.out or \
-        "not compared (no per-example data): sink_window" in captured.out
+    assert "not compared (no per-example data, or too few examples): snapkv" in captured.out or \
+        "not compared (no per-example data, or too few examples): sink_window" in captured.out
 
 
 def test_resume_merges_the_rank_files_of_a_stopped_multi_process_run(tiny_dir, tmp_path, capsys):
@@ -239,6 +240,19 @@ def test_ties_mark_strategies_whose_interval_to_the_best_contains_zero():
     assert group["below"][0]["difference"]["high"] < 0 < group["tied"][0]["difference"]["high"]
     table = leaderboard.ties_table(results)
     assert "| piqa | 0.1 | a_best 0.800 | b_close -0.020 [" in table and leaderboard.TIES_NOTE in table
+
+
+def test_ties_leave_one_window_perplexities_unranked_and_say_why():
+    """The quick preset's ppl@1024 has one window per cell: no bootstrap interval, so no verdict (not "tied")."""
+    def cell(strategy, nll):
+        return {"status": "ok", "task": "ppl@1024", "strategy": strategy, "budget": "0.1", "n_examples": 1,
+                "perplexity": math.exp(nll / 100), "window_nll": [nll], "window_tokens": [100]}
+
+    results = {"cells": {s: cell(s, nll) for s, nll in [("kvzip", 300.0), ("snapkv", 340.0)]}}
+    [group] = leaderboard.ties(copy.deepcopy(results))
+    assert group["best"] == "kvzip" and group["tied"] == group["below"] == []
+    assert [v["strategy"] for v in group["not_compared"]] == ["snapkv"]
+    assert "not compared (no per-example data, or too few examples): snapkv" in leaderboard.ties_table(results)
 
 
 def test_rows_on_another_model_are_compared_with_that_models_full_cache():
