@@ -10,8 +10,9 @@
 # The QA tasks and ppl are split so that both chains end near the same time (estimated on 2026-12-03: the chain
 # asked after had 4.5 CPU-hours of needles left, the other 3; piqa 1.2, boolq 1.4; ppl 1.9, kvzip's cells 1.7x
 # the others').
-# The grid finished on 2026-12-03 (348 cells; a rerun of its steps exits quickly); the paper preset on the bundled
-# SmolLM2-135M (about 18 CPU-hours, docs/bench.md) had then about 15 CPU-hours left in both chains.
+# Both finished on 2026-12-03 (the grid: 348 cells; the paper preset on the bundled SmolLM2-135M: 210 cells, its last
+# ppl cells split between the two processes by hand, then the final --resume at 20:33 UTC); a rerun of every step
+# finds its cells done and exits quickly.
 # The chains write into the same docs/results/paper (the bench merges under a lock; their cells are disjoint); once
 # both end, one last `--resume` run of the whole preset finds every cell done and rewrites results.json (the whole
 # preset's config, intervals and ties), the table and the plots.
