@@ -133,8 +133,8 @@ def ties(results: dict) -> list[dict]:
     """Per (task, budget) with two or more ranked strategies: {"task", "budget", "metric", "best", "best_score",
     "tied", "below", "not_compared"}; each verdict is {"strategy", "score", "difference"} (the paired difference
     to the best with its 95% interval; None when the cells cannot be paired: no per-example data, different
-    examples, or too few for an interval, e.g. one perplexity window). The RULER average is ranked as task "ruler@<L> average" (query before: "...:before average").
-    See the module docstring for the definition of tied."""
+    examples, or too few for an interval, e.g. one perplexity window). The RULER average is ranked as task
+    "ruler@<L> average" (query before: "...:before average"). See the module docstring for the definition of tied."""
     groups: dict[tuple[str, str, str], list] = {}
     for cell in results["cells"].values():
         metric = stats.score_metric(cell)
